@@ -1,0 +1,5 @@
+import sys
+
+from bonescreen.cli import main
+
+sys.exit(main())

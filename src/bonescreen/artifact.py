@@ -1,0 +1,160 @@
+"""The single-file model artifact: weights + architecture + preprocessing + threshold + card.
+
+Saved with ``torch.save`` as a dict of plain Python values and tensors, and
+loaded with ``weights_only=True`` so that opening an artifact never executes
+pickled code (artifacts travel between sites).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from bonescreen import __version__
+from bonescreen.errors import ModelArtifactError
+from bonescreen.models import GRAY_MEAN, GRAY_STD, create_model
+
+FORMAT = "bonescreen-model"
+FORMAT_VERSION = 1
+
+TASK_CLASSES: dict[str, list[str]] = {
+    "stage2": ["normal", "low_bone_mass"],
+    "stage1": ["not_osteoporosis", "osteoporosis"],
+    "three_class": ["normal", "low_bone_mass", "osteoporosis"],
+}
+ADULT_ELIGIBILITY = {
+    "modalities": ["CR", "DX"],
+    "views": ["PA", "AP"],
+    "min_age": 50.0,
+    "max_age": 120.0,
+}
+
+
+@dataclass
+class ModelSpec:
+    """Everything besides the weights that ``screen`` needs to use a model."""
+
+    arch: str
+    task: str = "stage2"
+    num_classes: int = 2
+    in_chans: int = 1
+    class_names: list[str] = field(default_factory=lambda: list(TASK_CLASSES["stage2"]))
+    positive_class: int = 1
+    preprocess: dict[str, Any] = field(
+        default_factory=lambda: {
+            "method": "truncation",
+            "size": 512,
+            "mean": GRAY_MEAN,
+            "std": GRAY_STD,
+        }
+    )
+    threshold: float = 0.5
+    eligibility: dict[str, Any] = field(default_factory=lambda: dict(ADULT_ELIGIBILITY))
+    model_card: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def for_task(cls, arch: str, task: str, **kwargs: Any) -> "ModelSpec":
+        if task not in TASK_CLASSES:
+            raise ModelArtifactError(f"unknown task {task!r}; expected one of {sorted(TASK_CLASSES)}")
+        names = TASK_CLASSES[task]
+        return cls(arch=arch, task=task, num_classes=len(names), class_names=list(names), **kwargs)
+
+
+def save_artifact(path: str | Path, model: nn.Module, spec: ModelSpec) -> Path:
+    """Write atomically, so an interrupted save never leaves a truncated artifact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "bonescreen_version": __version__,
+        **asdict(spec),
+        "state_dict": {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()},
+    }
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)  # DDP / DataParallel
+
+
+class LoadedModel:
+    """A model ready for inference: takes preprocessed uint8 images, returns probabilities."""
+
+    def __init__(self, model: nn.Module, spec: ModelSpec, path: Path | None = None) -> None:
+        self.model = model.eval()
+        self.spec = spec
+        self.path = path
+
+    @property
+    def size(self) -> int:
+        return int(self.spec.preprocess["size"])
+
+    def to_tensor(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 (N, H, W) in 0..255 -> normalised float (N, 1, H, W)."""
+        x = torch.as_tensor(np.asarray(images), dtype=torch.float32)
+        if x.ndim == 2:
+            x = x[None]
+        x = x[:, None] / 255.0
+        return (x - float(self.spec.preprocess["mean"])) / float(self.spec.preprocess["std"])
+
+    @torch.inference_mode()
+    def predict_proba(self, images: np.ndarray, device: str | torch.device = "cpu") -> np.ndarray:
+        x = self.to_tensor(images).to(device)
+        logits = self.model.to(device)(x).float()
+        return torch.softmax(logits, dim=1).cpu().numpy()
+
+    def score(self, images: np.ndarray, device: str | torch.device = "cpu") -> np.ndarray:
+        """Probability of the positive class (binary tasks)."""
+        return self.predict_proba(images, device)[:, self.spec.positive_class]
+
+
+def load_artifact(
+    path: str | Path, *, expected_task: str | None = None, device: str = "cpu"
+) -> LoadedModel:
+    """Load and validate an artifact; refuse corrupt files, other versions and other tasks."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelArtifactError(f"model artifact not found: {path}")
+    try:
+        payload = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:
+        raise ModelArtifactError(f"{path} is not a readable bonescreen model artifact: {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ModelArtifactError(f"{path} is not a bonescreen model artifact")
+    version = payload.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ModelArtifactError(
+            f"{path} has artifact format version {version}; this bonescreen "
+            f"({__version__}) reads version {FORMAT_VERSION}"
+        )
+    fields = {k: payload[k] for k in ModelSpec.__dataclass_fields__ if k in payload}
+    try:
+        spec = ModelSpec(**fields)
+    except TypeError as exc:
+        raise ModelArtifactError(f"{path}: incomplete model description: {exc}") from exc
+    if expected_task is not None and spec.task != expected_task:
+        raise ModelArtifactError(
+            f"{path} is a {spec.task!r} model but a {expected_task!r} model was expected"
+        )
+    model = create_model(spec.arch, spec.num_classes, in_chans=spec.in_chans)
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except (KeyError, RuntimeError) as exc:
+        raise ModelArtifactError(f"{path}: weights do not fit {spec.arch}: {exc}") from exc
+    return LoadedModel(model.to(device), spec, path)
