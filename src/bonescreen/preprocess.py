@@ -18,7 +18,10 @@ import csv
 import hashlib
 import json
 import logging
+import multiprocessing
+import multiprocessing.context
 import os
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -384,12 +387,26 @@ def preprocess_files(
     return result
 
 
+def _mp_context() -> multiprocessing.context.BaseContext:
+    """Fork is fastest, but forking a process that has started torch's thread
+    pools can deadlock; use a fresh interpreter (forkserver/spawn) then."""
+    methods = multiprocessing.get_all_start_methods()
+    if "torch" in sys.modules:
+        return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+
+
 def _run_pool(todo: list[str], args: tuple[str, int, bool], workers: int, record) -> None:  # type: ignore[no-untyped-def]
     """Keep at most ``2 * workers`` files in flight so a crash affects few files."""
     queue = list(reversed(todo))
     suspects: list[str] = []
     window = 2 * workers
-    pool = ProcessPoolExecutor(max_workers=workers, initializer=_init_worker)
+    ctx = _mp_context()
+
+    def new_pool(n: int) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=_init_worker)
+
+    pool = new_pool(workers)
     inflight: dict[Future[tuple[str, str, str, str]], str] = {}
     try:
         while queue or inflight:
@@ -413,11 +430,11 @@ def _run_pool(todo: list[str], args: tuple[str, int, bool], workers: int, record
                 suspects.extend(inflight.values())
                 inflight.clear()
                 pool.shutdown(wait=False, cancel_futures=True)
-                pool = ProcessPoolExecutor(max_workers=workers, initializer=_init_worker)
+                pool = new_pool(workers)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     for p in suspects:  # isolate: one process per suspect file
-        with ProcessPoolExecutor(max_workers=1, initializer=_init_worker) as solo:
+        with new_pool(1) as solo:
             try:
                 record(solo.submit(_process_one, p, *args).result())
             except BrokenProcessPool:

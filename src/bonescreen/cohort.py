@@ -1,0 +1,713 @@
+"""Cohort builder: DXA export + radiograph folders -> manifest, exclusions, flow counts.
+
+Every DXA row ends either as one manifest row or as one exclusion with its
+reason, so the paper's Figure 1 flow can be drawn from ``flow.json`` and every
+number in it traced back to rows of ``exclusions.csv``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from bonescreen.errors import ImageReadError, TableError
+from bonescreen.labels import add_labels, normalize_category
+from bonescreen.schema import (
+    BMD_COLUMNS,
+    DXA_OPTIONAL,
+    EXCLUSION_COLUMNS,
+    MANIFEST_COLUMNS,
+    T_SCORE_COLUMNS,
+    Z_SCORE_COLUMNS,
+)
+
+log = logging.getLogger(__name__)
+
+# Plausible DXA value ranges; outside them a value is a data-entry error, not a patient.
+T_SCORE_RANGE = (-7.0, 7.0)
+AGE_RANGE = (0.0, 120.0)
+NUMERIC_OPTIONAL = [*Z_SCORE_COLUMNS, *BMD_COLUMNS, "height_cm", "weight_kg"]
+
+
+# --------------------------------------------------------------------------- dates
+_ISO = re.compile(r"^\d{4}-\d{1,2}-\d{1,2}$")
+_DICOM = re.compile(r"^\d{8}$")
+_SLASH = re.compile(r"^(\d{1,2})[/.](\d{1,2})[/.](\d{4})$")
+
+
+class DateError(ValueError):
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def parse_date(value: object, fmt: str | None = None) -> date:
+    """Parse a DXA or DICOM date.
+
+    ISO (2021-03-15) and DICOM (20210315) are unambiguous. For 03/04/2021 the
+    day/month order is taken from ``fmt`` when given; otherwise only a date
+    that reads one way (e.g. 03/15/2021) is accepted and an ambiguous one is
+    refused, because a swapped day and month can silently pair the wrong CXR.
+    """
+    if isinstance(value, datetime):
+        return value.date()
+    if isinstance(value, date):
+        return value
+    text = "" if value is None else str(value).strip()
+    if not text or text.lower() in {"nan", "nat", "none"}:
+        raise DateError("missing date", "missing_date")
+    try:
+        if fmt:
+            return datetime.strptime(text, fmt).date()
+        if _ISO.match(text):
+            return datetime.strptime(text, "%Y-%m-%d").date()
+        if _DICOM.match(text):
+            return datetime.strptime(text, "%Y%m%d").date()
+    except ValueError as exc:
+        raise DateError(f"unparseable date {text!r}", "bad_date") from exc
+    m = _SLASH.match(text)
+    if m:
+        a, b, y = (int(g) for g in m.groups())
+        readings = set()
+        for month, day in ((a, b), (b, a)):
+            try:
+                readings.add(date(y, month, day))
+            except ValueError:
+                pass
+        if len(readings) == 1:
+            return readings.pop()
+        if len(readings) > 1:
+            raise DateError(
+                f"ambiguous date {text!r} (day/month order unknown; pass --date-format)",
+                "ambiguous_date",
+            )
+    raise DateError(f"unparseable date {text!r}", "bad_date")
+
+
+# --------------------------------------------------------------------------- DXA table
+def normalize_sex(value: object) -> str | None:
+    text = "" if value is None else str(value).strip().lower()
+    if text in {"f", "female", "w", "woman", "2"}:
+        return "F"
+    if text in {"m", "male", "man", "1"}:
+        return "M"
+    return None
+
+
+def load_column_map(spec: str | Path | dict[str, str] | None) -> dict[str, str]:
+    """Column mapping {their_name: our_name} from a dict, a YAML/JSON file, or 'a=b,c=d'."""
+    if spec is None:
+        return {}
+    if isinstance(spec, dict):
+        return dict(spec)
+    path = Path(spec)
+    if path.is_file():
+        import yaml
+
+        data = yaml.safe_load(path.read_text())
+        if not isinstance(data, dict):
+            raise TableError(f"{path}: a column mapping must be a mapping of their_name: our_name")
+        return {str(k): str(v) for k, v in data.items()}
+    pairs = [p for p in str(spec).split(",") if p.strip()]
+    out = {}
+    for p in pairs:
+        if "=" not in p:
+            raise TableError(f"bad column mapping {p!r}; expected THEIR=OURS")
+        k, v = p.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def _to_float(text: object) -> float:
+    """Float or NaN for empty; ValueError for text that is not a number."""
+    if text is None:
+        return math.nan
+    s = str(text).strip()
+    if not s or s.lower() in {"nan", "na", "n/a", "none", ""}:
+        return math.nan
+    return float(s.replace(",", ".")) if s.count(",") == 1 and "." not in s else float(s)
+
+
+@dataclass
+class DxaTable:
+    """Valid DXA exams (one row each) and the rows refused, with reasons."""
+
+    exams: pd.DataFrame
+    rejected: pd.DataFrame
+    n_rows: int
+
+
+def read_dxa(
+    source: str | Path | pd.DataFrame,
+    *,
+    site: str = "",
+    column_map: dict[str, str] | None = None,
+    date_format: str | None = None,
+) -> DxaTable:
+    """Read and validate a DXA export; each bad row is refused with a specific reason."""
+    if isinstance(source, pd.DataFrame):
+        raw = source.astype(str).where(source.notna(), "")
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise TableError(f"DXA export not found: {path}")
+        try:
+            # Everything as text: patient IDs keep leading zeros and a T-score
+            # typed as text is detected instead of silently becoming NaN.
+            raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+        except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+            raise TableError(f"{path}: not a readable CSV table ({exc})") from exc
+    raw = raw.rename(columns={c: c.strip() for c in raw.columns})
+    if column_map:
+        missing = [c for c in column_map if c not in raw.columns]
+        if missing:
+            raise TableError(f"column mapping names columns not in the table: {missing}")
+        raw = raw.rename(columns=column_map)
+    for col in ("patient_id", "exam_date"):
+        if col not in raw.columns:
+            raise TableError(
+                f"DXA export lacks required column {col!r} (has {list(raw.columns)}); "
+                "map your export's names with --columns THEIR=OURS,..."
+            )
+    t_cols = [c for c in T_SCORE_COLUMNS if c in raw.columns]
+    if not t_cols and "category" not in raw.columns:
+        raise TableError(
+            f"DXA export has neither T-score columns {T_SCORE_COLUMNS} nor a 'category' column"
+        )
+
+    n_rows = len(raw)
+    raw = raw.reset_index(drop=True)
+    raw["_row"] = np.arange(n_rows) + 2  # CSV line number (header is line 1)
+    records: list[dict[str, Any]] = []
+    rejected: list[dict[str, Any]] = []
+
+    def reject(row: pd.Series, reason: str, detail: str = "") -> None:
+        rejected.append(
+            {
+                "patient_id": str(row.get("patient_id", "")).strip(),
+                "site": site,
+                "path": "",
+                "dxa_date": str(row.get("exam_date", "")),
+                "study_date": "",
+                "step": "dxa_validation",
+                "reason": reason,
+                "detail": f"line {row['_row']}: {detail}" if detail else f"line {row['_row']}",
+            }
+        )
+
+    for _, row in raw.iterrows():
+        pid = str(row.get("patient_id", "")).strip()
+        if not pid:
+            reject(row, "missing_patient_id")
+            continue
+        try:
+            exam = parse_date(row["exam_date"], date_format)
+        except DateError as exc:
+            reject(row, exc.reason, str(exc))
+            continue
+        rec: dict[str, Any] = {"patient_id": pid, "site": site, "dxa_date": exam}
+        bad = None
+        for col in t_cols:
+            try:
+                v = _to_float(row[col])
+            except ValueError:
+                bad = ("non_numeric_t_score", f"{col}={row[col]!r}")
+                break
+            if not math.isnan(v) and not (T_SCORE_RANGE[0] <= v <= T_SCORE_RANGE[1]):
+                bad = ("implausible_t_score", f"{col}={v}")
+                break
+            rec[col] = v
+        if bad:
+            reject(row, *bad)
+            continue
+        try:
+            age = _to_float(row["age"]) if "age" in raw.columns else math.nan
+        except ValueError:
+            reject(row, "implausible_age", f"age={row['age']!r}")
+            continue
+        if not math.isnan(age) and not (AGE_RANGE[0] <= age <= AGE_RANGE[1]):
+            reject(row, "implausible_age", f"age={age}")
+            continue
+        rec["age"] = age
+        rec["sex"] = normalize_sex(row["sex"]) if "sex" in raw.columns else None
+        try:
+            rec["category"] = normalize_category(row["category"]) if "category" in raw.columns else None
+        except ValueError as exc:
+            reject(row, "unknown_category", str(exc))
+            continue
+        if all(math.isnan(rec.get(c, math.nan)) for c in t_cols) and rec["category"] is None:
+            reject(row, "no_label", "no T-score and no category")
+            continue
+        for col in NUMERIC_OPTIONAL:
+            if col in raw.columns:
+                try:
+                    rec[col] = _to_float(row[col])
+                except ValueError:
+                    rec[col] = math.nan
+        if "device" in raw.columns:
+            rec["device"] = str(row["device"])
+        rec["_key"] = tuple(str(row[c]).strip() for c in raw.columns if c != "_row")
+        rec["_row"] = row["_row"]
+        records.append(rec)
+
+    exams = pd.DataFrame(records)
+    if len(exams):
+        # Exact repeats of one row are export artefacts: keep one. The same
+        # patient and date with different values cannot be resolved safely.
+        dup = exams.duplicated("_key", keep="first")
+        for _, r in exams[dup].iterrows():
+            reject(r.rename({"dxa_date": "exam_date"}), "duplicate_row", "exact repeat of an earlier row")
+        exams = exams[~dup]
+        conflict = exams.duplicated(["patient_id", "dxa_date"], keep=False)
+        for _, r in exams[conflict].iterrows():
+            reject(
+                r.rename({"dxa_date": "exam_date"}),
+                "conflicting_duplicate",
+                "same patient and exam date with different values",
+            )
+        exams = exams[~conflict].drop(columns=["_key", "_row"])
+        exams = add_labels(exams, t_cols)
+    rej = pd.DataFrame(rejected, columns=[*EXCLUSION_COLUMNS, "detail"])
+    return DxaTable(exams.reset_index(drop=True), rej, n_rows)
+
+
+# --------------------------------------------------------------------------- images
+def _meta_row(path: str) -> dict[str, Any]:
+    from bonescreen.io import read_dicom_meta
+
+    try:
+        m = read_dicom_meta(path)
+    except ImageReadError as exc:
+        return {"path": path, "error": exc.reason, "message": str(exc)}
+    except Exception as exc:  # a batch never dies on one file
+        return {"path": path, "error": "unreadable", "message": f"{type(exc).__name__}: {exc}"}
+    return {
+        "path": path,
+        "error": None,
+        "image_id": m.sop_instance_uid or _path_id(path),
+        "patient_id": (m.patient_id or "").strip(),
+        "study_date": m.study_date,
+        "image_age": m.age,
+        "image_sex": m.sex,
+        "view": m.view or "",
+        "lateral": bool(m.is_lateral),
+        "modality": m.modality or "",
+        "manufacturer": m.manufacturer or "",
+    }
+
+
+def _path_id(path: str) -> str:
+    return hashlib.sha1(str(Path(path).resolve()).encode()).hexdigest()[:20]
+
+
+def scan_images(
+    paths: Sequence[str | Path], *, workers: int = 1, progress: bool = True
+) -> pd.DataFrame:
+    """Read the header of every image under ``paths``; unreadable files get an ``error``."""
+    from tqdm.auto import tqdm
+
+    from bonescreen.io import iter_image_files
+
+    files = [str(p) for p in iter_image_files([Path(p) for p in paths])]
+    bar = tqdm(total=len(files), desc="reading headers", unit="img", disable=not progress)
+    rows = []
+    if workers > 1 and len(files) > 64:
+        with ProcessPoolExecutor(workers) as pool:
+            for r in pool.map(_meta_row, files, chunksize=32):
+                rows.append(r)
+                bar.update()
+    else:
+        for f in files:
+            rows.append(_meta_row(f))
+            bar.update()
+    bar.close()
+    return pd.DataFrame(
+        rows,
+        columns=[
+            "path",
+            "error",
+            "message",
+            "image_id",
+            "patient_id",
+            "study_date",
+            "image_age",
+            "image_sex",
+            "view",
+            "lateral",
+            "modality",
+            "manufacturer",
+        ],
+    )
+
+
+# --------------------------------------------------------------------------- pairing
+@dataclass
+class CohortConfig:
+    """Pairing and exclusion rules (defaults follow the paper's external sets)."""
+
+    window_days: int = 90
+    min_age: float | None = 50.0
+    max_age: float | None = None
+    views: tuple[str, ...] = ("PA", "AP")
+    allow_unknown_view: bool = True
+    modalities: tuple[str, ...] = ("CR", "DX")
+    exclude_osteoporosis: bool = False
+    max_age_mismatch: float = 2.0
+    split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)
+    seed: int = 0
+    date_format: str | None = None
+
+
+@dataclass
+class SiteInput:
+    """One site: its image folders, DXA export and role."""
+
+    name: str
+    images: list[Path]
+    dxa: Path | pd.DataFrame
+    role: str = "development"  # or "external": every pair goes to the test split
+    column_map: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class CohortResult:
+    manifest: pd.DataFrame
+    exclusions: pd.DataFrame
+    flow: list[dict[str, Any]]
+    image_errors: pd.DataFrame
+    config: CohortConfig
+
+    def write(self, out_dir: str | Path) -> dict[str, Path]:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = {
+            "manifest": out / "manifest.csv",
+            "exclusions": out / "exclusions.csv",
+            "flow": out / "flow.json",
+            "image_errors": out / "image_errors.csv",
+        }
+        self.manifest.to_csv(paths["manifest"], index=False)
+        self.exclusions.to_csv(paths["exclusions"], index=False)
+        self.image_errors.to_csv(paths["image_errors"], index=False)
+        paths["flow"].write_text(
+            json.dumps({"steps": self.flow, "config": _jsonable(asdict(self.config))}, indent=2)
+        )
+        return paths
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+class _Flow:
+    """Counts for Figure 1: what remained after each step and why the rest left."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, Any]] = []
+
+    def add(self, step: str, remaining: int, reasons: Counter[str] | None = None) -> None:
+        reasons = reasons or Counter()
+        self.steps.append(
+            {
+                "step": step,
+                "remaining": int(remaining),
+                "excluded": int(sum(reasons.values())),
+                "reasons": dict(sorted(reasons.items())),
+            }
+        )
+
+
+def _pair_site(
+    dxa: pd.DataFrame, images: pd.DataFrame, cfg: CohortConfig
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Choose, for each DXA exam, the closest eligible frontal CXR of the same patient."""
+    pairs: list[dict[str, Any]] = []
+    excl: list[dict[str, Any]] = []
+    by_patient = {pid: g for pid, g in images.groupby("patient_id")}
+    views = {v.upper() for v in cfg.views}
+    mods = {m.upper() for m in cfg.modalities}
+    for exam in dxa.to_dict("records"):
+        pid = exam["patient_id"]
+        base = {
+            "patient_id": pid,
+            "site": exam["site"],
+            "dxa_date": exam["dxa_date"].isoformat(),
+            "step": "pairing",
+        }
+        cands = by_patient.get(pid)
+        if cands is None or cands.empty:
+            excl.append({**base, "path": "", "study_date": "", "reason": "no_cxr_for_patient"})
+            continue
+        cands = cands[cands["study_date"].notna()]
+        days = np.array([abs((d - exam["dxa_date"]).days) for d in cands["study_date"]], dtype=float)
+        within = cands[days <= cfg.window_days].assign(days_apart=days[days <= cfg.window_days])
+        if within.empty:
+            excl.append({**base, "path": "", "study_date": "", "reason": "no_cxr_within_window"})
+            continue
+        view_ok = within["view"].str.upper().isin(views) | (
+            cfg.allow_unknown_view & (within["view"] == "") & ~within["lateral"].astype(bool)
+        )
+        mod_ok = within["modality"].str.upper().isin(mods)
+        ok = within[view_ok & mod_ok]
+        if ok.empty:
+            reason = "wrong_modality" if not mod_ok.any() else "only_non_frontal_views"
+            excl.append({**base, "path": "", "study_date": "", "reason": reason})
+            continue
+        best = ok.sort_values(["days_apart", "study_date", "path"]).iloc[0]
+        pair = {**exam, **best.to_dict()}
+        pair["study_date"] = best["study_date"]
+        dx_sex = exam.get("sex") if isinstance(exam.get("sex"), str) else None
+        im_sex = best["image_sex"] if isinstance(best["image_sex"], str) else None
+        if dx_sex and im_sex and dx_sex != im_sex:
+            excl.append(
+                {**base, "path": best["path"], "study_date": best["study_date"].isoformat(),
+                 "reason": "sex_mismatch"}
+            )
+            continue
+        age_dxa, age_img = exam.get("age"), best["image_age"]
+        if _num(age_dxa) and _num(age_img):
+            expected = age_img + (exam["dxa_date"] - best["study_date"]).days / 365.25
+            if abs(expected - age_dxa) > cfg.max_age_mismatch:
+                excl.append(
+                    {**base, "path": best["path"], "study_date": best["study_date"].isoformat(),
+                     "reason": "age_mismatch"}
+                )
+                continue
+        pair["age"] = age_dxa if _num(age_dxa) else age_img
+        pair["sex"] = dx_sex or im_sex
+        pairs.append(pair)
+    return pairs, excl
+
+
+def _num(x: object) -> bool:
+    try:
+        return x is not None and not math.isnan(float(x))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+
+
+def assign_splits(
+    df: pd.DataFrame, fractions: tuple[float, float, float], seed: int
+) -> pd.Series:
+    """Patient-level stratified split: no patient in two splits.
+
+    Hand-written rather than sklearn's StratifiedGroupKFold because the paper's
+    70/10/20 fractions are not multiples of one fold and exact, seeded counts
+    per stratum are easy to check.
+    """
+    if not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
+        raise ValueError(f"split fractions must sum to 1, got {fractions}")
+    rng = np.random.default_rng(seed)
+    # A patient's stratum: their most severe category (3-class label).
+    strat = df.groupby("patient_id")["label_3class"].max().fillna(-1)
+    split_of: dict[str, str] = {}
+    for _, pids in sorted(strat.groupby(strat), key=lambda kv: kv[0]):
+        ids = np.array(sorted(pids.index))
+        rng.shuffle(ids)
+        n = len(ids)
+        n_train = int(round(n * fractions[0]))
+        n_tune = int(round(n * (fractions[0] + fractions[1]))) - n_train
+        for i, pid in enumerate(ids):
+            split_of[pid] = "train" if i < n_train else "tune" if i < n_train + n_tune else "test"
+    return df["patient_id"].map(split_of)
+
+
+def build_cohort(
+    sites: Sequence[SiteInput],
+    config: CohortConfig | None = None,
+    *,
+    workers: int = 1,
+    progress: bool = True,
+    image_table: Callable[[Sequence[Path]], pd.DataFrame] | None = None,
+    quality_flags: pd.DataFrame | None = None,
+) -> CohortResult:
+    """Pair CXRs with DXA exams per site and apply the configured exclusions."""
+    cfg = config or CohortConfig()
+    if not sites:
+        raise TableError("no sites given")
+    names = [s.name for s in sites]
+    if len(set(names)) != len(names):
+        raise TableError(f"site names must be unique, got {names}")
+    flow = _Flow()
+    all_pairs: list[dict[str, Any]] = []
+    exclusions: list[pd.DataFrame] = []
+    image_errors: list[pd.DataFrame] = []
+    n_rows = 0
+    counts: dict[str, Counter[str]] = {k: Counter() for k in ("dxa", "pair", "age", "dup", "op")}
+
+    for site in sites:
+        table = read_dxa(site.dxa, site=site.name, column_map=site.column_map, date_format=cfg.date_format)
+        n_rows += table.n_rows
+        exclusions.append(table.rejected)
+        counts["dxa"].update(table.rejected["reason"])
+        scan = image_table or (lambda p: scan_images(p, workers=workers, progress=progress))
+        imgs = scan(site.images)
+        errors = imgs[imgs["error"].notna()]
+        image_errors.append(errors.assign(site=site.name)[["site", "path", "error", "message"]])
+        good = imgs[imgs["error"].isna()].copy()
+        if len(errors):
+            log.warning("%s: %d image(s) could not be read (see image_errors.csv)", site.name, len(errors))
+        pairs, excl = _pair_site(table.exams, good, cfg)
+        for p in pairs:
+            p["role"] = site.role
+        exc = pd.DataFrame(excl, columns=EXCLUSION_COLUMNS)
+        exclusions.append(exc)
+        counts["pair"].update(exc["reason"])
+        all_pairs.extend(pairs)
+
+    n_valid = n_rows - sum(counts["dxa"].values())
+    flow.add("dxa_exams_in_export", n_rows)
+    flow.add("valid_dxa_exams", n_valid, counts["dxa"])
+    flow.add("paired_with_frontal_cxr", len(all_pairs), counts["pair"])
+
+    df = pd.DataFrame(all_pairs)
+    extra: list[dict[str, Any]] = []
+
+    def drop(mask: pd.Series, step: str, reason_of: Callable[[pd.Series], str]) -> pd.DataFrame:
+        for _, r in df[mask].iterrows():
+            extra.append(
+                {
+                    "patient_id": r["patient_id"],
+                    "site": r["site"],
+                    "path": r["path"],
+                    "dxa_date": r["dxa_date"].isoformat(),
+                    "study_date": r["study_date"].isoformat(),
+                    "step": step,
+                    "reason": reason_of(r),
+                }
+            )
+        return df[~mask]
+
+    if len(df):
+        age = df["age"].astype(float)
+        lo = cfg.min_age if cfg.min_age is not None else -math.inf
+        hi = cfg.max_age if cfg.max_age is not None else math.inf
+        bad_age = age.isna() | (age < lo) | (age > hi)
+        n0 = len(extra)
+        df = drop(bad_age, "age", lambda r: "age_unknown" if not _num(r["age"]) else "age_out_of_range")
+        flow.add("age_in_range", len(df), Counter(e["reason"] for e in extra[n0:]))
+
+        # One image, one pair: if two DXA exams chose the same CXR keep the closer.
+        df = df.sort_values(["days_apart", "dxa_date"]).reset_index(drop=True)
+        n0 = len(extra)
+        df = drop(df.duplicated("path", keep="first"), "dedupe", lambda r: "image_already_paired")
+        flow.add("one_pair_per_image", len(df), Counter(e["reason"] for e in extra[n0:]))
+
+        if quality_flags is not None and len(quality_flags):
+            flags = _quality_lookup(quality_flags)
+            flag_of = [flags.get(str(r.image_id)) or flags.get(str(r.path)) for r in df.itertuples()]
+            df = df.assign(_flag=flag_of)
+            n0 = len(extra)
+            df = drop(df["_flag"].notna(), "quality", lambda r: f"quality:{r['_flag']}")
+            df = df.drop(columns="_flag")
+            flow.add("quality_ok", len(df), Counter(e["reason"] for e in extra[n0:]))
+
+        if cfg.exclude_osteoporosis:
+            n0 = len(extra)
+            df = drop(df["category"] == "osteoporosis", "osteoporosis", lambda r: "osteoporosis")
+            flow.add("osteoporosis_excluded", len(df), Counter(e["reason"] for e in extra[n0:]))
+    exclusions.append(pd.DataFrame(extra, columns=EXCLUSION_COLUMNS))
+
+    manifest = _finalize_manifest(df, cfg)
+    for site in sites:
+        n = int((manifest["site"] == site.name).sum()) if len(manifest) else 0
+        flow.steps.append({"step": f"site:{site.name}", "role": site.role, "remaining": n})
+    excl_df = pd.concat([e for e in exclusions if len(e)], ignore_index=True) if any(
+        len(e) for e in exclusions
+    ) else pd.DataFrame(columns=[*EXCLUSION_COLUMNS, "detail"])
+    excl_df = excl_df.astype({"study_date": str, "dxa_date": str}).replace({"NaT": "", "None": ""})
+    return CohortResult(
+        manifest=manifest,
+        exclusions=excl_df,
+        flow=flow.steps,
+        image_errors=pd.concat(image_errors, ignore_index=True) if image_errors else pd.DataFrame(),
+        config=cfg,
+    )
+
+
+def _quality_lookup(table: pd.DataFrame) -> dict[str, str]:
+    """{image_id or path: flag} from a table with (image_id | path) and flag columns."""
+    key = "image_id" if "image_id" in table.columns else "path" if "path" in table.columns else None
+    if key is None or "flag" not in table.columns:
+        raise TableError("a quality-flag table needs an 'image_id' or 'path' column and a 'flag' column")
+    out = {}
+    for k, f in zip(table[key].astype(str), table["flag"]):
+        if isinstance(f, str) and f.strip():
+            out[k if key == "image_id" else str(Path(k).resolve())] = f.strip()
+            out[k] = f.strip()
+    return out
+
+
+def _finalize_manifest(df: pd.DataFrame, cfg: CohortConfig) -> pd.DataFrame:
+    optional = [c for c in DXA_OPTIONAL if c in df.columns and c != "category"]
+    if df.empty:
+        return pd.DataFrame(columns=MANIFEST_COLUMNS)
+    df = df.copy()
+    df["split"] = "test"
+    dev = df["role"] == "development"
+    if dev.any():
+        df.loc[dev, "split"] = assign_splits(df[dev], cfg.split_fractions, cfg.seed)
+    df["study_date"] = [d.isoformat() for d in df["study_date"]]
+    df["dxa_date"] = [d.isoformat() for d in df["dxa_date"]]
+    df["days_apart"] = df["days_apart"].astype(int)
+    for c in T_SCORE_COLUMNS:
+        if c not in df.columns:
+            df[c] = np.nan
+    cols = MANIFEST_COLUMNS + [c for c in optional if c not in MANIFEST_COLUMNS]
+    df = df.sort_values(["site", "patient_id", "study_date", "path"]).reset_index(drop=True)
+    return df[cols]
+
+
+# --------------------------------------------------------------------------- phantom helper
+def sites_from_phantom(root: str | Path) -> list[SiteInput]:
+    """SiteInputs for a phantom folder: its development site first, the others external."""
+    root = Path(root)
+    meta_path = root / "phantom.json"
+    dev_name = None
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        dev_name = meta.get("development_site")
+        if dev_name is None:
+            for s in meta.get("sites", []):
+                if isinstance(s, dict) and s.get("role") == "development":
+                    dev_name = s.get("name")
+                    break
+    sites = []
+    for d in sorted(p for p in root.iterdir() if (p / "dxa.csv").is_file()):
+        sites.append(SiteInput(d.name, [d / "images"], d / "dxa.csv", role="external"))
+    if not sites:
+        raise TableError(f"{root}: no site folders with a dxa.csv (is this a phantom folder?)")
+    dev = next((s for s in sites if s.name == dev_name), sites[0])
+    dev.role = "development"
+    sites.remove(dev)
+    return [dev, *sites]
+
+
+def flow_text(flow: Iterable[dict[str, Any]]) -> str:
+    """Plain-text rendering of the Figure 1 flow for the terminal."""
+    lines = []
+    for s in flow:
+        if s["step"].startswith("site:"):
+            lines.append(f"  {s['step'][5:]:<12} ({s['role']}): {s['remaining']}")
+            continue
+        lines.append(f"{s['step']:<28} {s['remaining']:>7}")
+        for reason, n in s.get("reasons", {}).items():
+            lines.append(f"    - {reason:<26} {n:>5}")
+    return "\n".join(lines)

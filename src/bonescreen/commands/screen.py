@@ -1,0 +1,103 @@
+"""``bonescreen screen``: score every eligible chest radiograph; a row (or a reason) per image."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+
+def add_gate_arguments(p: argparse.ArgumentParser) -> None:
+    """Eligibility overrides shared by ``screen`` and ``explain``."""
+    g = p.add_argument_group("eligibility (defaults come from the model artifact)")
+    g.add_argument("--min-age", type=float, help="youngest eligible age in years")
+    g.add_argument("--max-age", type=float, help="oldest eligible age in years")
+    g.add_argument("--modalities", help="comma-separated eligible modalities (default CR,DX)")
+    g.add_argument("--views", help="comma-separated eligible views (default PA,AP)")
+    g.add_argument(
+        "--allow-unknown", default="", metavar="FACTS",
+        help="comma-separated facts whose absence does not refuse an image: age, view, modality "
+        "(default: refuse images whose age/view/modality is not recorded)",
+    )
+    g.add_argument("--min-size", type=int, help="smallest eligible image side in pixels (default 256)")
+
+
+def gate_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    def split(v: str | None) -> list[str] | None:
+        return [x.strip() for x in v.split(",") if x.strip()] if v else None
+
+    return {
+        "min_age": args.min_age,
+        "max_age": args.max_age,
+        "modalities": split(args.modalities),
+        "views": split(args.views),
+        "allow_unknown": split(args.allow_unknown),
+        "min_size": args.min_size,
+    }
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "screen",
+        help="screen chest radiographs: score, category and flag per image (resumable)",
+        description=(
+            "Screen DICOM/PNG/JPEG chest radiographs. INPUT is a file, a folder (searched "
+            "recursively; every file gets a row) or a manifest CSV with a 'path' column (and "
+            "optional image_id, site, sex, age, view, modality, patient_id). Writes "
+            "OUT/results.csv and OUT/results.jsonl (one row per image: score(s), category, flag, "
+            "or the reason it was skipped), OUT/predictions.csv (for `bonescreen evaluate`) and "
+            "OUT/summary.json. Re-running with the same OUT skips images that already have a row. "
+            "Exit status 0 when at least one image was screened."
+        ),
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or manifest CSVs")
+    p.add_argument("--model", required=True, metavar="PT|ONNX",
+                   help="stage-2 (normal vs low bone mass), three-class or stage-1 model artifact")
+    p.add_argument("--stage1", metavar="PT|ONNX", help="stage-1 osteoporosis model: runs first (cascade)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                   help="inference engine; onnx exports a .pt once (cached in OUT/.onnx) and runs onnxruntime")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--workers", type=int, default=2, help="threads decoding and preprocessing images")
+    p.add_argument("--threads", type=int, help="inference threads (default: all cores)")
+    p.add_argument("--threshold", type=float, help="stage-2 (or main model) cut-off; default the artifact's")
+    p.add_argument("--stage1-threshold", type=float, help="stage-1 cut-off; default the artifact's")
+    p.add_argument("--always-stage2", action="store_true",
+                   help="run the stage-2 model also on images stage 1 flags (gives every row a score)")
+    p.add_argument("--explain", action="store_true", help="write Grad-CAM overlays to OUT/overlays/")
+    p.add_argument("--dicom-sr", action="store_true", help="write a TID 1500 SR per screened DICOM to OUT/dicom/")
+    p.add_argument("--dicom-sc", action="store_true",
+                   help="write a secondary-capture DICOM of the Grad-CAM overlay to OUT/dicom/")
+    p.add_argument("--site", help="site name recorded in every row (a manifest's site column wins)")
+    p.add_argument("--include-patient-id", action="store_true",
+                   help="write the raw PatientID (PHI); by default a salted SHA-256 prefix is written")
+    p.add_argument("--id-salt", default=os.environ.get("BONESCREEN_ID_SALT", ""),
+                   help="salt for hashed patient ids (default $BONESCREEN_ID_SALT)")
+    p.add_argument("--labels", metavar="CSV",
+                   help="cohort manifest whose label columns are joined into OUT/predictions.csv")
+    p.add_argument("--overwrite", action="store_true", help="discard earlier results in OUT")
+    p.add_argument("--no-progress", action="store_true")
+    add_gate_arguments(p)
+    p.set_defaults(func=handler)
+
+
+def handler(args: argparse.Namespace) -> int:
+    from bonescreen.screen import ScreenOptions, screen
+
+    opts = ScreenOptions(
+        batch_size=args.batch_size, workers=args.workers, threshold=args.threshold,
+        threshold_stage1=args.stage1_threshold, always_stage2=args.always_stage2,
+        explain=args.explain, dicom_sr=args.dicom_sr, dicom_sc=args.dicom_sc, site=args.site,
+        include_patient_id=args.include_patient_id, id_salt=args.id_salt, labels=args.labels,
+        progress=not args.no_progress, overwrite=args.overwrite, gate=gate_overrides(args),
+    )
+    summary = screen(args.inputs, args.model, args.out, stage1=args.stage1, backend=args.backend,
+                     threads=args.threads, options=opts)
+    print(summary.text())
+    if summary.n_screened == 0:
+        reasons = json.dumps(summary.reasons)
+        print(f"bonescreen screen: nothing could be screened (reasons: {reasons})", file=sys.stderr)
+        return 1
+    return 0

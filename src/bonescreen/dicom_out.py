@@ -1,0 +1,263 @@
+"""DICOM outputs with highdicom: a TID 1500 Comprehensive 3D SR per screened image,
+and a secondary-capture image of the Grad-CAM overlay.
+
+Both inherit patient and study from the source image (highdicom copies the
+Patient and General Study modules from the evidence / reference dataset), get
+new Series and SOP Instance UIDs, and reference the source image. UIDs are
+derived from the source SOP Instance UID and the model id
+(``generate_uid(entropy_srcs=...)``): re-screening the same image with the
+same model gives the same UIDs, so a PACS replaces the earlier object instead
+of accumulating copies, while a different model gives different UIDs.
+
+Codes: the score is a numeric measurement with a private (``99BONESCR``)
+concept, since no standard code exists for "probability of low bone mass
+from a radiograph", in UCUM unit ``1``; the category is a qualitative
+evaluation "Finding" (DCM 121071) valued with SNOMED CT 17621005 Normal,
+312894000 Osteopenia (low bone mass) or 64859006 Osteoporosis.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from bonescreen import __version__
+from bonescreen.errors import BonescreenError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pydicom.dataset import Dataset
+
+__all__ = [
+    "CATEGORY_CODES",
+    "DicomOutputError",
+    "ScreeningResult",
+    "build_sc",
+    "build_sr",
+    "read_source",
+    "write_sc",
+    "write_sr",
+]
+
+MANUFACTURER = "bonescreen"
+PRIVATE_SCHEME = "99BONESCR"
+SR_SERIES_NUMBER = 9901
+SC_SERIES_NUMBER = 9902
+DISCLAIMER = "Research software output; not a diagnosis. Confirm with DXA."
+
+# SNOMED CT: 17621005 Normal, 312894000 Osteopenia, 64859006 Osteoporosis.
+CATEGORY_CODES: dict[str, tuple[str, str, str]] = {
+    "normal": ("17621005", "SCT", "Normal"),
+    "low_bone_mass": ("312894000", "SCT", "Osteopenia"),
+    "osteoporosis": ("64859006", "SCT", "Osteoporosis"),
+    "not_osteoporosis": ("not-osteoporosis", PRIVATE_SCHEME, "No osteoporosis detected"),
+}
+SCORE_CONCEPTS: dict[str, tuple[str, str, str]] = {
+    "score_stage2": ("p-low-bone-mass", PRIVATE_SCHEME, "Probability of low bone mass"),
+    "score_stage1": ("p-osteoporosis", PRIVATE_SCHEME, "Probability of osteoporosis"),
+    "p_normal": ("p3-normal", PRIVATE_SCHEME, "Three-class probability of normal bone mass"),
+    "p_low_bone_mass": ("p3-low-bone-mass", PRIVATE_SCHEME, "Three-class probability of low bone mass"),
+    "p_osteoporosis": ("p3-osteoporosis", PRIVATE_SCHEME, "Three-class probability of osteoporosis"),
+}
+TYPE2_COPIED = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+    "ReferringPhysicianName", "StudyID", "AccessionNumber",
+)
+# SNOMED CT 399208008 "Plain chest X-ray"
+PROCEDURE = ("399208008", "SCT", "Plain chest X-ray")
+
+
+class DicomOutputError(BonescreenError):
+    reason = "dicom_output_failed"
+
+
+@dataclass
+class ScreeningResult:
+    """What an SR reports about one image."""
+
+    category: str
+    scores: dict[str, float]  # keys of SCORE_CONCEPTS present for this image
+    model_id: str
+    task: str
+    thresholds: dict[str, float]
+    model_stage1_id: str = ""
+    arch: str = ""
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any], models: Any, *, threshold: float, threshold_stage1: float
+                 ) -> "ScreeningResult":
+        scores = {k: float(row[k]) for k in SCORE_CONCEPTS if row.get(k) is not None}
+        thresholds: dict[str, float] = {}
+        if models.mode in ("stage2", "cascade"):
+            thresholds["stage2"] = threshold
+        if models.mode == "cascade":
+            thresholds["stage1"] = threshold_stage1
+        if models.mode == "stage1":
+            thresholds["stage1"] = threshold
+        return cls(
+            category=str(row["category"]), scores=scores, model_id=models.main_id, task=models.mode,
+            thresholds=thresholds, model_stage1_id=models.stage1_id, arch=str(models.main.spec.arch),
+        )
+
+
+def read_source(path: str | os.PathLike[str]) -> "Dataset":
+    """The source header (no pixels) with the attributes SR/SC need checked."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception as exc:
+        raise DicomOutputError(f"{Path(path).name}: cannot read the source header ({exc})") from exc
+    missing = [k for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+               if not ds.get(k)]
+    if missing:
+        raise DicomOutputError(f"{Path(path).name}: source lacks {', '.join(missing)}; cannot reference it")
+    # Type 2 patient/study attributes must exist (possibly empty) in what highdicom copies;
+    # radiographs in the wild often omit them.
+    for kw in TYPE2_COPIED:
+        if kw not in ds:
+            setattr(ds, kw, "")
+    return ds
+
+
+def _code(t: tuple[str, str, str]) -> Any:
+    from highdicom.sr import CodedConcept
+
+    return CodedConcept(value=t[0], scheme_designator=t[1], meaning=t[2])
+
+
+def _uid(*parts: str) -> str:
+    from pydicom.uid import generate_uid
+
+    return str(generate_uid(entropy_srcs=[MANUFACTURER, *parts]))
+
+
+def build_sr(source: "Dataset", result: ScreeningResult) -> Any:
+    """A TID 1500 Measurement Report in a Comprehensive 3D SR referencing ``source``."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    if result.category not in CATEGORY_CODES:
+        raise DicomOutputError(f"unknown category {result.category!r}")
+    sop = str(source.SOPInstanceUID)
+    params = [f"{k} threshold={v:g}" for k, v in sorted(result.thresholds.items())]
+    if result.model_stage1_id:
+        params.append(f"stage1 model={result.model_stage1_id}")
+    algo = hd.sr.AlgorithmIdentification(
+        name=f"bonescreen {result.task}", version=f"{__version__} model {result.model_id}"[:64],
+        parameters=params or None, manufacturer=MANUFACTURER,
+    )
+    device = hd.sr.ObserverContext(
+        observer_type=codes.cid270.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=_uid("device", result.model_id), name="bonescreen", manufacturer_name=MANUFACTURER,
+            model_name=(result.arch or result.task)[:64],
+        ),
+    )
+    src = hd.sr.SourceImageForMeasurement.from_source_image(source)
+    measurements = [
+        hd.sr.Measurement(
+            name=_code(SCORE_CONCEPTS[key]), value=float(value), unit=codes.UCUM.NoUnits,
+            algorithm_id=algo, referenced_images=[src],
+        )
+        for key, value in result.scores.items()
+    ]
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=_uid("tracking", sop, result.model_id), identifier="bone health screening"
+        ),
+        algorithm_id=algo,
+        measurements=measurements,
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(name=codes.DCM.Finding, value=_code(CATEGORY_CODES[result.category]))
+        ],
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=device),
+        procedure_reported=_code(PROCEDURE),
+        imaging_measurements=[group],
+    )
+    now = dt.datetime.now()
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[source],
+        content=report,
+        series_instance_uid=_uid("sr-series", sop, result.model_id),
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=_uid("sr", sop, result.model_id),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        series_description="bonescreen bone health screening",
+    )
+    sr.ContentDate = now.strftime("%Y%m%d")
+    sr.ContentTime = now.strftime("%H%M%S")
+    sr.SoftwareVersions = __version__
+    return sr
+
+
+def build_sc(source: "Dataset", rgb: np.ndarray, *, model_id: str = "") -> Any:
+    """Secondary capture (RGB) of a Grad-CAM overlay, in the source's patient and study."""
+    import highdicom as hd
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    arr = np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise DicomOutputError(f"overlay must be RGB (H, W, 3); got {arr.shape}")
+    sop = str(source.SOPInstanceUID)
+    orientation = source.get("PatientOrientation")
+    if not orientation or len(orientation) != 2:
+        orientation = ("L", "F")  # a frontal CXR displayed as usual: rows to the left, columns down
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=source,
+        pixel_array=arr,
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        series_instance_uid=_uid("sc-series", sop, model_id),
+        series_number=SC_SERIES_NUMBER,
+        sop_instance_uid=_uid("sc", sop, model_id),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        patient_orientation=tuple(str(o) for o in orientation),
+        series_description="bonescreen Grad-CAM overlay",
+    )
+    sc.ImageType = ["DERIVED", "SECONDARY"]
+    sc.BurnedInAnnotation = "NO"
+    sc.DerivationDescription = f"Grad-CAM overlay, bonescreen {__version__}, model {model_id}"[:1024]
+    sc.ImageComments = DISCLAIMER
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = source.SOPClassUID
+    ref.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    sc.SourceImageSequence = Sequence([ref])
+    return sc
+
+
+def _atomic_save(ds: Any, dest: Path) -> Path:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.stem}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        ds.save_as(tmp, enforce_file_format=True)
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return dest
+
+
+def write_sr(source_path: str | os.PathLike[str], result: ScreeningResult, dest: str | os.PathLike[str]) -> Path:
+    return _atomic_save(build_sr(read_source(source_path), result), Path(dest))
+
+
+def write_sc(source_path: str | os.PathLike[str], rgb: np.ndarray, dest: str | os.PathLike[str], *,
+             model_id: str = "") -> Path:
+    return _atomic_save(build_sc(read_source(source_path), rgb, model_id=model_id), Path(dest))

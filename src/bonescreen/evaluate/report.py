@@ -1,0 +1,747 @@
+"""The validation report: read predictions, compute everything, write a folder.
+
+``run_evaluation`` is what ``bonescreen evaluate`` calls. It never dies on a
+fixable problem in the input: bad rows are dropped with a counted warning,
+analyses whose columns are missing are skipped with a note, undefined numbers
+(one class in a subgroup) are reported as NA. It raises ``TableError`` only
+when nothing meaningful is left.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import json
+import logging
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from bonescreen import schema
+from bonescreen.errors import TableError
+from bonescreen.evaluate import plots, tables
+from bonescreen.evaluate.compare import (
+    DeLongResult,
+    SubgroupRow,
+    age_band_labels,
+    assign_age_band,
+    delong_test,
+    severity_accuracy,
+    severity_from_t,
+    subgroup_analysis,
+)
+from bonescreen.evaluate.metrics import (
+    BinaryResult,
+    bootstrap_weights,
+    evaluate_binary,
+    sensitivity_threshold,
+    weighted_roc_band,
+    youden_threshold,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_AGE_BANDS = (50.0, 55.0, 60.0, 65.0)
+
+
+@dataclass
+class EvaluateConfig:
+    threshold: float = 0.5
+    n_boot: int = 1000
+    seed: int = 0
+    age_bands: tuple[float, ...] = DEFAULT_AGE_BANDS
+    target_sensitivity: float = 0.9
+    alpha: float = 0.05
+    title: str = "bonescreen validation report"
+
+
+# --------------------------------------------------------------------------
+# Reading and checking predictions
+# --------------------------------------------------------------------------
+_SEX = {"f": "F", "female": "F", "w": "F", "m": "M", "male": "M", "o": "O", "other": "O"}
+
+
+def prepare_predictions(df: pd.DataFrame, source: str) -> tuple[pd.DataFrame, list[str]]:
+    """Validate one predictions table; return the usable rows and warnings.
+
+    Rows are dropped (and counted) for: score missing / not a number / outside
+    [0, 1]; label missing or not 0/1; conflicting duplicate image ids.
+    """
+    warnings: list[str] = []
+    missing = [c for c in schema.PREDICTION_REQUIRED if c not in df.columns]
+    if missing:
+        raise TableError(
+            f"{source}: missing required column(s) {missing}; found {list(df.columns)}. "
+            f"A predictions table needs {schema.PREDICTION_REQUIRED} "
+            f"(optional: {schema.PREDICTION_OPTIONAL}).",
+            reason="missing_columns",
+        )
+    df = df.copy()
+    n0 = len(df)
+    if n0 == 0:
+        raise TableError(f"{source}: the predictions table has no rows", reason="empty_table")
+    df["image_id"] = df["image_id"].astype(str)
+    raw_score = df["score"]
+    df["score"] = pd.to_numeric(raw_score, errors="coerce")
+    nonnum = int((df["score"].isna() & raw_score.notna()).sum())
+    nan = int(raw_score.isna().sum())
+    out = df["score"].notna() & ((df["score"] < 0) | (df["score"] > 1))
+    if nan or nonnum:
+        warnings.append(f"{source}: {nan + nonnum} row(s) with a missing or non-numeric score dropped")
+    if out.any():
+        sc = df.loc[out, "score"]
+        warnings.append(
+            f"{source}: {int(out.sum())} row(s) with score outside [0, 1] dropped "
+            f"(range {sc.min():.3g} to {sc.max():.3g}); 'score' must be the probability of the "
+            "positive class, not a logit"
+        )
+    df = df[df["score"].notna() & ~out]
+    lab = pd.to_numeric(df["label"], errors="coerce")
+    nolab = int(lab.isna().sum())
+    badlab = int((lab.notna() & ~lab.isin([0, 1])).sum())
+    if nolab:
+        warnings.append(f"{source}: {nolab} row(s) without a 0/1 label dropped (e.g. osteoporosis rows, "
+                        "which have no stage-2 label)")
+    if badlab:
+        warnings.append(f"{source}: {badlab} row(s) with a label other than 0 or 1 dropped "
+                        f"(values seen: {sorted(set(lab[lab.notna() & ~lab.isin([0, 1])].tolist()))[:5]})")
+    df = df[lab.isin([0, 1])].copy()
+    df["label"] = lab[lab.isin([0, 1])].astype(int)
+    if df.empty:
+        raise TableError(f"{source}: no usable rows left out of {n0} (see the warnings above): "
+                         + "; ".join(warnings), reason="no_valid_rows")
+
+    # optional columns
+    stem = Path(source).stem
+    if "model" not in df.columns:
+        df["model"] = stem
+    df["model"] = df["model"].fillna(stem).astype(str)
+    if "site" not in df.columns:
+        df["site"] = "all"
+    df["site"] = df["site"].fillna("unknown site").astype(str)
+    if "patient_id" in df.columns:
+        df["patient_id"] = df["patient_id"].astype(str).where(df["patient_id"].notna(), None)
+        if df["patient_id"].isna().any():  # unknown patient: its own resampling unit
+            df.loc[df["patient_id"].isna(), "patient_id"] = "__img__" + df.loc[df["patient_id"].isna(), "image_id"]
+    if "sex" in df.columns:
+        raw = df["sex"]
+        df["sex"] = raw.astype(str).str.strip().str.lower().map(_SEX)
+        bad = int((df["sex"].isna() & raw.notna()).sum())
+        if bad:
+            warnings.append(f"{source}: {bad} row(s) with an unrecognised sex value (use F/M) left out of sex subgroups")
+    if "age" in df.columns:
+        df["age"] = pd.to_numeric(df["age"], errors="coerce")
+    if "severity" in df.columns:
+        df["severity"] = df["severity"].astype(str).str.strip().str.lower().where(df["severity"].notna(), None)
+        df.loc[df["severity"].isin(["", "nan", "none"]), "severity"] = None
+    if "t_min" in df.columns:
+        derived = severity_from_t(df["t_min"]).to_numpy()
+        if "severity" not in df.columns:
+            df["severity"] = derived
+        else:
+            df["severity"] = df["severity"].where(df["severity"].notna(), pd.Series(derived, index=df.index))
+
+    # duplicates within a model
+    key = ["model", "image_id"]
+    dup = df.duplicated(key, keep=False)
+    if dup.any():
+        d = df[dup]
+        conflicting = d.groupby(key)[["score", "label"]].nunique().max(axis=1) > 1
+        conf_keys = set(conflicting[conflicting].index)
+        if conf_keys:
+            mask = pd.Series([k in conf_keys for k in zip(df["model"], df["image_id"])], index=df.index)
+            warnings.append(f"{source}: {len(conf_keys)} image id(s) appear more than once with different "
+                            f"scores or labels; all {int(mask.sum())} of their rows dropped")
+            df = df[~mask]
+        df2 = df.drop_duplicates(key)
+        if len(df2) < len(df):
+            warnings.append(f"{source}: {len(df) - len(df2)} exact duplicate row(s) (same image id) dropped")
+        df = df2
+    if df.empty:
+        raise TableError(f"{source}: no usable rows left after removing duplicates", reason="no_valid_rows")
+    return df.reset_index(drop=True), warnings
+
+
+def read_predictions(paths: Sequence[str | Path]) -> tuple[pd.DataFrame, list[str]]:
+    """Read and validate one or more predictions CSVs into one table."""
+    frames, warnings = [], []
+    if not paths:
+        raise TableError("no predictions file given", reason="missing_file")
+    for p in paths:
+        path = Path(p)
+        if not path.is_file():
+            raise TableError(f"predictions file not found: {path}", reason="missing_file")
+        try:
+            raw = pd.read_csv(path, dtype={"image_id": str, "patient_id": str})
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+            raise TableError(f"{path.name}: not a readable CSV table ({exc})", reason="bad_table") from exc
+        df, w = prepare_predictions(raw, path.name)
+        frames.append(df)
+        warnings += w
+    df = pd.concat(frames, ignore_index=True)
+    # the same model split over several files is fine; the same image twice is not
+    dup = df.duplicated(["model", "image_id"], keep="first")
+    if dup.any():
+        warnings.append(f"{int(dup.sum())} image id(s) appear in more than one file for the same model; "
+                        "the first occurrence is kept")
+        df = df[~dup].reset_index(drop=True)
+    return df, warnings
+
+
+def read_oracle(path: str | Path) -> dict[str, float]:
+    """``oracle.json`` from the phantom: ``{site: {"auc": ...}}`` (or ``{site: auc}``)."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise TableError(f"oracle file not found: {p}", reason="missing_file") from exc
+    except json.JSONDecodeError as exc:
+        raise TableError(f"oracle file {p.name} is not valid JSON: {exc}", reason="bad_json") from exc
+    out: dict[str, float] = {}
+    if not isinstance(data, dict):
+        raise TableError(f"oracle file {p.name}: expected an object {{site: {{'auc': ...}}}}", reason="bad_oracle")
+    for site, v in data.items():
+        auc = v.get("auc") if isinstance(v, dict) else v
+        if isinstance(auc, (int, float)) and not isinstance(auc, bool):
+            out[str(site)] = float(auc)
+    return out
+
+
+# --------------------------------------------------------------------------
+# The analysis
+# --------------------------------------------------------------------------
+@dataclass
+class SiteAnalysis:
+    main: BinaryResult
+    operating_points: dict[str, BinaryResult]
+    subgroups: list[SubgroupRow]
+    heterogeneity: dict[str, dict[str, Any]]
+    severity: list[dict[str, Any]]
+    curve: plots.Curve
+
+
+@dataclass
+class Report:
+    config: EvaluateConfig
+    inputs: dict[str, Any]
+    warnings: list[str]
+    notes: list[str]
+    thresholds: dict[str, dict[str, float]]
+    sites: dict[str, dict[str, SiteAnalysis]]  # model -> site -> analysis
+    delong: list[dict[str, Any]]
+    oracle: dict[str, float]
+    table1: pd.DataFrame | None = None
+    flows: dict[str, list[dict[str, Any]]] | None = None
+    figures: dict[str, bytes] = field(default_factory=dict)
+
+    @property
+    def models(self) -> list[str]:
+        return list(self.sites)
+
+
+def choose_thresholds(tune: pd.DataFrame, target_sensitivity: float) -> tuple[dict[str, dict[str, float]], list[str]]:
+    """Per model, Youden and target-sensitivity cut-offs on the tuning rows."""
+    out: dict[str, dict[str, float]] = {}
+    warnings = []
+    for model, g in tune.groupby("model", sort=False):
+        y, s = g["label"].to_numpy(), g["score"].to_numpy()
+        try:
+            out[str(model)] = {
+                "youden": youden_threshold(y, s),
+                f"sens≥{target_sensitivity:g}": sensitivity_threshold(y, s, target_sensitivity),
+            }
+        except ValueError as exc:
+            warnings.append(f"tuning set, model {model}: {exc}; no tuned operating points for it")
+    return out, warnings
+
+
+def _site_seed(seed: int, model_i: int, site_i: int) -> int:
+    return seed + 7919 * model_i + 104729 * site_i
+
+
+def evaluate_predictions(
+    preds: pd.DataFrame,
+    *,
+    config: EvaluateConfig | None = None,
+    tune: pd.DataFrame | None = None,
+    manifest: pd.DataFrame | None = None,
+    flows: dict[str, list[dict[str, Any]]] | None = None,
+    oracle: Mapping[str, float] | None = None,
+    warnings: Sequence[str] = (),
+    inputs: Mapping[str, Any] | None = None,
+    progress: bool = True,
+) -> Report:
+    """Compute every table and figure of the report from validated predictions."""
+    from tqdm.auto import tqdm
+
+    cfg = config or EvaluateConfig()
+    warns = list(warnings)
+    notes: list[str] = []
+    df = preds
+
+    # tuning rows: an explicit table wins; else rows with split == "tune"
+    if "split" in df.columns:
+        split = df["split"].astype(str).str.strip().str.lower()
+        if tune is None and (split == "tune").any():
+            tune = df[split == "tune"]
+            notes.append(f"{len(tune)} row(s) with split = tune used as the tuning set for operating points "
+                         "and left out of the evaluation")
+        drop = split.isin(["tune", "train"])
+        if (split == "train").any():
+            notes.append(f"{int((split == 'train').sum())} row(s) with split = train left out of the evaluation")
+        if drop.all():
+            warns.append("every row is in the train/tune split; evaluating all of them anyway")
+        else:
+            df = df[~drop]
+    thresholds: dict[str, dict[str, float]] = {}
+    if tune is not None and len(tune):
+        thresholds, w = choose_thresholds(tune, cfg.target_sensitivity)
+        warns += w
+        models_eval = list(pd.unique(df["model"]))
+        if len(thresholds) == 1 and len(models_eval) == 1 and models_eval[0] not in thresholds:
+            (tuned_name, thr), = thresholds.items()
+            notes.append(f"tuning set model {tuned_name!r} applied to evaluated model {models_eval[0]!r} "
+                         "(one model on each side)")
+            thresholds = {models_eval[0]: thr}
+        for m in models_eval:
+            if m not in thresholds:
+                warns.append(f"no tuning-set rows for model {m!r} (tuning models: {sorted(thresholds)}); "
+                             "only the fixed cut-off is reported for it")
+
+    has = {c: c in df.columns and df[c].notna().any() for c in ("sex", "age", "severity", "patient_id")}
+    if not has["patient_id"]:
+        notes.append("no patient_id column: the bootstrap resamples images (each image its own patient)")
+    if not has["sex"]:
+        notes.append("no sex column: sex subgroups skipped")
+    if not has["age"]:
+        notes.append("no age column: age-band subgroups skipped")
+    if not has["severity"]:
+        notes.append("no severity or t_min column: accuracy by severity (Figure 2) skipped")
+
+    models = list(pd.unique(df["model"]))
+    sites_all = list(pd.unique(df["site"]))
+    result: dict[str, dict[str, SiteAnalysis]] = {}
+    jobs = [(mi, m, si, s) for mi, m in enumerate(models) for si, s in enumerate(sites_all)]
+    for mi, model, si, site in tqdm(jobs, desc="evaluate", disable=not progress, unit="site"):
+        g = df[(df["model"] == model) & (df["site"] == site)].reset_index(drop=True)
+        if g.empty:
+            continue
+        y = g["label"].to_numpy()
+        s = g["score"].to_numpy(dtype=float)
+        groups = g["patient_id"].to_numpy() if has["patient_id"] else None
+        seed = _site_seed(cfg.seed, mi, si)
+        boot = bootstrap_weights(y, groups, n_boot=cfg.n_boot, seed=seed) if 0 < y.sum() < y.size else None
+        main = evaluate_binary(y, s, groups=groups, threshold=cfg.threshold, n_boot=cfg.n_boot, seed=seed,
+                               alpha=cfg.alpha, boot=boot)
+        for n in main.notes:
+            warns.append(f"{model} / {site}: {n}")
+        ops: dict[str, BinaryResult] = {}
+        for name, thr in thresholds.get(model, {}).items():
+            ops[name] = evaluate_binary(y, s, threshold=thr, n_boot=0, alpha=cfg.alpha)
+        fams: dict[str, pd.Series] = {}
+        if has["sex"] and "sex" in g:
+            fams["sex"] = pd.Series(pd.Categorical(g["sex"], categories=["F", "M", "O"]))
+        if has["age"] and "age" in g:
+            fams["age"] = pd.Series(pd.Categorical(assign_age_band(g["age"], cfg.age_bands),
+                                                   categories=age_band_labels(cfg.age_bands)))
+        sub_rows, hetero = subgroup_analysis(g, fams, threshold=cfg.threshold, n_boot=cfg.n_boot, seed=seed) \
+            if fams else ([], {})
+        for r in sub_rows:
+            if not r.result.estimates["auc"].defined:
+                warns.append(f"{model} / {site}: subgroup {r.subgroup} has a single class "
+                             f"({r.result.n} image(s)): AUC undefined, reported as NA")
+        sev = severity_accuracy(g, cfg.threshold) if has["severity"] and "severity" in g else []
+        band = weighted_roc_band(y, s, boot.weights, alpha=cfg.alpha) if boot is not None and len(boot.weights) else None
+        auc = main.estimates["auc"]
+        curve = plots.Curve(model, y, s, auc.value, auc.lo, auc.hi, main.average_precision, band, main.calibration)
+        result.setdefault(model, {})[site] = SiteAnalysis(main, ops, sub_rows, hetero, sev, curve)
+
+    delong_rows = _delong_all(df, models, sites_all, warns)
+    if delong_rows and has["patient_id"] and df.groupby(["model", "patient_id"]).size().max() > 1:
+        notes.append("DeLong's test assumes independent cases; some patients have several images, "
+                     "so its p-values are somewhat optimistic")
+    oracle_d = dict(oracle or {})
+    rep = Report(cfg, dict(inputs or {}), warns, notes, thresholds, result, delong_rows, oracle_d)
+    if manifest is not None:
+        rep.table1 = tables.table1(manifest)
+    if flows:
+        rep.flows = flows
+        for msg in tables.flow_inconsistencies(flows):
+            warns.append(f"flow counts do not add up: {msg}")
+    _make_figures(rep)
+    return rep
+
+
+def _delong_all(df: pd.DataFrame, models: list[str], sites: list[str], warns: list[str]) -> list[dict[str, Any]]:
+    """DeLong for every pair of models scoring the same image ids on a site."""
+    rows = []
+    for site in sites:
+        for i in range(len(models)):
+            for j in range(i + 1, len(models)):
+                a = df[(df["model"] == models[i]) & (df["site"] == site)].set_index("image_id")
+                b = df[(df["model"] == models[j]) & (df["site"] == site)].set_index("image_id")
+                common = a.index.intersection(b.index)
+                if len(common) == 0:
+                    continue
+                la, lb = a.loc[common, "label"].to_numpy(), b.loc[common, "label"].to_numpy()
+                if (la != lb).any():
+                    warns.append(f"DeLong {models[i]} vs {models[j]} / {site}: {int((la != lb).sum())} shared "
+                                 "image(s) have different labels in the two files; comparison skipped")
+                    continue
+                try:
+                    res: DeLongResult = delong_test(la, a.loc[common, "score"].to_numpy(),
+                                                    b.loc[common, "score"].to_numpy())
+                except ValueError as exc:
+                    warns.append(f"DeLong {models[i]} vs {models[j]} / {site}: {exc}; skipped")
+                    continue
+                rows.append({"site": site, "model_1": models[i], "model_2": models[j],
+                             "n_only_1": int(len(a) - len(common)), "n_only_2": int(len(b) - len(common)),
+                             **res.to_dict()})
+    return rows
+
+
+def _make_figures(rep: Report) -> None:
+    for model, sites in rep.sites.items():
+        panels = {site: [a.curve] for site, a in sites.items()}
+        if len(rep.models) > 1:
+            continue
+        rep.figures["roc"] = plots.roc_figure(panels, rep.oracle)
+        rep.figures["pr"] = plots.pr_figure(panels)
+        rep.figures["calibration"] = plots.calibration_figure(panels)
+    if len(rep.models) > 1:  # overlay models on each site's panel
+        sites_order: list[str] = []
+        for m in rep.models:
+            sites_order += [s for s in rep.sites[m] if s not in sites_order]
+        panels = {s: [rep.sites[m][s].curve for m in rep.models if s in rep.sites[m]] for s in sites_order}
+        rep.figures["roc"] = plots.roc_figure(panels, rep.oracle)
+        rep.figures["pr"] = plots.pr_figure(panels)
+        rep.figures["calibration"] = plots.calibration_figure(panels)
+    sev = {}
+    for model, sites in rep.sites.items():
+        for site, a in sites.items():
+            if a.severity:
+                sev[site if len(rep.models) == 1 else f"{model} / {site}"] = a.severity
+    if sev:
+        rep.figures["severity"] = plots.severity_figure(sev)
+    if rep.flows:
+        rep.figures["flow"] = plots.flow_figure(rep.flows)
+
+
+# --------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------
+def _json_clean(o: Any) -> Any:
+    if isinstance(o, dict):
+        return {str(k): _json_clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_json_clean(v) for v in o]
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating, float)):
+        f = float(o)
+        return None if math.isnan(f) or math.isinf(f) else f
+    if isinstance(o, np.ndarray):
+        return _json_clean(o.tolist())
+    return o
+
+
+def metrics_dict(rep: Report) -> dict[str, Any]:
+    from bonescreen import __version__
+
+    out: dict[str, Any] = {
+        "format": "bonescreen-evaluation",
+        "bonescreen_version": __version__,
+        "config": {**rep.config.__dict__, "age_bands": list(rep.config.age_bands)},
+        "inputs": rep.inputs,
+        "warnings": rep.warnings,
+        "notes": rep.notes,
+        "tuned_thresholds": rep.thresholds,
+        "oracle_auc": rep.oracle,
+        "results": {},
+        "delong": rep.delong,
+    }
+    for model, sites in rep.sites.items():
+        out["results"][model] = {}
+        for site, a in sites.items():
+            d = a.main.to_dict()
+            d["operating_points"] = {k: {**v.to_dict(), "calibration": None} for k, v in a.operating_points.items()}
+            d["subgroups"] = [
+                {"family": r.family, "subgroup": r.subgroup, "p_auc_0.5": r.p_auc, "p_auc_0.5_bonferroni": r.p_auc_adj,
+                 **{k: v for k, v in r.result.to_dict().items() if k != "calibration"}}
+                for r in a.subgroups
+            ]
+            d["subgroup_heterogeneity"] = a.heterogeneity
+            d["severity"] = a.severity
+            if site in rep.oracle:
+                d["oracle_auc"] = rep.oracle[site]
+            out["results"][model][site] = d
+    return _json_clean(out)
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "model"
+
+
+def table2_frames(rep: Report) -> dict[str, pd.DataFrame]:
+    return {m: tables.table2({s: a.main for s, a in sites.items()}, rep.oracle or None)
+            for m, sites in rep.sites.items()}
+
+
+def table3_frames(rep: Report) -> dict[str, pd.DataFrame]:
+    return {m: tables.table3({s: a.subgroups for s, a in sites.items()},
+                             {s: a.heterogeneity for s, a in sites.items()})
+            for m, sites in rep.sites.items()}
+
+
+def operating_point_frame(rep: Report) -> pd.DataFrame:
+    rows = []
+    for model, sites in rep.sites.items():
+        for site, a in sites.items():
+            for name, r in {f"cut-off {rep.config.threshold:g}": a.main, **a.operating_points}.items():
+                rows.append({"Model": model, "Dataset": site, "Operating point": name,
+                             "Threshold": f"{r.threshold:.4f}",
+                             **{tables.METRIC_LABELS[k]: r.estimates[k].fmt() for k in
+                                ("sensitivity", "specificity", "ppv", "npv", "accuracy")}})
+    return pd.DataFrame(rows)
+
+
+def severity_frame(rep: Report) -> pd.DataFrame:
+    rows = []
+    for model, sites in rep.sites.items():
+        for site, a in sites.items():
+            for r in a.severity:
+                rows.append({"model": model, "site": site, **r})
+    return pd.DataFrame(rows)
+
+
+def write_report(rep: Report, out_dir: str | Path) -> dict[str, Path]:
+    """Write report.html, metrics.json, CSV tables and figures/*.png."""
+    out = Path(out_dir)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    files: dict[str, Path] = {}
+
+    def put(name: str, df: pd.DataFrame, index: bool = False) -> None:
+        if df is None or df.empty:
+            return
+        p = out / name
+        df.to_csv(p, index=index)
+        files[name] = p
+
+    t2 = table2_frames(rep)
+    wide = pd.concat({m: f for m, f in t2.items()}, names=["model", "measure"]) if t2 else pd.DataFrame()
+    put("table2.csv", wide, index=True)
+    put("metrics_long.csv", tables.table2_long({(m, s): a.main for m, ss in rep.sites.items() for s, a in ss.items()}))
+    t3 = table3_frames(rep)
+    if t3:
+        put("table3.csv", pd.concat([f.assign(Model=m) for m, f in t3.items() if not f.empty] or [pd.DataFrame()]))
+    put("operating_points.csv", operating_point_frame(rep))
+    put("severity.csv", severity_frame(rep))
+    put("delong.csv", pd.DataFrame(rep.delong))
+    if rep.table1 is not None:
+        put("table1.csv", tables.flatten_columns(rep.table1), index=True)
+    if rep.flows:
+        put("flow.csv", tables.flow_table(rep.flows))
+    for name, png in rep.figures.items():
+        p = out / "figures" / f"{name}.png"
+        p.write_bytes(png)
+        files[f"figures/{name}.png"] = p
+    mj = out / "metrics.json"
+    mj.write_text(json.dumps(metrics_dict(rep), indent=2, ensure_ascii=False), encoding="utf-8")
+    files["metrics.json"] = mj
+    hp = out / "report.html"
+    hp.write_text(render_html(rep), encoding="utf-8")
+    files["report.html"] = hp
+    return files
+
+
+# --------------------------------------------------------------------------
+# HTML
+# --------------------------------------------------------------------------
+CSS = """
+body{font-family:"Times New Roman",Georgia,serif;max-width:1500px;margin:24px auto;padding:0 18px;color:#111}
+h1{font-size:1.6em;margin-bottom:.2em} h2{font-size:1.2em;margin-top:1.8em;border-bottom:1px solid #999}
+.meta{color:#444;font-size:.9em}
+.tw{overflow-x:auto}
+table.j{border-collapse:collapse;margin:.6em 0 .3em;font-size:.82em}
+table.j caption{caption-side:top;text-align:left;font-weight:bold;padding-bottom:.4em}
+table.j thead tr:first-child th{border-top:2px solid #000}
+table.j thead tr:last-child th{border-bottom:1px solid #000}
+table.j tbody tr:last-child td,table.j tbody tr:last-child th{border-bottom:2px solid #000}
+table.j th,table.j td{padding:3px 8px;text-align:left;vertical-align:bottom;white-space:nowrap}
+table.j thead th{white-space:normal;min-width:4em}
+table.j td{text-align:center} table.j tbody th{font-weight:normal}
+.fn{font-size:.8em;color:#333;max-width:1100px}
+.warn{background:#fff6e5;border-left:4px solid #e0a000;padding:.5em 1em;font-size:.88em}
+.note{background:#f0f4f8;border-left:4px solid #6a8caf;padding:.5em 1em;font-size:.88em}
+figure{margin:1em 0} figure img{max-width:100%;border:1px solid #ddd}
+figcaption{font-size:.85em;color:#333}
+"""
+
+
+def _table_html(df: pd.DataFrame, caption: str, index: bool = True) -> str:
+    body = df.to_html(classes="j", border=0, index=index, escape=True, na_rep="NA")
+    body = re.sub(r'<table[^>]*class="dataframe j"[^>]*>',
+                  f'<table class="j"><caption>{html.escape(caption)}</caption>', body, count=1)
+    return f"<div class='tw'>{body}</div>"
+
+
+def _img(rep: Report, key: str, caption: str, alt: str) -> str:
+    png = rep.figures.get(key)
+    if not png:
+        return ""
+    b64 = base64.b64encode(png).decode("ascii")
+    return (f'<figure id="fig-{key}"><img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def _methods(rep: Report) -> str:
+    c = rep.config
+    units = sorted({a.main.bootstrap.get("unit", "image") for s in rep.sites.values() for a in s.values()
+                    if a.main.bootstrap.get("n_boot")})
+    redrawn = sum(a.main.bootstrap.get("redrawn_single_class", 0) for s in rep.sites.values() for a in s.values())
+    return f"""
+<p>Cut-off {c.threshold:g} (score ≥ cut-off is called low bone mass). Sensitivity, specificity, PPV, NPV
+and accuracy have Wilson score 95% confidence intervals computed as R's <code>Hmisc::binconf</code>
+(method "wilson", including its corrections for x = 1 and x = n − 1). AUC and F1 have percentile bootstrap
+95% CIs from {c.n_boot:,} resamples (seed {c.seed}); the resampling unit is the
+{' / '.join(units) or 'image'} (patients are resampled with all their images when a patient has several).
+A resample holding a single class is discarded and drawn again ({redrawn} redrawn for the main table).
+Average precision, Brier score and the calibration curve are from scikit-learn.
+Tuned operating points (Youden's J and the highest cut-off reaching sensitivity ≥ {c.target_sensitivity:g})
+are chosen on the tuning set only and applied unchanged to every test set.</p>
+<p>Subgroups: sex, and age bands with edges {', '.join(f'{e:g}' for e in c.age_bands)}. The p-value per
+subgroup tests H0 “AUC = 0.5” with the two-sided Mann–Whitney U test, Bonferroni-adjusted over all subgroups
+of one model on one dataset. The separate column tests whether accuracy differs between the subgroups of a
+family (chi-square; Fisher's exact test for a 2×2 table with an expected count below 5), Bonferroni-adjusted
+over the families. Two models scoring the same images are compared with DeLong's test for correlated AUCs
+(fast algorithm of Sun &amp; Xu 2014).</p>"""
+
+
+def render_html(rep: Report) -> str:
+    from bonescreen import __version__
+
+    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(rep.config.title)}"
+             f"</title><style>{CSS}</style></head><body>",
+             f"<h1>{html.escape(rep.config.title)}</h1>",
+             f"<p class='meta'>bonescreen {__version__} · generated "
+             f"{_dt.datetime.now().strftime('%Y-%m-%d %H:%M')} · models: {html.escape(', '.join(rep.models))}"
+             f" · inputs: {html.escape(', '.join(rep.inputs.get('predictions', [])))}</p>"]
+    if rep.warnings:
+        parts.append("<div class='warn'><b>Warnings</b><ul>" + "".join(
+            f"<li>{html.escape(w)}</li>" for w in rep.warnings) + "</ul></div>")
+    if rep.notes:
+        parts.append("<div class='note'><b>Notes</b><ul>" + "".join(
+            f"<li>{html.escape(n)}</li>" for n in rep.notes) + "</ul></div>")
+    if rep.table1 is not None or rep.flows:
+        parts.append("<h2>Cohort</h2>")
+    if rep.table1 is not None:
+        parts.append(_table_html(rep.table1, "Table 1 Characteristics of the datasets"))
+    parts.append(_img(rep, "flow", "Figure 1 Construction of the datasets (remaining after each step; exclusions "
+                      "with reasons to the right)", "Figure 1 cohort flow"))
+    parts.append("<h2>Performance per dataset</h2>")
+    for model, t2 in table2_frames(rep).items():
+        parts.append(_table_html(t2, f"Table 2 Performance of {model} in the validation datasets"))
+    parts.append(f"<p class='fn'>TP/TN/FP/FN at cut-off {rep.config.threshold:g}; percentages of all images of "
+                 "the dataset. Proportions: Wilson 95% CI. AUC and F1: bootstrap 95% CI."
+                 + (" Oracle AUC: the best AUC achievable on the phantom, from its known latent bone density; "
+                    "every phantom accuracy figure should be read next to it." if rep.oracle else "") + "</p>")
+    if rep.thresholds:
+        tt = pd.DataFrame(rep.thresholds).T
+        parts.append(_table_html(tt.map(lambda v: f"{v:.4f}"), "Operating points chosen on the tuning set"))
+        parts.append(_table_html(operating_point_frame(rep), "Performance at each operating point", index=False))
+    if rep.delong:
+        dl = pd.DataFrame([{
+            "Dataset": r["site"], "Model 1": r["model_1"], "Model 2": r["model_2"], "n": r["n"],
+            "AUC 1": f"{r['auc1']:.3f}", "AUC 2": f"{r['auc2']:.3f}",
+            "Difference (95% CI)": f"{r['diff']:.3f} ({r['ci_lo']:.3f} to {r['ci_hi']:.3f})",
+            "Z": f"{r['z']:.3f}", "p": tables._p(r["p"])} for r in rep.delong])
+        parts.append("<h2>Model comparison</h2>")
+        parts.append(_table_html(dl, "DeLong test for two correlated ROC curves (same images)", index=False))
+    t3 = table3_frames(rep)
+    if any(not f.empty for f in t3.values()):
+        parts.append("<h2>Subgroups</h2>")
+        for model, f in t3.items():
+            if not f.empty:
+                parts.append(_table_html(f, f"Table 3 Performance of {model} by sex and age subgroups", index=False))
+        parts.append("<p class='fn'>p (AUC = 0.5): two-sided Mann–Whitney U test, Bonferroni-adjusted over the "
+                     "subgroups of the dataset. NA: undefined (a subgroup with a single class).</p>")
+    parts.append(_img(rep, "severity", "Figure 2 Accuracy by severity of low bone mass (Wilson 95% CI)",
+                      "Figure 2 accuracy by severity"))
+    parts.append("<h2>Curves</h2>")
+    parts.append(_img(rep, "roc", "ROC curves with 95% bootstrap band", "ROC curves"))
+    parts.append(_img(rep, "pr", "Precision–recall curves with average precision", "PR curves"))
+    parts.append(_img(rep, "calibration", "Calibration curves", "Calibration curves"))
+    parts.append("<h2>Statistical methods</h2>" + _methods(rep))
+    parts.append("</body></html>")
+    return "\n".join(p for p in parts if p)
+
+
+# --------------------------------------------------------------------------
+# One call for the CLI
+# --------------------------------------------------------------------------
+def run_evaluation(
+    predictions: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    config: EvaluateConfig | None = None,
+    tune: Sequence[str | Path] | None = None,
+    manifest: str | Path | None = None,
+    flow: str | Path | None = None,
+    oracle: str | Path | None = None,
+    progress: bool = True,
+) -> tuple[Report, dict[str, Path]]:
+    """Read inputs, evaluate, write the report folder."""
+    preds, warns = read_predictions(predictions)
+    tune_df = None
+    if tune:
+        tune_df, tw = read_predictions(tune)
+        warns += [f"tuning set: {w}" for w in tw]
+    man = tables.read_manifest(manifest) if manifest else None
+    flows = tables.read_flow(flow) if flow else None
+    orc = read_oracle(oracle) if oracle else None
+    inputs = {"predictions": [Path(p).name for p in predictions],
+              "tune": [Path(p).name for p in tune or []],
+              "manifest": Path(manifest).name if manifest else None,
+              "flow": Path(flow).name if flow else None,
+              "oracle": Path(oracle).name if oracle else None,
+              "rows": int(len(preds))}
+    rep = evaluate_predictions(preds, config=config, tune=tune_df, manifest=man, flows=flows, oracle=orc,
+                               warnings=warns, inputs=inputs, progress=progress)
+    files = write_report(rep, out_dir)
+    return rep, files
+
+
+def summary_text(rep: Report) -> str:
+    """A short Table-2-like summary for the terminal."""
+    lines = []
+    head = f"{'model':<14} {'site':<16} {'n':>6} {'AUC (95% CI)':<19} {'Sens':>5} {'Spec':>5} {'PPV':>5} " \
+           f"{'NPV':>5} {'Acc':>5}"
+    if rep.oracle:
+        head += "  oracle"
+    lines.append(head)
+    for model, sites in rep.sites.items():
+        for site, a in sites.items():
+            e = a.main.estimates
+
+            def f(k: str) -> str:
+                return "  NA" if not e[k].defined else f"{e[k].value:.2f}"
+
+            line = (f"{model[:14]:<14} {site[:16]:<16} {a.main.n:>6} {e['auc'].fmt():<19} {f('sensitivity'):>5} "
+                    f"{f('specificity'):>5} {f('ppv'):>5} {f('npv'):>5} {f('accuracy'):>5}")
+            if rep.oracle:
+                o = rep.oracle.get(site)
+                line += "      NA" if o is None else f"  {o:.2f}"
+            lines.append(line)
+    for r in rep.delong:
+        lines.append(f"DeLong {r['model_1']} vs {r['model_2']} on {r['site']}: ΔAUC {r['diff']:.3f}, "
+                     f"Z {r['z']:.2f}, p {r['p']:.3g}")
+    for w in rep.warnings:
+        lines.append(f"warning: {w}")
+    return "\n".join(lines)

@@ -1,0 +1,286 @@
+"""ONNX export and an onnxruntime predictor with the same interface as ``LoadedModel``.
+
+The exported graph takes the preprocessed image as float32 ``(N, H, W)`` in
+0..255 and returns class probabilities ``(N, C)``: normalisation and softmax
+are inside the graph, so the ONNX file plus its embedded model description
+(``metadata_props``) is all ``screen --backend onnx`` needs. The batch axis is
+dynamic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from bonescreen import __version__
+from bonescreen.errors import ModelArtifactError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch import nn
+
+    from bonescreen.artifact import LoadedModel, ModelSpec
+
+__all__ = [
+    "ONNX_FORMAT",
+    "ONNX_FORMAT_VERSION",
+    "OnnxModel",
+    "export_onnx",
+    "load_onnx",
+    "quantize_onnx",
+]
+
+log = logging.getLogger(__name__)
+
+ONNX_FORMAT = "bonescreen-onnx"
+ONNX_FORMAT_VERSION = 1
+INPUT_NAME = "image"
+OUTPUT_NAME = "probs"
+
+
+def _scoring_module(loaded: "LoadedModel") -> "nn.Module":
+    import torch
+    from torch import nn
+
+    mean = float(loaded.spec.preprocess["mean"])
+    std = float(loaded.spec.preprocess["std"])
+
+    class ScoringGraph(nn.Module):
+        """uint8-valued float (N, H, W) -> probabilities; mirrors LoadedModel.predict_proba."""
+
+        def __init__(self, net: nn.Module) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, image: torch.Tensor) -> torch.Tensor:
+            x = (image.unsqueeze(1) / 255.0 - mean) / std
+            return torch.softmax(self.net(x).float(), dim=1)
+
+    return ScoringGraph(loaded.model).eval()
+
+
+def export_onnx(
+    loaded: "LoadedModel",
+    path: str | os.PathLike[str],
+    *,
+    opset: int = 18,
+    dynamo: bool = True,
+    source_id: str | None = None,
+) -> Path:
+    """Write ``loaded`` as ONNX with a dynamic batch axis and the model description embedded.
+
+    ``dynamo=True`` uses torch.export (the supported exporter in torch 2.x);
+    if it fails on an exotic architecture the TorchScript exporter is tried.
+    """
+    import onnx
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    module = _scoring_module(loaded).cpu()
+    size = loaded.size
+    example = (torch.rand(2, size, size) * 255).round()
+    tmp = path.with_name(f".{path.name}.tmp")
+    errors: list[str] = []
+    quiet = _Quiet()
+    for use_dynamo in ([True, False] if dynamo else [False]):
+        try:
+            # The exporters print progress on stdout and INFO logs; keep the CLI's output clean.
+            with contextlib.redirect_stdout(io.StringIO()), quiet:
+                if use_dynamo:
+                    batch = torch.export.Dim("batch", min=1, max=4096)
+                    torch.onnx.export(
+                        module, (example,), str(tmp), input_names=[INPUT_NAME],
+                        output_names=[OUTPUT_NAME], dynamic_shapes={"image": {0: batch}},
+                        opset_version=opset, dynamo=True, external_data=False,
+                    )
+                else:
+                    torch.onnx.export(
+                        module, (example,), str(tmp), input_names=[INPUT_NAME],
+                        output_names=[OUTPUT_NAME],
+                        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                        opset_version=min(opset, 17), dynamo=False,
+                    )
+            break
+        except Exception as exc:  # try the other exporter, report both if both fail
+            errors.append(f"{'dynamo' if use_dynamo else 'torchscript'}: {type(exc).__name__}: {exc}")
+            tmp.unlink(missing_ok=True)
+    else:
+        raise ModelArtifactError(f"ONNX export of {loaded.spec.arch} failed: {' | '.join(errors)}")
+
+    proto = onnx.load(str(tmp))
+    meta = {
+        "format": ONNX_FORMAT,
+        "format_version": str(ONNX_FORMAT_VERSION),
+        "bonescreen_version": __version__,
+        "spec": json.dumps(asdict(loaded.spec)),
+        "source_model": source_id or (Path(loaded.path).name if loaded.path else ""),
+    }
+    del proto.metadata_props[:]
+    for k, v in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+    onnx.save(proto, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+class _Quiet:
+    """Raise the exporter loggers (onnxscript, onnx_ir, torch.onnx) to WARNING for a while."""
+
+    names = ("onnxscript", "onnx_ir", "torch.onnx", "torch.export")
+
+    def __enter__(self) -> None:
+        self.levels = {n: logging.getLogger(n).level for n in self.names}
+        for n in self.names:
+            logging.getLogger(n).setLevel(logging.WARNING)
+
+    def __exit__(self, *exc: object) -> None:
+        for n, level in self.levels.items():
+            logging.getLogger(n).setLevel(level)
+
+
+class OnnxModel:
+    """onnxruntime twin of ``LoadedModel``: ``.spec``, ``.size``, ``.predict_proba(uint8 N×H×W)``."""
+
+    backend = "onnx"
+
+    def __init__(self, session: Any, spec: "ModelSpec", path: Path, metadata: dict[str, str]) -> None:
+        self.session = session
+        self.spec = spec
+        self.path = path
+        self.metadata = metadata
+        self.model = None  # no torch module: Grad-CAM needs the .pt artifact
+
+    @property
+    def size(self) -> int:
+        return int(self.spec.preprocess["size"])
+
+    def predict_proba(self, images: np.ndarray, device: str = "cpu") -> np.ndarray:
+        x = np.asarray(images, dtype=np.float32)
+        if x.ndim == 2:
+            x = x[None]
+        return self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(x)})[0]
+
+    def score(self, images: np.ndarray, device: str = "cpu") -> np.ndarray:
+        return self.predict_proba(images)[:, self.spec.positive_class]
+
+
+def make_session(path: str | os.PathLike[str], threads: int | None = None) -> Any:
+    """An onnxruntime CPU session using every core for one batch at a time."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = int(threads or os.cpu_count() or 1)
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def load_onnx(
+    path: str | os.PathLike[str], *, expected_task: str | None = None, threads: int | None = None
+) -> OnnxModel:
+    """Open an ONNX file written by :func:`export_onnx`; refuse anything else with a clear error."""
+    import onnx
+
+    from bonescreen.artifact import ModelSpec
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelArtifactError(f"ONNX model not found: {path}")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise ModelArtifactError(f"{path} is not a readable ONNX model: {exc}") from exc
+    meta = {p.key: p.value for p in proto.metadata_props}
+    del proto
+    if meta.get("format") != ONNX_FORMAT:
+        raise ModelArtifactError(f"{path} is an ONNX model but not one written by `bonescreen export`")
+    if meta.get("format_version") != str(ONNX_FORMAT_VERSION):
+        raise ModelArtifactError(
+            f"{path} has bonescreen ONNX format version {meta.get('format_version')}; "
+            f"this bonescreen ({__version__}) reads version {ONNX_FORMAT_VERSION}"
+        )
+    try:
+        fields = json.loads(meta["spec"])
+        spec = ModelSpec(**{k: v for k, v in fields.items() if k in ModelSpec.__dataclass_fields__})
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelArtifactError(f"{path}: embedded model description unreadable: {exc}") from exc
+    if expected_task is not None and spec.task != expected_task:
+        raise ModelArtifactError(f"{path} is a {spec.task!r} model but a {expected_task!r} model was expected")
+    try:
+        session = make_session(path, threads)
+    except Exception as exc:
+        raise ModelArtifactError(f"{path}: onnxruntime cannot load it: {exc}") from exc
+    return OnnxModel(session, spec, path, meta)
+
+
+def quantize_onnx(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    mode: str = "static",
+    calibration: np.ndarray | None = None,
+) -> Path:
+    """int8 copy of an exported model (onnxruntime.quantization); metadata is carried over.
+
+    ``static`` (QDQ, per-channel weights) needs ``calibration``: preprocessed
+    uint8 images ``(N, H, W)`` representative of the input; ``dynamic``
+    quantizes weights only and computes activation scales at run time.
+    """
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    prep = dst.with_name(f".{dst.stem}.prep.onnx")
+    quant_pre_process(str(src), str(prep), skip_symbolic_shape=True)
+    try:
+        if mode == "dynamic":
+            quantize_dynamic(str(prep), str(dst), weight_type=QuantType.QInt8, per_channel=True)
+        elif mode == "static":
+            if calibration is None or len(calibration) == 0:
+                raise ValueError("static quantization needs calibration images")
+
+            class Reader(CalibrationDataReader):
+                def __init__(self, images: np.ndarray) -> None:
+                    self.items = iter([{INPUT_NAME: images[i : i + 1].astype(np.float32)} for i in range(len(images))])
+
+                def get_next(self) -> dict[str, np.ndarray] | None:
+                    return next(self.items, None)
+
+            quantize_static(
+                str(prep), str(dst), Reader(np.asarray(calibration)), quant_format=QuantFormat.QDQ,
+                per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            )
+        else:
+            raise ValueError(f"mode must be 'static' or 'dynamic', got {mode!r}")
+    finally:
+        prep.unlink(missing_ok=True)
+    # quantize_* keep metadata_props in recent versions; make sure of it.
+    src_meta = {p.key: p.value for p in onnx.load(str(src), load_external_data=False).metadata_props}
+    proto = onnx.load(str(dst))
+    have = {p.key for p in proto.metadata_props}
+    for k, v in src_meta.items():
+        if k not in have:
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = k, v
+    proto.metadata_props.add(key="quantization", value=mode)
+    onnx.save(proto, str(dst))
+    return dst

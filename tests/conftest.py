@@ -1,0 +1,92 @@
+"""Shared test fixtures: the real CR chest radiograph from ``pydicom-data`` and a tiny DICOM builder."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+
+def _pydicom_data_dir() -> Path | None:
+    # Located through the installed package, never pydicom.data.get_testdata_file
+    # (which would try the network for files not installed).
+    spec = importlib.util.find_spec("data_store")
+    if spec is None or not spec.origin:
+        return None
+    d = Path(spec.origin).parent / "data"
+    return d if d.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def pydicom_data_dir() -> Path:
+    """Folder holding ``RG1_UNCR.dcm`` / ``RG1_J2KR.dcm`` (real CR chest, MONOCHROME1)."""
+    d = _pydicom_data_dir()
+    if d is None or not (d / "RG1_UNCR.dcm").is_file():
+        pytest.fail("the test extra 'pydicom-data' is not installed (pip install pydicom-data)")
+    return d
+
+
+def build_dicom(
+    pixels: np.ndarray,
+    *,
+    photometric: str = "MONOCHROME2",
+    bits_stored: int = 12,
+    modality: str = "CR",
+    signed: bool = False,
+    **tags: Any,
+) -> Any:
+    """A minimal single-frame DICOM ``FileDataset`` (Explicit VR Little Endian) around ``pixels``."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"  # CR Image Storage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset("", {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = modality
+    ds.PatientID = "TEST-0001"
+    ds.StudyDate = "20240115"
+    ds.PatientSex = "F"
+    ds.PatientAge = "063Y"
+    ds.ViewPosition = "PA"
+    arr = np.asarray(pixels)
+    ds.Rows, ds.Columns = arr.shape[-2:]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = 16
+    ds.BitsStored = bits_stored
+    ds.HighBit = bits_stored - 1
+    ds.PixelRepresentation = 1 if signed else 0
+    ds.PixelData = arr.astype(np.int16 if signed else np.uint16).tobytes()
+    for key, value in tags.items():
+        setattr(ds, key, value)
+    return ds
+
+
+@pytest.fixture
+def dicom_builder() -> Callable[..., Any]:
+    """:func:`build_dicom`, for tests that need the dataset before writing it."""
+    return build_dicom
+
+
+@pytest.fixture
+def write_dicom(tmp_path: Path) -> Callable[..., Path]:
+    """``write_dicom(pixels, name="x.dcm", **build_dicom_kwargs) -> Path``."""
+
+    def _write(pixels: np.ndarray, name: str = "image.dcm", **kwargs: Any) -> Path:
+        ds = build_dicom(pixels, **kwargs)
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(path, enforce_file_format=True)
+        return path
+
+    return _write
