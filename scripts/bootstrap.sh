@@ -11,13 +11,20 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 if [ "${1:-}" = "--test" ]; then
   .venv/bin/python -m pip install -q -e ".[test]"
-  if ! command -v chromium >/dev/null 2>&1; then
+  # System packages the tests drive for real: Chromium (report and worklist pages),
+  # PostgreSQL (the store), Orthanc (a real PACS for C-STORE / STOW-RS forwarding).
+  need=()
+  command -v chromium >/dev/null 2>&1 || need+=(chromium)
+  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
+  command -v Orthanc >/dev/null 2>&1 || need+=(orthanc)
+  dpkg -s orthanc-dicomweb >/dev/null 2>&1 || need+=(orthanc-dicomweb)
+  if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
-      echo "installing chromium (headless report rendering tests)..." >&2
-      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
-        || echo "warning: chromium could not be installed; report screenshot tests will fail" >&2
+      echo "installing ${need[*]} for the tests..." >&2
+      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null) \
+        || echo "warning: could not install ${need[*]}; the tests that need them will fail" >&2
     else
-      echo "warning: chromium missing and not root; report screenshot tests will fail" >&2
+      echo "warning: ${need[*]} missing and not root; the tests that need them will fail" >&2
     fi
   fi
 else

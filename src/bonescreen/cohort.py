@@ -380,6 +380,7 @@ class SiteInput:
     dxa: Path | pd.DataFrame
     role: str = "development"  # or "external": every pair goes to the test split
     column_map: dict[str, str] = field(default_factory=dict)
+    window_days: int | None = None  # per-site pairing window (e.g. 180 days); None: the config's
 
 
 @dataclass
@@ -435,7 +436,7 @@ class _Flow:
 
 
 def _pair_site(
-    dxa: pd.DataFrame, images: pd.DataFrame, cfg: CohortConfig
+    dxa: pd.DataFrame, images: pd.DataFrame, cfg: CohortConfig, window_days: int
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Choose, for each DXA exam, the closest eligible frontal CXR of the same patient."""
     pairs: list[dict[str, Any]] = []
@@ -457,7 +458,7 @@ def _pair_site(
             continue
         cands = cands[cands["study_date"].notna()]
         days = np.array([abs((d - exam["dxa_date"]).days) for d in cands["study_date"]], dtype=float)
-        within = cands[days <= cfg.window_days].assign(days_apart=days[days <= cfg.window_days])
+        within = cands[days <= window_days].assign(days_apart=days[days <= window_days])
         if within.empty:
             excl.append({**base, "path": "", "study_date": "", "reason": "no_cxr_within_window"})
             continue
@@ -564,7 +565,8 @@ def build_cohort(
         good = imgs[imgs["error"].isna()].copy()
         if len(errors):
             log.warning("%s: %d image(s) could not be read (see image_errors.csv)", site.name, len(errors))
-        pairs, excl = _pair_site(table.exams, good, cfg)
+        window = site.window_days if site.window_days is not None else cfg.window_days
+        pairs, excl = _pair_site(table.exams, good, cfg, window)
         for p in pairs:
             p["role"] = site.role
         exc = pd.DataFrame(excl, columns=EXCLUSION_COLUMNS)

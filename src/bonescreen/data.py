@@ -53,13 +53,18 @@ def read_manifest(manifest: str | Path | pd.DataFrame) -> pd.DataFrame:
             frame = pd.read_csv(path, dtype={"image_id": str, "patient_id": str})
         except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
             raise TableError(f"{path}: not a readable CSV manifest: {exc}") from exc
-        # Relative image paths are relative to the manifest, so a cohort folder can move.
+        # A relative image path is looked up beside the manifest first (so a
+        # cohort folder can move), then relative to the working directory.
         if "path" in frame.columns:
             base = path.resolve().parent
-            frame["path"] = [
-                str(p) if pd.isna(p) or Path(str(p)).is_absolute() else str(base / str(p))
-                for p in frame["path"]
-            ]
+
+            def locate(p: object) -> str:
+                if pd.isna(p) or Path(str(p)).is_absolute():
+                    return str(p)
+                beside = base / str(p)
+                return str(beside) if beside.exists() else str(p)
+
+            frame["path"] = [locate(p) for p in frame["path"]]
     if "path" not in frame.columns:
         raise TableError("manifest has no 'path' column")
     if "image_id" not in frame.columns:
@@ -161,7 +166,8 @@ def prepare_images(
             sorted(set(paths)),
             cache_root,
             size,
-            workers=workers,
+            # A process pool costs a second or two to start: not worth it for a few images.
+            workers=workers if len(paths) >= 64 else 1,
             progress=progress,
             skip_list=Path(cache_root) / str(size) / "skipped-last-run.csv",
         )

@@ -41,6 +41,7 @@ from bonescreen.train import (
     TrainJob,
     TrainResult,
     _write_skipped,
+    check_trainable,
     build_model,
     data_summary,
     fit,
@@ -151,6 +152,7 @@ def distill(
             "tune": prepare_split(splits["tune"], cache_root, cfg.image_size, cfg, env, progress),
             "test": prepare_split(splits["test"], cache_root, cfg.image_size, cfg, env, progress),
         }
+        check_trainable(preps["train"])
         n_skipped = _write_skipped(out, list(preps.values()), env)
         train_frame = preps["train"].frame
         if loaded.size == cfg.image_size:

@@ -812,7 +812,11 @@ def screen(
     if (opts.explain or opts.dicom_sc) and models.main_torch is None:
         raise ScreenError("Grad-CAM needs the .pt artifact (an ONNX file has no gradients); "
                           "pass the .pt with --backend onnx instead")
-    policy = GatePolicy.from_eligibility(models.main.spec.eligibility, **opts.gate)
+    gate_kw = dict(opts.gate)
+    if gate_kw.get("min_size") is None and "min_size" not in (models.main.spec.eligibility or {}):
+        # thumbnails are refused, but a low-resolution model (cpu-tiny presets) accepts its own size
+        gate_kw["min_size"] = min(256, min(models.sizes))
+    policy = GatePolicy.from_eligibility(models.main.spec.eligibility, **gate_kw)
     t2 = float(opts.threshold if opts.threshold is not None else models.main.spec.threshold)
     t1 = float(opts.threshold_stage1 if opts.threshold_stage1 is not None else
                (models.stage1.spec.threshold if models.stage1 is not None else 0.5))

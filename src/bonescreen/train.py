@@ -328,7 +328,8 @@ def classification_metrics(labels: np.ndarray, logits: np.ndarray) -> dict[str, 
     """Loss, AUC (macro one-vs-rest for 3 classes; NaN when a class is missing) and accuracy."""
     from sklearn.metrics import roc_auc_score
 
-    labels = np.asarray(labels, dtype=np.int64)
+    labels = np.array(labels, dtype=np.int64)
+    logits = np.array(logits, dtype=np.float32)
     if len(labels) == 0:
         return {"loss": float("nan"), "auc": float("nan"), "accuracy": float("nan")}
     loss = float(F.cross_entropy(torch.as_tensor(logits), torch.as_tensor(labels)).item())
@@ -532,6 +533,16 @@ _RESUME_KEYS = ("arch", "image_size", "batch_size", "seed", "augment", "student_
 
 def fit(job: TrainJob, out_dir: str | Path, cfg: TrainConfig, env: DistEnv, *, resume: bool = False) -> TrainResult:
     """Train with checkpoints, tuning-split model selection and early stopping."""
+    threads = torch.get_num_threads()
+    if cfg.num_threads and env.device.type == "cpu":
+        torch.set_num_threads(cfg.num_threads)
+    try:
+        return _fit(job, out_dir, cfg, env, resume=resume)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit(job: TrainJob, out_dir: str | Path, cfg: TrainConfig, env: DistEnv, *, resume: bool) -> TrainResult:
     from torch.nn.parallel import DistributedDataParallel as DDP
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
@@ -545,8 +556,6 @@ def fit(job: TrainJob, out_dir: str | Path, cfg: TrainConfig, env: DistEnv, *, r
     cuda = device.type == "cuda"
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
-    if cfg.num_threads and not cuda:
-        torch.set_num_threads(cfg.num_threads)
     if cuda:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -689,6 +698,10 @@ def fit(job: TrainJob, out_dir: str | Path, cfg: TrainConfig, env: DistEnv, *, r
             leave=False,
         )
         hit_max_steps = False
+        if step_in_epoch >= steps_per_epoch:  # resumed exactly at an epoch end
+            bar.close()
+            epoch, step_in_epoch = epoch + 1, 0
+            continue
         try:
             for batch in loader:
                 if step_in_epoch >= steps_per_epoch:
@@ -734,6 +747,8 @@ def fit(job: TrainJob, out_dir: str | Path, cfg: TrainConfig, env: DistEnv, *, r
             log.warning("interrupted at step %d; resume with --resume", global_step)
             raise
         bar.close()
+        if seen == 0:
+            raise BonescreenError(f"epoch {epoch + 1} produced no training batch", reason="no_data")
         seconds = time.perf_counter() - t0
         loss_total, seen_total = all_reduce_sum([loss_sum, float(seen)], env)
         partial = step_in_epoch < steps_per_epoch
@@ -891,6 +906,15 @@ def load_splits(manifest: str | Path | pd.DataFrame, task: str) -> dict[str, pd.
     return splits
 
 
+def check_trainable(prep: PreparedImages) -> None:
+    """After unreadable images are dropped, at least two classes must remain."""
+    if prep.frame.empty:
+        reasons = prep.skipped["reason"].value_counts().to_dict() if len(prep.skipped) else {}
+        raise TableError(f"no training image could be read (reasons: {reasons})", reason="no_data")
+    if prep.frame["_y"].nunique() < 2:
+        raise TableError("the readable training images hold a single class", reason="no_data")
+
+
 def _write_skipped(out: Path, preps: list[PreparedImages], env: DistEnv) -> int:
     skipped = pd.concat([p.skipped for p in preps], ignore_index=True) if preps else pd.DataFrame()
     if env.is_main and len(skipped):
@@ -919,6 +943,7 @@ def train_model(
             s: prepare_split(f, cache_root, cfg.image_size, cfg, env, cfg.progress and env.is_main)
             for s, f in splits.items()
         }
+        check_trainable(preps["train"])
         n_skipped = _write_skipped(out, list(preps.values()), env)
         spec = make_spec(cfg, task)
         seed_everything(cfg.seed)

@@ -26,6 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--phantom", type=Path, help="take all sites from a `bonescreen phantom` folder")
     p.add_argument("--columns", help="column mapping THEIR=OURS,... or a YAML file (applies to every site)")
     p.add_argument("--window", type=int, default=90, help="max days between CXR and DXA (default 90)")
+    p.add_argument("--site-window", action="append", default=[], metavar="NAME=DAYS",
+                   help="pairing window for one site, e.g. EXT_B=180 (repeatable)")
     p.add_argument("--min-age", type=float, default=50.0)
     p.add_argument("--max-age", type=float, default=None)
     p.add_argument("--views", default="PA,AP", help="accepted views (default PA,AP)")
@@ -67,8 +69,15 @@ def run(args: argparse.Namespace) -> int:
         raise TableError(f"--development/--external name unknown sites: {sorted(unknown)}")
     # Default: the first site (the phantom's development site) is split; the rest are external.
     dev = set(args.development) or {sites[0].name}
+    windows = {}
+    for item in args.site_window:
+        name, _, days = item.partition("=")
+        if name not in known or not days.strip().isdigit():
+            raise TableError(f"--site-window {item!r}: expected NAME=DAYS with a known site name")
+        windows[name] = int(days)
     for s in sites:
         s.role = "development" if s.name in dev and s.name not in args.external else "external"
+        s.window_days = windows.get(s.name, s.window_days)
     fractions = tuple(float(x) for x in args.split.split(","))
     if len(fractions) != 3:
         raise TableError("--split needs three fractions: train,tune,test")

@@ -39,7 +39,9 @@ def _midranks(x: NDArray[np.float64]) -> NDArray[np.float64]:
     return rankdata(x, method="average", axis=-1)
 
 
-def delong_covariance(labels: ArrayLike, scores: Sequence[ArrayLike]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+def delong_covariance(
+    labels: ArrayLike, scores: Sequence[ArrayLike]
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """AUCs of k score vectors on the same cases and their DeLong covariance.
 
     Hand-written because neither scikit-learn nor statsmodels/scipy ship the
@@ -232,16 +234,11 @@ def subgroup_analysis(
 # Severity (Figure 2)
 # --------------------------------------------------------------------------
 def severity_from_t(t_min: ArrayLike) -> pd.Series:
-    """WHO grade from the lowest T-score (normal ≥ −1.0; mild −1.5 < T < −1.0;
-    moderate −2.0 < T ≤ −1.5; advanced −2.5 < T ≤ −2.0; osteoporosis ≤ −2.5)."""
-    t = pd.to_numeric(pd.Series(np.asarray(t_min)), errors="coerce").to_numpy()
-    out = np.full(t.shape, None, dtype=object)
-    out[t >= -1.0] = "normal"
-    out[(t < -1.0) & (t > -1.5)] = "mild"
-    out[(t <= -1.5) & (t > -2.0)] = "moderate"
-    out[(t <= -2.0) & (t > -2.5)] = "advanced"
-    out[t <= -2.5] = "osteoporosis"
-    return pd.Series(out, dtype=object)
+    """WHO grade per row from the lowest T-score (``bonescreen.labels.severity``)."""
+    from bonescreen.labels import severity
+
+    t = pd.to_numeric(pd.Series(np.asarray(t_min)), errors="coerce")
+    return pd.Series([severity(v) for v in t], dtype=object)
 
 
 def severity_accuracy(df: pd.DataFrame, threshold: float = 0.5) -> list[dict[str, Any]]:

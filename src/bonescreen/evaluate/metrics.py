@@ -338,7 +338,9 @@ def weighted_roc_band(
     }
 
 
-def weighted_f1(labels: ArrayLike, scores: ArrayLike, weights: NDArray[np.float64], threshold: float) -> NDArray[np.float64]:
+def weighted_f1(
+    labels: ArrayLike, scores: ArrayLike, weights: NDArray[np.float64], threshold: float
+) -> NDArray[np.float64]:
     y = np.asarray(labels).astype(bool)
     pred = np.asarray(scores, dtype=float) >= threshold
     w = np.atleast_2d(np.asarray(weights, dtype=float))

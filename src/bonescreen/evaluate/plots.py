@@ -157,7 +157,7 @@ def severity_figure(rows: Mapping[str, Sequence[Mapping[str, Any]]]) -> bytes:
                 ns.append(r["n"])
         ax.bar(xs, ys, width=width * 0.92, color=f"C{i}", label=name, yerr=[lo, hi], capsize=3,
                error_kw={"lw": 0.8})
-        for x, y, n in zip(xs, ys, ns):
+        for x, n in zip(xs, ns):
             ax.text(x, 0.02, f"n={n}", rotation=90, ha="center", va="bottom", fontsize=6, color="white")
     ax.set_xticks(range(len(grades)), [g.capitalize() for g in grades])
     ax.set(ylim=(0, 1.05), ylabel="Accuracy (95% CI)", title="Accuracy by severity (normal: specificity; "

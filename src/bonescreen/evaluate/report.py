@@ -13,7 +13,6 @@ import base64
 import datetime as _dt
 import html
 import json
-import logging
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -45,8 +44,6 @@ from bonescreen.evaluate.metrics import (
     weighted_roc_band,
     youden_threshold,
 )
-
-log = logging.getLogger(__name__)
 
 DEFAULT_AGE_BANDS = (50.0, 55.0, 60.0, 65.0)
 
@@ -103,7 +100,8 @@ def prepare_predictions(df: pd.DataFrame, source: str) -> tuple[pd.DataFrame, li
             "positive class, not a logit"
         )
     df = df[df["score"].notna() & ~out]
-    lab = pd.to_numeric(df["label"], errors="coerce")
+    lab_raw = df["label"].map(lambda v: {"true": 1, "false": 0}.get(v.strip().lower(), v) if isinstance(v, str) else v)
+    lab = pd.to_numeric(lab_raw, errors="coerce")
     nolab = int(lab.isna().sum())
     badlab = int((lab.notna() & ~lab.isin([0, 1])).sum())
     if nolab:
@@ -135,7 +133,8 @@ def prepare_predictions(df: pd.DataFrame, source: str) -> tuple[pd.DataFrame, li
         df["sex"] = raw.astype(str).str.strip().str.lower().map(_SEX)
         bad = int((df["sex"].isna() & raw.notna()).sum())
         if bad:
-            warnings.append(f"{source}: {bad} row(s) with an unrecognised sex value (use F/M) left out of sex subgroups")
+            warnings.append(f"{source}: {bad} row(s) with an unrecognised sex value (use F/M) "
+                            "left out of sex subgroups")
     if "age" in df.columns:
         df["age"] = pd.to_numeric(df["age"], errors="coerce")
     if "severity" in df.columns:
@@ -358,7 +357,9 @@ def evaluate_predictions(
                 warns.append(f"{model} / {site}: subgroup {r.subgroup} has a single class "
                              f"({r.result.n} image(s)): AUC undefined, reported as NA")
         sev = severity_accuracy(g, cfg.threshold) if has["severity"] and "severity" in g else []
-        band = weighted_roc_band(y, s, boot.weights, alpha=cfg.alpha) if boot is not None and len(boot.weights) else None
+        band = None
+        if boot is not None and len(boot.weights):
+            band = weighted_roc_band(y, s, boot.weights, alpha=cfg.alpha)
         auc = main.estimates["auc"]
         curve = plots.Curve(model, y, s, auc.value, auc.lo, auc.hi, main.average_precision, band, main.calibration)
         result.setdefault(model, {})[site] = SiteAnalysis(main, ops, sub_rows, hetero, sev, curve)
@@ -408,18 +409,12 @@ def _delong_all(df: pd.DataFrame, models: list[str], sites: list[str], warns: li
 
 
 def _make_figures(rep: Report) -> None:
-    for model, sites in rep.sites.items():
-        panels = {site: [a.curve] for site, a in sites.items()}
-        if len(rep.models) > 1:
-            continue
-        rep.figures["roc"] = plots.roc_figure(panels, rep.oracle)
-        rep.figures["pr"] = plots.pr_figure(panels)
-        rep.figures["calibration"] = plots.calibration_figure(panels)
-    if len(rep.models) > 1:  # overlay models on each site's panel
-        sites_order: list[str] = []
-        for m in rep.models:
-            sites_order += [s for s in rep.sites[m] if s not in sites_order]
-        panels = {s: [rep.sites[m][s].curve for m in rep.models if s in rep.sites[m]] for s in sites_order}
+    sites_order: list[str] = []
+    for m in rep.models:
+        sites_order += [s for s in rep.sites[m] if s not in sites_order]
+    # one panel per site, every model overlaid on it
+    panels = {s: [rep.sites[m][s].curve for m in rep.models if s in rep.sites[m]] for s in sites_order}
+    if panels:
         rep.figures["roc"] = plots.roc_figure(panels, rep.oracle)
         rep.figures["pr"] = plots.pr_figure(panels)
         rep.figures["calibration"] = plots.calibration_figure(panels)
@@ -642,7 +637,12 @@ def render_html(rep: Report) -> str:
     if rep.table1 is not None or rep.flows:
         parts.append("<h2>Cohort</h2>")
     if rep.table1 is not None:
-        parts.append(_table_html(rep.table1, "Table 1 Characteristics of the datasets"))
+        # as in the paper: at most three datasets side by side, further ones in a block below
+        ds = list(dict.fromkeys(c[0] for c in rep.table1.columns))
+        for i in range(0, len(ds), 3):
+            block = rep.table1.loc[:, [c for c in rep.table1.columns if c[0] in ds[i:i + 3]]]
+            cap = "Table 1 Characteristics of the datasets" + (" (continued)" if i else "")
+            parts.append(_table_html(block, cap))
     parts.append(_img(rep, "flow", "Figure 1 Construction of the datasets (remaining after each step; exclusions "
                       "with reasons to the right)", "Figure 1 cohort flow"))
     parts.append("<h2>Performance per dataset</h2>")
@@ -730,7 +730,7 @@ def summary_text(rep: Report) -> str:
         for site, a in sites.items():
             e = a.main.estimates
 
-            def f(k: str) -> str:
+            def f(k: str, e: dict = e) -> str:
                 return "  NA" if not e[k].defined else f"{e[k].value:.2f}"
 
             line = (f"{model[:14]:<14} {site[:16]:<16} {a.main.n:>6} {e['auc'].fmt():<19} {f('sensitivity'):>5} "

@@ -1,0 +1,55 @@
+"""Synthetic CXR-DXA cohort with a known truth (see docs/readme/phantom.md).
+
+Each patient has a latent bone density; the radiograph's bones carry it
+(attenuation, cortical thickness, trabecular texture) and the DXA T-scores
+are the latent plus skeletal-site offsets plus measurement noise, so the best
+achievable AUC (the oracle) is known.
+"""
+
+from __future__ import annotations
+
+from bonescreen.phantom.anatomy import (
+    Acquisition,
+    Anatomy,
+    anatomy_from_patient,
+    render_attenuation,
+)
+from bonescreen.phantom.generate import (
+    DXA_SITES,
+    IMAGE_COLUMNS,
+    MESSY_DEFECTS,
+    TRUTH_COLUMNS,
+    PatientRecord,
+    PhantomError,
+    PhantomResult,
+    PoolSpec,
+    RenderedImage,
+    SiteSpec,
+    default_pool,
+    default_sites,
+    generate_phantom,
+    render_patient_image,
+)
+from bonescreen.phantom.vendors import VendorProfile
+
+__all__ = [
+    "DXA_SITES",
+    "IMAGE_COLUMNS",
+    "MESSY_DEFECTS",
+    "TRUTH_COLUMNS",
+    "Acquisition",
+    "Anatomy",
+    "PatientRecord",
+    "PhantomError",
+    "PhantomResult",
+    "PoolSpec",
+    "RenderedImage",
+    "SiteSpec",
+    "VendorProfile",
+    "anatomy_from_patient",
+    "default_pool",
+    "default_sites",
+    "generate_phantom",
+    "render_attenuation",
+    "render_patient_image",
+]

@@ -18,6 +18,7 @@ dozen vectorised numpy passes.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -27,15 +28,18 @@ import numpy as np
 # Effective linear attenuation coefficients (1/mm) at a chest beam's mean
 # energy (~60 keV). Bone values are the excess over the soft tissue they replace.
 MU_SOFT = 0.020
-MU_CORTICAL = 0.040  # cortical bone minus soft tissue
-MU_TRABECULAR = 0.040  # mineralised trabeculae minus marrow, per mm of bone
+MU_CORTICAL = 0.080  # cortical bone minus soft tissue
+MU_TRABECULAR = 0.120  # mineralised trabeculae minus marrow, per mm of bone
 MU_METAL = 0.35
 MU_WIRE = 0.30
 
 # How strongly one SD of bone density (the latent, T-score units) moves each
 # bone property. A T-score of -2.5 is ~30 % less mineral than a young adult.
-DENSITY_PER_SD = 0.12
+DENSITY_PER_SD = 0.18
 TRAB_BVTV_REF = 0.24  # trabecular bone volume fraction at latent 0
+BVTV_EXP = 2.0  # trabeculae are lost first ...
+CORTEX_EXP = 1.3  # ... then cortices thin (endosteal resorption) ...
+MINERAL_EXP = 0.5  # ... and what is left is less mineralised
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,11 @@ class Anatomy:
     def rho(self) -> float:
         """Bone mineral relative to a young adult (1.0 at latent 0)."""
         return max(0.35, 1.0 + DENSITY_PER_SD * self.density)
+
+    @property
+    def cortex(self) -> float:
+        """Cortical thickness relative to a young adult."""
+        return self.rho**CORTEX_EXP
 
 
 @dataclass(frozen=True)
@@ -161,7 +170,7 @@ def _texture(kind: str, size: int, spacing: float, offset: tuple[int, int]) -> n
 # --- helpers ----------------------------------------------------------------
 
 
-def _vessels(cv: "_Canvas", hx: float, hy: float, *, lateral: bool = False) -> np.ndarray:
+def _vessels(cv: _Canvas, hx: float, hy: float, *, lateral: bool = False) -> np.ndarray:
     """Fraction of lung air displaced by vessels radiating from the hila (0..~0.2)."""
     X, Y = cv.x[None, :], cv.y[:, None]
     cx = np.where(X < 0, -hx, hx) if not lateral else np.float32(hx)
@@ -178,7 +187,6 @@ def _vessels(cv: "_Canvas", hx: float, hy: float, *, lateral: bool = False) -> n
     streak = np.clip(bank[ri, ci], 0.0, None)
     amp = 0.10 * np.exp(-r / 120.0) * (1.0 - np.exp(-r / 25.0))
     return streak * amp.astype(np.float32)
-
 
 
 def _ramp(v: np.ndarray, width: float) -> np.ndarray:
@@ -237,7 +245,7 @@ def _tube(
         return
     rows, cols, X, Y = b
     d2 = np.full((Y.shape[0], X.shape[1]), np.inf, dtype=np.float32)
-    for (ax, ay), (bx, by) in zip(pts[:-1], pts[1:]):
+    for (ax, ay), (bx, by) in itertools.pairwise(pts):
         vx, vy = bx - ax, by - ay
         L2 = vx * vx + vy * vy + 1e-9
         t = np.clip(((X - ax) * vx + (Y - ay) * vy) / L2, 0.0, 1.0)
@@ -350,9 +358,7 @@ def _render_frontal(cv: _Canvas, an: Anatomy, acq: Acquisition, tex_trab: np.nda
     hy = (Y - heart_cy) / (0.8 * heart_a)
     heart = 2.0 * 1.1 * heart_a * _chord(hx**2 + hy**2)
     knob = 2.0 * 22.0 * _chord(((X - 0.18 * w) / 22.0) ** 2 + ((Y - 55.0) / 22.0) ** 2)
-    hila = sum(
-        2.0 * 25.0 * _chord(((X - sx * 0.3 * w) / 22.0) ** 2 + ((Y - 110.0) / 35.0) ** 2) for sx in (-1.0, 1.0)
-    )
+    hila = sum(2.0 * 25.0 * _chord(((X - sx * 0.3 * w) / 22.0) ** 2 + ((Y - 110.0) / 35.0) ** 2) for sx in (-1.0, 1.0))
     air = np.clip(air - heart - knob - 0.6 * hila, 0.0, None)
     # trachea: air column down the upper mediastinum
     trachea = 2.0 * 8.5 * _chord(((X + 3.0) / 8.5) ** 2) * _ramp(70.0 - Y, 10.0)
@@ -360,7 +366,7 @@ def _render_frontal(cv: _Canvas, an: Anatomy, acq: Acquisition, tex_trab: np.nda
 
     # --- skeleton ---------------------------------------------------------
     vert = _vertebrae(an, -18.0 * s)
-    rho = an.rho
+    rho = an.cortex  # scales every cortical thickness below
     cort = 0.8 * rho  # vertebral cortical shell (mm)
     # spine: vertebral bodies (elliptic cylinders) with end plates, pedicles,
     # spinous processes; slight scoliosis.
@@ -437,7 +443,9 @@ def _render_frontal(cv: _Canvas, an: Anatomy, acq: Acquisition, tex_trab: np.nda
         extA = _ramp(axb - 0.38 * w, 10.0) * _ramp(wall - 4.0 - axb, 6.0) * _ramp(diaph[:, cols] + 5.0 - Yb, 10.0)
         d2A = distA**2
         rA = 0.85 * rib_r
-        cv.bone_cort[rows, cols] += 0.6 * extA * 2 * 2.5 * s * (_chord(d2A / rA**2) - _chord(d2A / (rA - 0.8 * rib_c) ** 2))
+        cv.bone_cort[rows, cols] += (
+            0.6 * extA * 2 * 2.5 * s * (_chord(d2A / rA**2) - _chord(d2A / (rA - 0.8 * rib_c) ** 2))
+        )
         cv.bone_trab[rows, cols] += 0.6 * extA * 2 * 2.0 * s * _chord(d2A / (rA - 0.8 * rib_c) ** 2)
 
     # clavicles: S-shaped tubes from the sternal notch to the acromion
@@ -489,7 +497,7 @@ def _render_frontal(cv: _Canvas, an: Anatomy, acq: Acquisition, tex_trab: np.nda
             d2 = (Xb - hx0) ** 2 + (Yb - hy0) ** 2
             _shell_into(cv, rows, cols, d2, R, 1.8 * rho, 1.0, False)
         shaft = np.array([[hx0 + side * 4.0, hy0 + 0.7 * R], [hx0 + side * 45.0, hy0 + 170.0]])
-        _tube(cv, shaft, 12.0 * s, 3.8 * rho**1.3, marrow=True)
+        _tube(cv, shaft, 12.0 * s, 3.8 * rho, marrow=True)
 
     # pacemaker-like device in the left infraclavicular region plus its lead
     if an.device:
@@ -514,7 +522,7 @@ def _render_lateral(cv: _Canvas, an: Anatomy, acq: Acquisition, tex_trab: np.nda
     w = an.chest_half_width
     d = an.chest_half_depth
     s = an.bone_scale
-    rho = an.rho
+    rho = an.cortex  # scales every cortical thickness below
     dd = d + an.fat_mm
     # torso path across the full width; arms raised out of the field
     shoulder_y = -45.0 + 0.2 * np.clip(-Z, 0, None)
@@ -614,6 +622,16 @@ def render_attenuation(an: Anatomy, acq: Acquisition, size: int, fov_mm: float) 
     Higher is more attenuation; bone density enters only through the bone
     path lengths and their mineral content.
     """
+    return render_layers(an, acq, size, fov_mm)[0]
+
+
+def render_layers(an: Anatomy, acq: Acquisition, size: int, fov_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(A, bone_mask)``: the attenuation image and where any bone lies.
+
+    The mask is the bones' outer outline, which does not depend on density
+    (only cortical thickness and mineral do), so a detector that ignores
+    masked pixels when it auto-ranges cannot rescale the image by density.
+    """
     if size < 16:
         raise ValueError(f"size must be >= 16 pixels, got {size}")
     cv = _Canvas(size, fov_mm, acq)
@@ -623,13 +641,14 @@ def render_attenuation(an: Anatomy, acq: Acquisition, size: int, fov_mm: float) 
         _render_lateral(cv, an, acq, tex_trab, tex_lung)
     else:
         _render_frontal(cv, an, acq, tex_trab, tex_lung)
+    bone_mask = (cv.bone_cort + cv.bone_trab) > 0.05
     rho = an.rho
     # Trabecular volume fraction falls faster than cortical mineral, and the
     # network gets sparser and more heterogeneous (coarser texture) as it falls.
-    bvtv = TRAB_BVTV_REF * rho**1.6
+    bvtv = TRAB_BVTV_REF * rho**BVTV_EXP
     hetero = 0.25 + 0.5 * max(0.0, 1.0 - rho)
     frac = bvtv * np.clip(1.0 + hetero * tex_trab, 0.0, None)
-    cv.A += MU_CORTICAL * rho**0.3 * cv.bone_cort
+    cv.A += MU_CORTICAL * rho**MINERAL_EXP * cv.bone_cort
     cv.A += MU_TRABECULAR * cv.bone_trab * frac
     np.maximum(cv.A, 0.0, out=cv.A)
-    return cv.A
+    return cv.A, bone_mask

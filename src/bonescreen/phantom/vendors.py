@@ -10,6 +10,7 @@ own generator, and none of it looks at the patient's bone density.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,9 +43,10 @@ class VendorProfile:
     detail_gain: float = 1.6  # multi-scale processing: gain on detail finer than ~12 mm
     range_compression: float = 0.7  # ... and on the coarse (lung vs mediastinum) range
     fov_mm: float = 430.0  # field of view imaged onto the matrix
-    range_jitter: float = 0.05  # per-image auto-ranging jitter (fraction of range)
-    display_range: tuple[float, float] = (0.06, 0.90)  # of full scale used by tissue
-    collimation: float = 0.03  # mean collimation margin (fraction of the side)
+    range_jitter: float = 0.015  # per-image auto-ranging jitter (fraction of range)
+    display_range: tuple[float, float] = (0.05, 0.65)  # of full scale: air/lung .. abdominal soft tissue
+    range_percentiles: tuple[float, float] = (1.0, 75.0)  # auto-ranging anchors in the exposed field
+    collimation: float = 0.05  # typical collimation margin (fraction of the side), varies per image
     collimation_fill: str = "white"  # "white" (unexposed) or "black" (masked)
     marker: str | None = "R"  # burned-in letter ("R", "L", "both") or None
     marker_prob: float = 0.85
@@ -106,15 +108,14 @@ def _lowpass(img: np.ndarray, sigma_px: float) -> np.ndarray:
     small = img[f // 2 :: f, f // 2 :: f]
     small = ndimage.gaussian_filter(small, sigma_px / f, mode="nearest")
     m = small.shape[0]
-    # bilinear upsampling as two small matrix products
+    # separable linear upsampling by gathers (no BLAS: its thread start-up
+    # costs more than the work on these small arrays)
     pos = np.clip((np.arange(n) - f // 2) / f, 0, m - 1)
-    i0 = np.floor(pos).astype(int)
+    i0 = np.floor(pos).astype(np.intp)
     i1 = np.minimum(i0 + 1, m - 1)
     t = (pos - i0).astype(np.float32)
-    up = np.zeros((n, m), dtype=np.float32)
-    up[np.arange(n), i0] += 1 - t
-    up[np.arange(n), i1] += t
-    return (up @ small.astype(np.float32) @ up.T).astype(np.float32)
+    rows = small[i0] * (1 - t)[:, None] + small[i1] * t[:, None]
+    return (rows[:, i0] * (1 - t)[None, :] + rows[:, i1] * t[None, :]).astype(np.float32)
 
 
 def detect(
@@ -124,8 +125,14 @@ def detect(
     *,
     view: str = "PA",
     fov_mm: float | None = None,
+    bone_mask: np.ndarray | None = None,
 ) -> Detected:
-    """Expose the detector with ``A`` and process the result the way ``vendor`` does."""
+    """Expose the detector with ``A`` and process the result the way ``vendor`` does.
+
+    ``bone_mask`` (outline of the bones, independent of their density) is left
+    out of the auto-ranging histogram, so exposure processing never rescales
+    an image because its bones are denser or fainter.
+    """
     n = A.shape[0]
     spacing = (fov_mm or vendor.fov_mm) / n
     portable = view == "AP"
@@ -153,12 +160,26 @@ def detect(
         coarse = _lowpass(S, 12.0 / spacing)
         S = vendor.range_compression * coarse + vendor.detail_gain * (S - coarse)
 
-    # collimation: a per-image rectangle (blades), never dependent on anatomy
-    m = [max(0.0, vendor.collimation * float(np.exp(rng.normal(0.0, 0.5)))) for _ in range(4)]
+    # collimation: the technologist closes the side blades onto the body's
+    # outline (so thin and broad patients fill the field alike) with a
+    # per-image gap; top and bottom blades vary freely. Never sees the bones.
+    m = [min(0.2, vendor.collimation * float(np.exp(rng.normal(0.0, 0.6)))) for _ in range(4)]
     r0, r1 = int(round(m[0] * n)), n - int(round(m[1] * n))
-    c0, c1 = int(round(m[2] * n)), n - int(round(m[3] * n))
-    inside = S[r0:r1:4, c0:c1:4] if (r1 - r0) > 8 and (c1 - c0) > 8 else S[::4, ::4]
-    lo, hi = np.percentile(inside, [1.0, 99.0])
+    profile = A[n // 3 : 2 * n // 3].mean(axis=0)
+    body = np.flatnonzero(profile > 1.0)
+    b0, b1 = (int(body[0]), int(body[-1]) + 1) if body.size else (0, n)
+    c0 = max(0, b0 - int(round(m[2] * n)))
+    c1 = min(n, b1 + int(round(m[3] * n)))
+    step = 2 if n < 256 else 4
+    if (r1 - r0) > 8 and (c1 - c0) > 8:
+        field_s, field_m = S[r0:r1:step, c0:c1:step], None if bone_mask is None else bone_mask[r0:r1:step, c0:c1:step]
+    else:
+        field_s, field_m = S[::step, ::step], None if bone_mask is None else bone_mask[::step, ::step]
+    inside = field_s if field_m is None or field_m.all() else field_s[~field_m]
+    # auto-ranging anchors on air/lung (low) and thick soft tissue (the upper
+    # percentile) of bone-free pixels; bone uses the headroom above
+    # display_range[1].
+    lo, hi = np.percentile(inside, vendor.range_percentiles)
     rng_w = max(float(hi - lo), 1e-3)
     lo = float(lo) + float(rng.normal(0.0, vendor.range_jitter)) * rng_w
     hi = float(hi) + float(rng.normal(0.0, vendor.range_jitter)) * rng_w
@@ -169,7 +190,13 @@ def detect(
         t = (1.0 - np.exp(-k * t)) / (1.0 - math.exp(-k))
     d0, d1 = vendor.display_range
     maxv = (1 << vendor.bits_stored) - 1
-    val = (d0 + t * (d1 - d0)) + vendor.electronic_noise * rng.standard_normal(A.shape, dtype=np.float32)
+    val = d0 + t * (d1 - d0)
+    # soft knee above the soft-tissue anchor: dense bone keeps its contrast
+    # instead of clipping to white
+    head = 1.0 - d1
+    over = np.maximum(val - d1, 0.0)
+    val = np.minimum(val, d1) + head * (1.0 - np.exp(-over / head))
+    val = val + vendor.electronic_noise * rng.standard_normal(A.shape, dtype=np.float32)
     val = np.clip(val, 0.0, 1.0)
     if vendor.collimation_fill == "white":
         fill = 1.0
@@ -214,7 +241,8 @@ def detect(
 
     window = None
     if vendor.voi_window:
-        a, b = d0 * maxv, d1 * maxv  # tissue range, in the stored MONOCHROME2 sense
+        # lung .. dense bone (most of the headroom), in the stored MONOCHROME2 sense
+        a, b = d0 * maxv, (d1 + 0.85 * (1.0 - d1)) * maxv
         if vendor.photometric == "MONOCHROME1":
             a, b = maxv - b, maxv - a
         if vendor.pixel_representation:
@@ -331,9 +359,11 @@ def dicom_dataset(
         ds.PixelData = arr.tobytes()
         ds["PixelData"].VR = "OW"
     elif vendor.transfer_syntax == "rle":
-        ds.compress(RLELossless, arr, encoding_plugin="gdcm")
+        ds.compress(RLELossless, arr, encoding_plugin="gdcm", generate_instance_uid=False)
     else:
-        ds.compress(JPEG2000Lossless, arr, encoding_plugin="pylibjpeg")
+        # openjpeg logs one INFO line per tile; keep batch logs readable
+        logging.getLogger("openjpeg").setLevel(logging.WARNING)
+        ds.compress(JPEG2000Lossless, arr, encoding_plugin="pylibjpeg", generate_instance_uid=False)
     return ds
 
 

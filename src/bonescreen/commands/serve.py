@@ -1,0 +1,107 @@
+"""``bonescreen serve``: receive CXRs from PACS (C-STORE) or HTTP, screen them, show a worklist."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "serve",
+        help="run the screening service: DICOM receiver, HTTP API, worklist page and worker",
+        description=(
+            "Start a DICOM C-STORE receiver, an HTTP API with a worklist page, and a worker that "
+            "screens every received image with the model(s). Received images are queued in the "
+            "database (SQLite in DATA_DIR by default, or --db-url postgresql://...) before they are "
+            "acknowledged, so a crash never loses one; a restart finishes what was queued. "
+            "Every HTTP endpoint except /health needs the token (--token, $BONESCREEN_TOKEN, or a "
+            "random one printed at start). Settings may also come from a YAML file (--config); "
+            "flags override it."
+        ),
+    )
+    p.add_argument("--config", metavar="YAML", help="service settings (keys as in ServiceConfig)")
+    p.add_argument("--model", metavar="PT", help="stage-2, three-class or stage-1 model artifact")
+    p.add_argument("--stage1", metavar="PT", help="stage-1 osteoporosis model (cascade)")
+    p.add_argument("--backend", choices=["torch", "onnx"], help="inference engine (default torch)")
+    p.add_argument("--threads", type=int, help="inference threads")
+    p.add_argument("--data-dir", metavar="DIR", help="spool, results and SQLite database (default ./bonescreen-data)")
+    p.add_argument("--db-url", help="SQLAlchemy URL, e.g. postgresql://user@host/db (default SQLite in DATA_DIR)")
+    p.add_argument("--host", dest="http_host", help="HTTP bind address (default 127.0.0.1)")
+    p.add_argument("--port", dest="http_port", type=int, help="HTTP port (default 8080)")
+    p.add_argument("--dicom-host", help="DICOM bind address (default 0.0.0.0)")
+    p.add_argument("--dicom-port", type=int, help="DICOM port (default 11112)")
+    p.add_argument("--ae-title", help="this service's AE title (default BONESCREEN)")
+    p.add_argument("--allow-ae", dest="allowed_aes", action="append", metavar="AET",
+                   help="calling AE title allowed to send (repeatable)")
+    p.add_argument("--allow-any-ae", action="store_true", default=None, help="accept every calling AE title")
+    p.add_argument("--no-dicom", dest="dicom_enabled", action="store_false", default=None,
+                   help="no DICOM receiver (HTTP upload only)")
+    p.add_argument("--token", help="API token (default $BONESCREEN_TOKEN, else a random one printed at start)")
+    p.add_argument("--max-upload-mb", type=float, help="largest accepted object (default 64)")
+    p.add_argument("--min-size", type=int, help="smallest eligible image side in pixels (gate; default 256)")
+    p.add_argument("--no-explain", dest="explain", action="store_false", default=None,
+                   help="no Grad-CAM overlay (faster; the worklist then has no thumbnails)")
+    p.add_argument("--no-sr", dest="write_sr", action="store_false", default=None,
+                   help="no DICOM SR per result (nothing to forward)")
+    p.add_argument("--batch-size", type=int, help="images per model batch (default 8)")
+    p.add_argument("--store-patient-name", action="store_true", default=None,
+                   help="keep PatientName for the worklist (default: patient id only)")
+    p.add_argument("--keep-images", action="store_true", default=None,
+                   help="keep received DICOMs after screening (default: deleted once the result is final)")
+    p.add_argument("--forward-cstore", metavar="AET@HOST:PORT", help="send SR (+ overlay SC) to this PACS")
+    p.add_argument("--forward-stow-url", metavar="URL", help="send SR (+ overlay SC) by DICOMweb STOW-RS")
+    p.add_argument("--instance", help="name of this instance (default host name)")
+    p.add_argument("--debug-worker-delay", type=float, help=argparse.SUPPRESS)  # crash-recovery tests
+    p.add_argument("--lease-seconds", type=float, help=argparse.SUPPRESS)
+    p.set_defaults(func=handler)
+
+
+KEYS = ("model", "stage1", "backend", "threads", "data_dir", "db_url", "http_host", "http_port", "dicom_host",
+        "dicom_port", "ae_title", "allowed_aes", "allow_any_ae", "dicom_enabled", "token", "max_upload_mb",
+        "batch_size", "store_patient_name", "keep_images", "forward_cstore", "forward_stow_url", "instance",
+        "debug_worker_delay", "lease_seconds", "explain", "write_sr")
+
+
+def build_config(args: argparse.Namespace) -> Any:
+    from bonescreen.service.config import ServiceConfig
+
+    overrides = {k: getattr(args, k) for k in KEYS if getattr(args, k, None) is not None}
+    if args.config:
+        cfg = ServiceConfig.from_yaml(args.config, **overrides)
+    else:
+        cfg = ServiceConfig.from_dict(overrides)
+    if args.min_size is not None:
+        cfg.gate = {**cfg.gate, "min_size": args.min_size}
+    return cfg.validate()
+
+
+def handler(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from bonescreen.service.api import create_app
+    from bonescreen.service.runtime import Service
+
+    cfg = build_config(args)
+    token, generated = cfg.resolve_token()
+    # pynetdicom logs association details (AE titles, UIDs) at INFO; keep only its warnings
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    service = Service(cfg, token=token)
+    service.start()  # outside uvicorn's lifespan so a bad model or port is a clear CLI error
+    try:
+        app = create_app(service, manage=False, stop_on_shutdown=True)
+        if generated:
+            # printed, not logged: the token is a secret and logs are often shipped elsewhere
+            print(f"bonescreen serve: API token (generated for this run): {token}", file=sys.stderr, flush=True)
+        dicom = f"; DICOM receiver {cfg.ae_title} on port {service.scp.port}" if service.scp else ""
+        print(f"bonescreen serve: worklist at http://{cfg.http_host}:{cfg.http_port}/worklist{dicom}",
+              file=sys.stderr, flush=True)
+        server = uvicorn.Server(uvicorn.Config(app, host=cfg.http_host, port=int(cfg.http_port),
+                                               access_log=False, log_level="warning", lifespan="on"))
+        # uvicorn stops the service in the app's lifespan on SIGINT/SIGTERM, then re-raises the signal
+        server.run()
+        return 0 if server.started else 1
+    finally:
+        service.stop()  # idempotent; covers a server that never started

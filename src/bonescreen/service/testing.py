@@ -1,0 +1,337 @@
+"""Test support for the service: tiny synthetic CXR DICOMs, a tiny model, a throwaway PostgreSQL.
+
+Lives in the package (not in tests/) so the service tests, CI scripts and a
+developer's shell share one implementation.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pydicom.dataset import Dataset
+
+__all__ = [
+    "PostgresCluster",
+    "find_pg_bin",
+    "free_port",
+    "make_cxr_bytes",
+    "make_cxr_dataset",
+    "make_tiny_artifact",
+    "postgres_cluster",
+]
+
+CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_cxr_dataset(
+    *,
+    seed: int = 0,
+    size: int = 64,
+    patient_id: str = "TEST0001",
+    patient_name: str = "TEST^PATIENT",
+    age: str = "065Y",
+    sex: str = "F",
+    view: str = "PA",
+    modality: str = "CR",
+    study_date: str = "20240115",
+    study_uid: str | None = None,
+    sop_uid: str | None = None,
+) -> Dataset:
+    """A small 12-bit CR (or DX) 'chest radiograph' of random texture, Explicit VR Little Endian."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / max(size - 1, 1)
+    base = 1500 + 1200 * np.exp(-((xx - 0.5) ** 2) / 0.02) + 600 * np.sin(8 * np.pi * yy)
+    img = np.clip(base + rng.normal(0, 250, (size, size)), 0, 4095).astype(np.uint16)
+
+    sop = UID(sop_uid) if sop_uid else generate_uid()
+    sop_class = UID(CR_STORAGE if modality == "CR" else "1.2.840.10008.5.1.4.1.1.1.1")
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop
+    ds.StudyInstanceUID = study_uid or str(generate_uid())
+    ds.SeriesInstanceUID = str(generate_uid())
+    ds.Modality = modality
+    ds.PatientID = patient_id
+    ds.PatientName = patient_name
+    ds.PatientAge = age
+    ds.PatientSex = sex
+    ds.PatientBirthDate = ""
+    ds.StudyDate = study_date
+    ds.StudyTime = "101500"
+    ds.ViewPosition = view
+    ds.BodyPartExamined = "CHEST"
+    ds.AccessionNumber = f"A{seed:06d}"
+    ds.StudyID = "1"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.ReferringPhysicianName = ""
+    ds.PatientOrientation = ["L", "F"]
+    ds.Manufacturer = "bonescreen-test"
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = ds.Columns = size
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    ds.PixelSpacing = [0.5, 0.5]
+    if modality == "DX":
+        ds.ImageType = ["ORIGINAL", "PRIMARY"]
+        ds.PresentationIntentType = "FOR PRESENTATION"
+    ds.PixelData = img.tobytes()
+    return ds
+
+
+def make_cxr_bytes(**kwargs: object) -> bytes:
+    """The Part-10 file bytes of :func:`make_cxr_dataset`."""
+    import io
+
+    ds = make_cxr_dataset(**kwargs)  # type: ignore[arg-type]
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def make_tiny_artifact(path: str | os.PathLike[str], *, seed: int = 0, size: int = 64, min_size: int = 32,
+                       arch: str = "convnext_atto", task: str = "stage2", threshold: float = 0.5) -> Path:
+    """A random-weight model artifact small enough for CPU tests (no download)."""
+    import torch
+
+    from bonescreen.artifact import ModelSpec, save_artifact
+    from bonescreen.models import create_model
+
+    torch.manual_seed(seed)
+    spec = ModelSpec.for_task(arch, task)
+    spec.preprocess["size"] = size
+    spec.threshold = threshold
+    spec.eligibility = {**spec.eligibility, "min_size": min_size}
+    spec.model_card = {"note": "random weights, tests only"}
+    model = create_model(arch, spec.num_classes)
+    return save_artifact(Path(path), model, spec)
+
+
+# ----------------------------------------------------------------- PostgreSQL
+
+
+def find_pg_bin() -> Path | None:
+    """The folder with initdb/pg_ctl: on PATH, else Debian's /usr/lib/postgresql/<version>/bin."""
+    for name in ("initdb", "pg_ctl"):
+        found = shutil.which(name)
+        if found:
+            return Path(found).resolve().parent
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+                      key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0)
+    return versions[-1].parent if versions else None
+
+
+@dataclass
+class PostgresCluster:
+    data_dir: Path
+    port: int
+    bin_dir: Path
+    run_as: str | None
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _cmd(self, args: list[str]) -> list[str]:
+        if self.run_as:
+            return ["runuser", "-u", self.run_as, "--", *args]
+        return args
+
+    def start(self) -> None:
+        subprocess.run(self._cmd([str(self.bin_dir / "initdb"), "-D", str(self.data_dir / "db"), "-U", "postgres",
+                                  "--auth=trust", "-E", "UTF8", "--no-sync"]),
+                       check=True, capture_output=True, timeout=120)
+        opts = (f"-p {self.port} -k {self.data_dir} -c listen_addresses=127.0.0.1 -c fsync=off "
+                "-c synchronous_commit=off -c full_page_writes=off -c max_connections=60")
+        subprocess.run(self._cmd([str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir / "db"), "-o", opts,
+                                  "-l", str(self.data_dir / "postgres.log"), "-w", "-t", "60", "start"]),
+                       check=True, capture_output=True, timeout=90)
+
+    def stop(self) -> None:
+        subprocess.run(self._cmd([str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir / "db"), "-m", "immediate",
+                                  "-w", "stop"]), capture_output=True, timeout=60)
+
+
+@contextmanager
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """A throwaway PostgreSQL server in a temp folder (trust auth on 127.0.0.1, no fsync).
+
+    As root the server runs as the ``postgres`` user (PostgreSQL refuses root).
+    Raises FileNotFoundError when the server binaries are not installed.
+    """
+    bin_dir = find_pg_bin()
+    if bin_dir is None:
+        raise FileNotFoundError("PostgreSQL server binaries (initdb, pg_ctl) not found; apt-get install postgresql")
+    run_as = None
+    if os.geteuid() == 0:
+        run_as = "postgres"
+        try:
+            import pwd
+
+            pw = pwd.getpwnam(run_as)
+        except KeyError as exc:
+            raise FileNotFoundError("running as root but there is no 'postgres' user to run the server") from exc
+    tmp = Path(tempfile.mkdtemp(prefix="bonescreen-pg-"))
+    if run_as:
+        os.chown(tmp, pw.pw_uid, pw.pw_gid)
+    cluster = PostgresCluster(tmp, free_port(), bin_dir, run_as)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+        time.sleep(0.1)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -------------------------------------------------------------------- Orthanc
+
+
+@dataclass
+class OrthancServer:
+    http_port: int
+    dicom_port: int
+    aet: str
+    folder: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def get_json(self, path: str) -> object:
+        import json
+        import urllib.request
+
+        with urllib.request.urlopen(self.url + path, timeout=30) as resp:
+            return json.loads(resp.read())
+
+    def post(self, path: str, data: bytes, content_type: str = "application/octet-stream") -> object:
+        import json
+        import urllib.request
+
+        req = urllib.request.Request(self.url + path, data=data, method="POST")
+        req.add_header("Content-Type", content_type)
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            body = resp.read()
+        return json.loads(body) if body else None
+
+
+def find_orthanc() -> str | None:
+    return shutil.which("Orthanc")
+
+
+@contextmanager
+def orthanc_server(modalities: dict[str, tuple[str, str, int]] | None = None, aet: str = "ORTHANC"
+                   ) -> Iterator[OrthancServer]:
+    """A throwaway Orthanc PACS (Debian package ``orthanc``, plus ``orthanc-dicomweb`` for STOW-RS)."""
+    import json
+    import urllib.request
+
+    exe = find_orthanc()
+    if exe is None:
+        raise FileNotFoundError("Orthanc not installed (apt-get install orthanc orthanc-dicomweb)")
+    folder = Path(tempfile.mkdtemp(prefix="bonescreen-orthanc-"))
+    http_port, dicom_port = free_port(), free_port()
+    plugins = [str(p) for p in Path("/usr/share/orthanc/plugins").glob("libOrthancDicomWeb.so*")]
+    cfg = {
+        "Name": "bonescreen-test", "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
+        "HttpPort": http_port, "DicomPort": dicom_port, "DicomAet": aet, "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False, "Plugins": plugins, "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        "DicomModalities": {k: list(v) for k, v in (modalities or {}).items()}, "StableAge": 1,
+        "DicomAlwaysAllowStore": True, "DicomCheckCalledAet": False,
+    }
+    (folder / "orthanc.json").write_text(json.dumps(cfg))
+    log = open(folder / "orthanc.log", "wb")
+    proc = subprocess.Popen([exe, str(folder / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
+    server = OrthancServer(http_port, dicom_port, aet, folder)
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(server.url + "/system", timeout=2):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"Orthanc did not start; see {folder / 'orthanc.log'}") from None
+                time.sleep(0.1)
+        yield server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def send_folder(folder: str | os.PathLike[str], host: str = "127.0.0.1", port: int = 11112, *,
+                calling_ae: str = "STORESCU", called_ae: str = "BONESCREEN") -> dict[str, int]:
+    """C-STORE every DICOM file under ``folder`` (a try-out sender; proposes one context per
+    SOP class and transfer syntax, so mixed compressed/uncompressed folders go through).
+
+    Returns counts by outcome: ``success``, ``failed`` (a failure status), ``skipped`` (not DICOM).
+    """
+    import pydicom
+    from pynetdicom import AE
+
+    files: list[tuple[Path, str, str]] = []
+    skipped = 0
+    for p in sorted(Path(folder).rglob("*")):
+        if not p.is_file():
+            continue
+        try:
+            meta = pydicom.dcmread(p, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+            files.append((p, str(meta.SOPClassUID), str(meta.file_meta.TransferSyntaxUID)))
+        except Exception:
+            skipped += 1
+    out = {"success": 0, "failed": 0, "skipped": skipped}
+    pairs = sorted({(c, t) for _, c, t in files})
+    for start in range(0, len(pairs), 120):  # at most 128 presentation contexts per association
+        chunk = set(pairs[start:start + 120])
+        ae = AE(ae_title=calling_ae)
+        for c, t in chunk:
+            ae.add_requested_context(c, [t])
+        assoc = ae.associate(host, port, ae_title=called_ae)
+        if not assoc.is_established:
+            raise ConnectionError(f"association with {called_ae}@{host}:{port} refused or failed")
+        try:
+            for p, c, t in files:
+                if (c, t) in chunk:
+                    st = assoc.send_c_store(p)
+                    out["success" if getattr(st, "Status", None) == 0 else "failed"] += 1
+        finally:
+            assoc.release()
+    return out
