@@ -33,8 +33,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -321,7 +322,7 @@ def section_accuracy(args: argparse.Namespace, res: dict[str, Any]) -> None:
         }
     aucs = {k: float(roc_auc_score(y, v)) for k, v in scores.items()}
     ref = aucs["eager_fp32"]
-    res["accuracy"] = {"n": int(len(y)), "prevalence": float(y.mean()), "auc": aucs,
+    res["accuracy"] = {"n": len(y), "prevalence": float(y.mean()), "auc": aucs,
                        "delta_vs_fp32": {k: v - ref for k, v in aucs.items()},
                        "max_abs_score_diff": {k: float(np.abs(v - scores["eager_fp32"]).max()) for k, v in scores.items()}}
     for k, v in aucs.items():

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-
 from _train_helpers import make_cohort
 
 
@@ -25,7 +24,7 @@ def test_two_process_gloo_training_ranks_agree(tmp_path: Path) -> None:
         "--batch-size", "16", "--device", "cpu", "--no-progress",
         "--set", "tensorboard=false", "--set", "lr=0.003", "--set", "augment=strong",
     ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     check = json.loads((out / "ddp_check.json").read_text())

@@ -8,9 +8,16 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-
 from _screen_helpers import make_artifact, radiograph
-from bonescreen.dicom_out import CATEGORY_CODES, ScreeningResult, build_sc, build_sr, read_source
+
+from bonescreen.dicom_out import (
+    CATEGORY_CODES,
+    DicomOutputError,
+    ScreeningResult,
+    build_sc,
+    build_sr,
+    read_source,
+)
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR Storage
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image Storage
@@ -124,7 +131,7 @@ def test_secondary_capture_valid(strict, source: Path) -> None:  # type: ignore[
     assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
     assert sc.ImageType[:2] == ["DERIVED", "SECONDARY"] and sc.ConversionType
     assert len(sc.PatientOrientation) == 2
-    with pytest.raises(Exception):
+    with pytest.raises(DicomOutputError):
         build_sc(read_source(source), rgb[..., 0])
 
 

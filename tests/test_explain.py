@@ -7,9 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from _screen_helpers import make_artifact, radiograph
-from bonescreen.explain import ExplainError, Explainer, find_target_layer, overlay, save_png
+
+from bonescreen.explain import (
+    Explainer,
+    ExplainError,
+    find_target_layer,
+    overlay,
+    save_png,
+)
 
 
 @pytest.mark.parametrize(

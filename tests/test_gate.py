@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from _screen_helpers import radiograph
+
 from bonescreen.gate import GATE_REASONS, GatePolicy, check_header, check_pixels
 
 
@@ -81,10 +81,10 @@ def test_pixel_reasons() -> None:
 
 
 def _prepare(path: Path, **policy: object):  # type: ignore[no-untyped-def]
-    from bonescreen.screen import InputItem, _PrepContext, prepare
+    from bonescreen.screen import InputItem, PrepContext, prepare
 
     pol = GatePolicy.from_eligibility({"min_age": 50, "max_age": 120}, **policy)
-    return prepare(InputItem(str(path)), _PrepContext(pol, (64,), None, False, ""))
+    return prepare(InputItem(str(path)), PrepContext(pol, (64,), None, False, ""))
 
 
 def test_io_reasons_reach_the_row(tmp_path: Path, write_dicom) -> None:  # type: ignore[no-untyped-def]
@@ -92,7 +92,7 @@ def test_io_reasons_reach_the_row(tmp_path: Path, write_dicom) -> None:  # type:
 
     (tmp_path / "notes.dcm").write_text("not an image")
     (tmp_path / "empty.dcm").write_bytes(b"")
-    multi = write_dicom(np.stack([radiograph(1), radiograph(2)]), name="multi.dcm", NumberOfFrames=2)
+    write_dicom(np.stack([radiograph(1), radiograph(2)]), name="multi.dcm", NumberOfFrames=2)
     nopix = write_dicom(radiograph(3), name="nopix.dcm")
     ds = pydicom.dcmread(nopix)
     del ds.PixelData

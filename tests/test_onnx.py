@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from _screen_helpers import make_artifact, radiograph
+
 from bonescreen.errors import ModelArtifactError
 
 

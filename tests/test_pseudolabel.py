@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from _train_helpers import blob_image, trained_teacher
+
 from bonescreen.pseudolabel import pseudolabel, select_proxy_labels
 
 
@@ -48,7 +48,8 @@ def test_pool_folder_end_to_end(tmp_path_factory) -> None:  # type: ignore[no-un
     (pool / "sub" / "broken.png").write_bytes(b"nope")
     (pool / "notes.txt").write_text("not an image")
     out = pool.parent / "proxy" / "proxy.csv"
-    res = pseudolabel(t["result"].artifact_path, pool, out, thresholds=(0.9, 0.75), cache_root=t["cache"], progress=False)
+    # Thresholds below the paper's: a teacher trained for 3 epochs on 48 images is not that sure.
+    res = pseudolabel(t["result"].artifact_path, pool, out, thresholds=(0.6, 0.65), cache_root=t["cache"], progress=False)
 
     c = res.counts
     assert c["n_pool"] == 13 and c["n_scored"] == 12 and c["n_unreadable"] == 1
@@ -57,8 +58,8 @@ def test_pool_folder_end_to_end(tmp_path_factory) -> None:  # type: ignore[no-un
     scores = pd.read_csv(res.scores_csv)
     kept = pd.read_csv(out)
     # Counts and files agree with the rule applied to the written probabilities.
-    rule_low = scores["prob_low_bone_mass"] >= 0.75
-    rule_norm = scores["prob_normal"] >= 0.9
+    rule_low = scores["prob_low_bone_mass"] >= 0.65
+    rule_norm = scores["prob_normal"] >= 0.6
     assert len(kept) == int((rule_low | rule_norm).sum()) == c["n_kept"]
     assert c["classes"]["low_bone_mass"]["kept"] == int(rule_low.sum())
     assert set(kept["label"]) <= {0, 1} and (kept["split"] == "train").all() and (kept["proxy"] == 1).all()

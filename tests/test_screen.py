@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from _screen_helpers import FakeModel, make_artifact, radiograph
+
 from bonescreen.errors import ModelArtifactError
 from bonescreen.screen import (
     RESULT_COLUMNS,
@@ -19,7 +19,6 @@ from bonescreen.screen import (
     predict_batch,
     screen,
 )
-
 
 # --- cascade logic ----------------------------------------------------------
 
@@ -231,7 +230,7 @@ def test_predictions_table_joins_labels_and_reads_in_evaluate(tmp_path: Path, ar
     labels.write_text("\n".join(lines) + "\n")
     screen([tmp_path / "in"], artifacts["stage2"], tmp_path / "out",
            options=ScreenOptions(progress=False, labels=str(labels)))
-    preds, warnings = read_predictions([tmp_path / "out" / "predictions.csv"])
+    preds, _warnings = read_predictions([tmp_path / "out" / "predictions.csv"])
     assert len(preds) == 6 and sorted(preds["label"].tolist()) == [0, 0, 0, 1, 1, 1]
     assert set(preds["site"]) == {"siteA"} and preds["score"].between(0, 1).all()
     res = {r["image_id"]: float(r["score"]) for r in _rows(tmp_path / "out")}

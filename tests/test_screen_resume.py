@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from _screen_helpers import make_artifact, radiograph
+
 from bonescreen.screen import ResultStore, ScreenError, ScreenOptions, screen
 
 N_IMAGES = 24

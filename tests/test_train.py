@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from _train_helpers import make_cohort, tiny_config, trained_teacher
+
 from bonescreen.artifact import load_artifact
 from bonescreen.errors import TableError
 from bonescreen.schema import PREDICTION_OPTIONAL, PREDICTION_REQUIRED
@@ -73,7 +73,7 @@ def test_resume_continues_from_the_saved_step(tmp_path: Path) -> None:
     """Stop mid-epoch after 4 steps, resume, and end with the uninterrupted run's weights."""
     manifest = make_cohort(tmp_path / "data", {"train": 48, "tune": 8, "test": 0}, size=32)
     cache = tmp_path / "cache"
-    cfg = dict(image_size=32, epochs=2, tensorboard=False, augment="strong", drop_path_rate=0.1)
+    cfg = {"image_size": 32, "epochs": 2, "tensorboard": False, "augment": "strong", "drop_path_rate": 0.1}
     straight = train_model(manifest, tmp_path / "a", tiny_config(**cfg), cache_root=cache)
     assert straight.global_step == 6
 

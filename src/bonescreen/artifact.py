@@ -28,6 +28,9 @@ TASK_CLASSES: dict[str, list[str]] = {
     "stage2": ["normal", "low_bone_mass"],
     "stage1": ["not_osteoporosis", "osteoporosis"],
     "three_class": ["normal", "low_bone_mass", "osteoporosis"],
+    # regression of BMD Z-score and raw BMD from the CXR + clinical variables;
+    # the classes name the decision taken from the predicted Z (<= -2.0)
+    "pediatric": ["normal", "low_bmd"],
 }
 ADULT_ELIGIBILITY = {
     "modalities": ["CR", "DX"],
@@ -58,6 +61,9 @@ class ModelSpec:
     threshold: float = 0.5
     eligibility: dict[str, Any] = field(default_factory=lambda: dict(ADULT_ELIGIBILITY))
     model_card: dict[str, Any] = field(default_factory=dict)
+    # task-specific facts the model cannot run without (pediatric: clinical
+    # feature order and standardisation, residual SD of the predicted Z)
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def for_task(cls, arch: str, task: str, **kwargs: Any) -> "ModelSpec":
@@ -114,6 +120,32 @@ class LoadedModel:
         return (x - float(self.spec.preprocess["mean"])) / float(self.spec.preprocess["std"])
 
     @torch.inference_mode()
+    def predict_pediatric(
+        self, images: np.ndarray, clinical: np.ndarray, device: str | torch.device = "cpu"
+    ) -> dict[str, np.ndarray]:
+        """Pediatric models: predicted Z, BMD and P(low BMD) from images and raw clinical rows.
+
+        ``clinical`` is ``(N, 4)``: age (years), sex (F=1, M=0), height (cm),
+        weight (kg); see :func:`bonescreen.pediatric.predict_pediatric` for a
+        DataFrame front end that tolerates missing values.
+        """
+        if self.spec.task != "pediatric":
+            raise ModelArtifactError(f"predict_pediatric needs a pediatric model, this one is {self.spec.task!r}")
+        from bonescreen.pediatric.model import low_bmd_probability, predict_arrays
+
+        z, bmd = predict_arrays(
+            self.model,  # type: ignore[arg-type]
+            np.asarray(images),
+            np.asarray(clinical, dtype=float),
+            self.spec.extra,
+            mean=float(self.spec.preprocess["mean"]),
+            std=float(self.spec.preprocess["std"]),
+            device=device,
+        )
+        prob = low_bmd_probability(z, float(self.spec.extra.get("residual_sd_z", 1.0)))
+        return {"z": z, "bmd": bmd, "prob_low_bmd": prob}
+
+    @torch.inference_mode()
     def predict_proba(self, images: np.ndarray, device: str | torch.device = "cpu") -> np.ndarray:
         x = self.to_tensor(images).to(device)
         logits = self.model.to(device)(x).float()
@@ -152,7 +184,12 @@ def load_artifact(
         raise ModelArtifactError(
             f"{path} is a {spec.task!r} model but a {expected_task!r} model was expected"
         )
-    model = create_model(spec.arch, spec.num_classes, in_chans=spec.in_chans)
+    if spec.task == "pediatric":
+        from bonescreen.pediatric.model import build_from_spec
+
+        model = build_from_spec(spec)
+    else:
+        model = create_model(spec.arch, spec.num_classes, in_chans=spec.in_chans)
     try:
         model.load_state_dict(payload["state_dict"])
     except (KeyError, RuntimeError) as exc:

@@ -31,6 +31,7 @@ COMMANDS = [
     "explain",
     "export",
     "serve",
+    "pediatric",
 ]
 
 

@@ -183,9 +183,12 @@ def read_dxa(
                 "map your export's names with --columns THEIR=OURS,..."
             )
     t_cols = [c for c in T_SCORE_COLUMNS if c in raw.columns]
-    if not t_cols and "category" not in raw.columns:
+    # Pediatric exports carry Z-scores only (T-scores are meaningless in children).
+    z_only = [c for c in Z_SCORE_COLUMNS if c in raw.columns] if not t_cols and "category" not in raw.columns else []
+    if not t_cols and "category" not in raw.columns and not z_only:
         raise TableError(
-            f"DXA export has neither T-score columns {T_SCORE_COLUMNS} nor a 'category' column"
+            f"DXA export has neither T-score columns {T_SCORE_COLUMNS}, a 'category' column "
+            f"nor Z-score columns {Z_SCORE_COLUMNS}"
         )
 
     n_rows = len(raw)
@@ -248,15 +251,19 @@ def read_dxa(
         except ValueError as exc:
             reject(row, "unknown_category", str(exc))
             continue
-        if all(math.isnan(rec.get(c, math.nan)) for c in t_cols) and rec["category"] is None:
-            reject(row, "no_label", "no T-score and no category")
-            continue
         for col in NUMERIC_OPTIONAL:
             if col in raw.columns:
                 try:
                     rec[col] = _to_float(row[col])
                 except ValueError:
                     rec[col] = math.nan
+        if all(math.isnan(rec.get(c, math.nan)) for c in t_cols) and rec["category"] is None:
+            if not z_only:
+                reject(row, "no_label", "no T-score and no category")
+                continue
+            if all(math.isnan(rec.get(c, math.nan)) for c in z_only):
+                reject(row, "no_label", "no Z-score")
+                continue
         if "device" in raw.columns:
             rec["device"] = str(row["device"])
         rec["_key"] = tuple(str(row[c]).strip() for c in raw.columns if c != "_row")

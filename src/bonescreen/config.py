@@ -9,7 +9,7 @@ default.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ class TrainConfig:
     drop_rate: float = 0.0
     drop_path_rate: float | None = None
     image_size: int = 512
+    zero_init_head: bool = True  # classifier starts at zero (stable fine-tuning)
     # --- optimisation
     batch_size: int = 64
     epochs: int = 100
@@ -82,7 +83,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         choices = {
             "balance": ("none", "loss", "sampler"),
             "augment": ("none", "weak", "strong"),

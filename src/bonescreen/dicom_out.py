@@ -19,6 +19,7 @@ evaluation "Finding" (DCM 121071) valued with SNOMED CT 17621005 Normal,
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -43,6 +44,10 @@ __all__ = [
     "write_sc",
     "write_sr",
 ]
+
+# highdicom logs every module it copies at INFO; one line per image is noise in a screening run.
+if logging.getLogger("highdicom").level == logging.NOTSET:
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
 
 MANUFACTURER = "bonescreen"
 PRIVATE_SCHEME = "99BONESCR"
@@ -90,7 +95,7 @@ class ScreeningResult:
 
     @classmethod
     def from_row(cls, row: dict[str, Any], models: Any, *, threshold: float, threshold_stage1: float
-                 ) -> "ScreeningResult":
+                 ) -> ScreeningResult:
         scores = {k: float(row[k]) for k in SCORE_CONCEPTS if row.get(k) is not None}
         thresholds: dict[str, float] = {}
         if models.mode in ("stage2", "cascade"):
@@ -105,7 +110,7 @@ class ScreeningResult:
         )
 
 
-def read_source(path: str | os.PathLike[str]) -> "Dataset":
+def read_source(path: str | os.PathLike[str]) -> Dataset:
     """The source header (no pixels) with the attributes SR/SC need checked."""
     import pydicom
 
@@ -137,7 +142,7 @@ def _uid(*parts: str) -> str:
     return str(generate_uid(entropy_srcs=[MANUFACTURER, *parts]))
 
 
-def build_sr(source: "Dataset", result: ScreeningResult) -> Any:
+def build_sr(source: Dataset, result: ScreeningResult) -> Any:
     """A TID 1500 Measurement Report in a Comprehensive 3D SR referencing ``source``."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
@@ -203,7 +208,7 @@ def build_sr(source: "Dataset", result: ScreeningResult) -> Any:
     return sr
 
 
-def build_sc(source: "Dataset", rgb: np.ndarray, *, model_id: str = "") -> Any:
+def build_sc(source: Dataset, rgb: np.ndarray, *, model_id: str = "") -> Any:
     """Secondary capture (RGB) of a Grad-CAM overlay, in the source's patient and study."""
     import highdicom as hd
     from pydicom.dataset import Dataset

@@ -34,15 +34,15 @@ from bonescreen import __version__
 from bonescreen.artifact import load_artifact
 from bonescreen.config import TrainConfig, load_config
 from bonescreen.data import TASK_LABEL_COLUMN, ImageSource, ManifestDataset, read_manifest, task_labels
-from bonescreen.distributed import DistEnv, init_distributed, cleanup
+from bonescreen.distributed import DistEnv, cleanup, init_distributed
 from bonescreen.errors import TableError
 from bonescreen.train import (
     LossFn,
     TrainJob,
     TrainResult,
     _write_skipped,
-    check_trainable,
     build_model,
+    check_trainable,
     data_summary,
     fit,
     infer_logits_distributed,

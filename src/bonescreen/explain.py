@@ -32,7 +32,7 @@ class ExplainError(BonescreenError):
     reason = "explain_failed"
 
 
-def find_target_layer(model: "nn.Module", in_chans: int = 1, size: int = 96) -> "nn.Module":
+def find_target_layer(model: nn.Module, in_chans: int = 1, size: int = 96) -> nn.Module:
     """The module whose output is the backbone's final spatial feature map.
 
     Runs ``forward_features`` once on a small dummy input with forward hooks
@@ -79,7 +79,7 @@ def find_target_layer(model: "nn.Module", in_chans: int = 1, size: int = 96) -> 
 class Explainer:
     """Grad-CAM maps for a loaded model; the target layer is found once and kept."""
 
-    def __init__(self, loaded: "LoadedModel", target_layer: "nn.Module | None" = None) -> None:
+    def __init__(self, loaded: LoadedModel, target_layer: nn.Module | None = None) -> None:
         if getattr(loaded, "model", None) is None:
             raise ExplainError("Grad-CAM needs the PyTorch model (.pt artifact), not an ONNX file")
         self.loaded = loaded
@@ -170,7 +170,13 @@ def explain_paths(
 
     from bonescreen.artifact import load_artifact
     from bonescreen.gate import GatePolicy
-    from bonescreen.screen import _PrepContext, count_inputs, iter_inputs, prepare, safe_name
+    from bonescreen.screen import (
+        PrepContext,
+        count_inputs,
+        iter_inputs,
+        prepare,
+        safe_name,
+    )
 
     loaded = load_artifact(model)
     names = list(loaded.spec.class_names)
@@ -181,7 +187,7 @@ def explain_paths(
     if not gate:  # only image sanity: explaining a lateral or a child is allowed on purpose
         overrides["check_scope"] = False
     policy = GatePolicy.from_eligibility(loaded.spec.eligibility, **overrides)
-    ctx = _PrepContext(policy, (loaded.size,), None, False, "")
+    ctx = PrepContext(policy, (loaded.size,), None, False, "")
     explainer = Explainer(loaded)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -77,11 +77,11 @@ class GateDecision:
     message: str = ""
 
     @classmethod
-    def ok(cls) -> "GateDecision":
+    def ok(cls) -> GateDecision:
         return cls(True)
 
     @classmethod
-    def refuse(cls, reason: str, message: str) -> "GateDecision":
+    def refuse(cls, reason: str, message: str) -> GateDecision:
         return cls(False, reason, message)
 
 
@@ -99,7 +99,7 @@ class GatePolicy:
     check_scope: bool = True  # False: only size/sanity (``explain --no-gate``)
 
     @classmethod
-    def from_eligibility(cls, eligibility: Mapping[str, Any] | None, **overrides: Any) -> "GatePolicy":
+    def from_eligibility(cls, eligibility: Mapping[str, Any] | None, **overrides: Any) -> GatePolicy:
         """Artifact ``eligibility`` (modalities, views, min_age, max_age, ...) -> policy.
 
         A missing key keeps the adult default; ``overrides`` with value None are ignored.

@@ -46,7 +46,7 @@ INPUT_NAME = "image"
 OUTPUT_NAME = "probs"
 
 
-def _scoring_module(loaded: "LoadedModel") -> "nn.Module":
+def _scoring_module(loaded: LoadedModel) -> nn.Module:
     import torch
     from torch import nn
 
@@ -68,7 +68,7 @@ def _scoring_module(loaded: "LoadedModel") -> "nn.Module":
 
 
 def export_onnx(
-    loaded: "LoadedModel",
+    loaded: LoadedModel,
     path: str | os.PathLike[str],
     *,
     opset: int = 18,
@@ -153,7 +153,7 @@ class OnnxModel:
 
     backend = "onnx"
 
-    def __init__(self, session: Any, spec: "ModelSpec", path: Path, metadata: dict[str, str]) -> None:
+    def __init__(self, session: Any, spec: ModelSpec, path: Path, metadata: dict[str, str]) -> None:
         self.session = session
         self.spec = spec
         self.path = path

@@ -167,9 +167,9 @@ def pseudolabel(
             "model": Path(loaded.path).name if loaded.path else loaded.spec.arch,
             "task": loaded.spec.task,
             "thresholds": {n: float(t) for n, t in zip(names, thresholds)},
-            "n_pool": int(len(frame)),
-            "n_scored": int(len(scored)),
-            "n_unreadable": int(len(prepared.skipped)),
+            "n_pool": len(frame),
+            "n_scored": len(scored),
+            "n_unreadable": len(prepared.skipped),
             "unreadable_reasons": dict(Counter(prepared.skipped["reason"]).most_common()),
             "classes": {
                 n: {"kept": int(((cls == j) & keep).sum()), "excluded": int(((cls == j) & ~keep).sum())}

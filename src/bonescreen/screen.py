@@ -454,7 +454,9 @@ def _fill_meta(meta: Any, extra: Mapping[str, str]) -> None:
 
 
 @dataclass(frozen=True)
-class _PrepContext:
+class PrepContext:
+    """How :func:`prepare` gates and preprocesses: the policy, model input sizes, ids."""
+
     policy: GatePolicy
     sizes: tuple[int, ...]
     site: str | None
@@ -462,7 +464,7 @@ class _PrepContext:
     id_salt: str
 
 
-def prepare(item: InputItem, ctx: _PrepContext) -> Prepared:
+def prepare(item: InputItem, ctx: PrepContext) -> Prepared:
     """Gate, decode and preprocess one image; never raises for a bad file (returns a skip row)."""
     from bonescreen.io import read_image, read_meta
     from bonescreen.preprocess import preprocess_array
@@ -558,7 +560,7 @@ class ResultStore:
             with open(self.jsonl, "rb+") as fh:
                 data_end = fh.seek(0, os.SEEK_END)
                 # Scan back to the last newline: anything after it is a torn write.
-                pos, tail = data_end, b""
+                pos = data_end
                 while pos > 0:
                     step = min(65536, pos)
                     fh.seek(pos - step)
@@ -832,7 +834,7 @@ def screen(
     if n_resumed:
         log.info("resuming: %d image(s) already have a row in %s", n_resumed, store.jsonl)
 
-    ctx = _PrepContext(policy, tuple(models.sizes), opts.site, opts.include_patient_id, opts.id_salt)
+    ctx = PrepContext(policy, tuple(models.sizes), opts.site, opts.include_patient_id, opts.id_salt)
     explainers: dict[str, Any] = {}
     if opts.explain or opts.dicom_sc:
         from bonescreen.explain import Explainer

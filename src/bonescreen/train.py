@@ -162,7 +162,18 @@ def build_model(cfg: TrainConfig, num_classes: int) -> tuple[nn.Module, str]:
         drop_rate=cfg.drop_rate,
         drop_path_rate=cfg.drop_path_rate,
     )
+    if cfg.zero_init_head:
+        zero_init_classifier(model)
     return model, desc
+
+
+def zero_init_classifier(model: nn.Module) -> None:
+    """Start from logits of 0 (loss ln C): a random head on pretrained features gives
+    large logits, a loss spike and wrecked features in the first steps of fine-tuning."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if isinstance(head, nn.Linear):
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
 
 
 # --- inference ----------------------------------------------------------------------
@@ -348,10 +359,10 @@ def classification_metrics(labels: np.ndarray, logits: np.ndarray) -> dict[str, 
 def _selection_score(metrics: dict[str, float]) -> float:
     """Higher is better: tuning AUC, or minus the loss where AUC is undefined."""
     auc = metrics.get("auc", float("nan"))
-    if auc == auc:
+    if not math.isnan(auc):
         return auc
     loss = metrics.get("loss", float("nan"))
-    return -loss if loss == loss else -math.inf
+    return -math.inf if math.isnan(loss) else -loss
 
 
 # --- small utilities ------------------------------------------------------------------
@@ -437,7 +448,7 @@ def data_summary(frame: pd.DataFrame, class_names: list[str]) -> dict[str, Any]:
     """Counts per class (and per site and class) for the model card; no identifiers."""
     y = frame["_y"].astype(int)
     out: dict[str, Any] = {
-        "n": int(len(frame)),
+        "n": len(frame),
         "per_class": {class_names[k]: int((y == k).sum()) for k in range(len(class_names))},
     }
     if "patient_id" in frame.columns:
@@ -920,7 +931,7 @@ def _write_skipped(out: Path, preps: list[PreparedImages], env: DistEnv) -> int:
     if env.is_main and len(skipped):
         out.mkdir(parents=True, exist_ok=True)
         _write_frame(skipped, out / "skipped.csv")
-    return int(len(skipped))
+    return len(skipped)
 
 
 def train_model(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -62,14 +63,14 @@ def handler(args: argparse.Namespace) -> int:
     return 0
 
 
-def _calibration_images(inputs: list[str], loaded) -> "np.ndarray":  # type: ignore[no-untyped-def,name-defined]
+def _calibration_images(inputs: list[str], loaded: Any) -> Any:
     import numpy as np
 
     from bonescreen.errors import BonescreenError
     from bonescreen.gate import GatePolicy
-    from bonescreen.screen import _PrepContext, iter_inputs, prepare
+    from bonescreen.screen import PrepContext, iter_inputs, prepare
 
-    ctx = _PrepContext(GatePolicy.from_eligibility(loaded.spec.eligibility), (loaded.size,), None, False, "")
+    ctx = PrepContext(GatePolicy.from_eligibility(loaded.spec.eligibility), (loaded.size,), None, False, "")
     imgs = []
     for item in iter_inputs(inputs):
         prep = prepare(item, ctx)

@@ -91,11 +91,15 @@ def anatomy_from_patient(
     density: float,
     device: bool,
     rng: np.random.Generator,
+    *,
+    child_age: float | None = None,
 ) -> Anatomy:
     """Body dimensions from sex, height and weight plus individual variation.
 
     Only the bone properties read ``density``; sizes come from height/weight
-    (and the tissue they add), never from the label.
+    (and the tissue they add), never from the label. ``child_age`` (pediatric
+    phantom) scales the chest depth with the frame and breast tissue with
+    puberty; it changes no random draw, so adult bodies are unaffected.
     """
     female = sex == "F"
     bmi = weight_kg / (height_cm / 100.0) ** 2
@@ -106,6 +110,9 @@ def anatomy_from_patient(
     breast = 0.0
     if female:
         breast = max(10.0, 30.0 + 4.0 * (bmi - 24.0) + float(rng.normal(0.0, 8.0)))
+    if child_age is not None:
+        half_depth *= min(1.0, frame)
+        breast *= float(np.clip((child_age - 9.0) / 6.0, 0.0, 1.0))
     return Anatomy(
         sex="F" if female else "M",
         density=float(density),

@@ -106,7 +106,7 @@ class SiteSpec:
     dxa_offset: float = 0.0  # device calibration shift (T-score units)
     dxa_noise: float = 0.12  # precision error (T-score units)
     messy: bool = False  # add realistic DXA-table defects
-    pediatric: bool = False  # reserved: ages 0-17 with Z-scores (not built yet)
+    pediatric: bool = False  # ages 0-17, growth, Z-scores (bonescreen.phantom.pediatric)
 
     def __post_init__(self) -> None:
         if not self.name or any(c in self.name for c in "/\\. "):
@@ -119,6 +119,10 @@ class SiteSpec:
             raise PhantomError(f"prevalence must be in [0.05, 0.95], got {self.prevalence}")
         if self.age_min >= self.age_max:
             raise PhantomError(f"age_min {self.age_min} must be below age_max {self.age_max}")
+        if self.pediatric and (self.age_min < 0 or self.age_max >= 18.0):
+            raise PhantomError(
+                f"pediatric site {self.name}: ages must lie in [0, 18), got {self.age_min}..{self.age_max}"
+            )
         if not self.vendors:
             raise PhantomError(f"site {self.name} needs at least one vendor profile")
         if self.vendor_weights is not None and len(self.vendor_weights) != len(self.vendors):
@@ -470,6 +474,9 @@ class PatientRecord:
     weight_kg: float
     latent: float
     device: bool = False
+    # pediatric: ``latent`` is the image density (absolute mineral, see
+    # phantom.pediatric.image_density); the body is a child's, collimated to size
+    pediatric: bool = False
 
 
 @dataclass
@@ -520,6 +527,11 @@ def render_patient_image(
         raise PhantomError(f"view must be PA, AP or LAT, got {view!r}")
     vendor = vendor or VendorProfile()
     code = _site_code(patient.site)
+    fov = vendor.fov_mm
+    if patient.pediatric:
+        from bonescreen.phantom.pediatric import field_of_view
+
+        fov = field_of_view(vendor.fov_mm, patient.height_cm)
     an = anatomy_from_patient(
         patient.sex,
         patient.height_cm,
@@ -527,11 +539,12 @@ def render_patient_image(
         patient.latent,
         patient.device,
         _rng(seed, code, patient.index, PATIENT_STREAM),
+        child_age=patient.age if patient.pediatric else None,
     )
     rng = _rng(seed, code, patient.index, k)
     acq = _acquisition(view, rng)
-    A, bone_mask = render_layers(an, acq, size, vendor.fov_mm)
-    det = detect(A, vendor, rng, view=view, fov_mm=vendor.fov_mm, bone_mask=bone_mask)
+    A, bone_mask = render_layers(an, acq, size, fov)
+    det = detect(A, vendor, rng, view=view, fov_mm=fov, bone_mask=bone_mask)
     return RenderedImage(
         stored=det.stored,
         display=det.display,
@@ -540,7 +553,7 @@ def render_patient_image(
         window=det.window,
         view=view,
         vendor=vendor,
-        spacing_mm=vendor.fov_mm / size,
+        spacing_mm=fov / size,
         kvp=det.kvp,
         exposure_mas=det.exposure_mas,
         marker=det.marker,
@@ -695,7 +708,7 @@ def _prepare_out(out: Path) -> None:
             sub = out / name
             if sub.is_dir():
                 shutil.rmtree(sub)
-        for f in ("truth.csv", "truth_images.csv", "oracle.json", "phantom.json"):
+        for f in ("truth.csv", "truth_images.csv", "truth_pediatric.csv", "oracle.json", "phantom.json"):
             (out / f).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -730,9 +743,6 @@ def generate_phantom(
     names = [s.name for s in sites]
     if len(set(names)) != len(names):
         raise PhantomError(f"duplicate site names in {names}")
-    for s in sites:
-        if s.pediatric:
-            raise PhantomError("the pediatric phantom (ages 0-17, Z-scores) is not built yet")
     if isinstance(n_per_site, dict):
         unknown = set(n_per_site) - set(names)
         if unknown:
@@ -745,6 +755,7 @@ def generate_phantom(
     summaries: dict[str, dict[str, Any]] = {}
     oracle: dict[str, dict[str, Any]] = {}
     defects: list[dict[str, str]] = []
+    ped_truth: list[dict[str, Any]] = []
 
     for spec in sites:
         n = (
@@ -754,6 +765,26 @@ def generate_phantom(
         )
         if n < 1:
             raise PhantomError(f"site {spec.name}: need at least one patient, got {n}")
+        if spec.pediatric:
+            from bonescreen.phantom import pediatric as ped
+
+            s_jobs, s_truth, p_truth, s_dxa, s_oracle, effect = ped.plan_site(spec, n, out, size, seed)
+            jobs += s_jobs
+            truth_rows += s_truth
+            ped_truth += p_truth
+            (out / spec.name / "images").mkdir(parents=True, exist_ok=True)
+            _write_csv(out / spec.name / "dxa.csv", ped.DXA_COLUMNS, s_dxa)
+            oracle[spec.name] = s_oracle
+            summaries[spec.name] = {
+                "role": spec.role,
+                "label_type": "z_score",
+                "n_patients": n,
+                "n_images": len(s_jobs),
+                "n_dxa_rows": len(s_dxa),
+                "burden_effect": effect,
+                "vendors": [v.name for v in spec.vendors],
+            }
+            continue
         built = _build_site(spec, spec.name, n, seed)
         s_jobs, s_truth, s_dxa, s_defects, s_oracle = _plan_site(spec, built, out, size, seed)
         jobs += s_jobs
@@ -783,6 +814,10 @@ def generate_phantom(
     image_rows = _run_jobs(jobs, workers, progress)
     _write_csv(out / "truth.csv", TRUTH_COLUMNS, truth_rows)
     _write_csv(out / "truth_images.csv", IMAGE_COLUMNS, image_rows)
+    if ped_truth:
+        from bonescreen.phantom import pediatric as ped
+
+        _write_csv(out / "truth_pediatric.csv", ped.TRUTH_COLUMNS, ped_truth)
     (out / "oracle.json").write_text(json.dumps(oracle, indent=2, sort_keys=True) + "\n")
     config = {
         "generator": "bonescreen.phantom",
@@ -803,6 +838,15 @@ def generate_phantom(
         "summary": summaries,
         "defects": defects,
     }
+    if ped_truth:
+        from bonescreen.phantom import pediatric as ped
+
+        config["model"]["pediatric"] = {
+            "disease_frac": ped.DISEASE_FRAC,
+            "spine_sd": ped.SPINE_SD,
+            "rho_gain": ped.RHO_GAIN,
+            "oracle": "latent = true skeletal Z: AUC of -latent for measured Z <= -2, Pearson r with measured Z",
+        }
     (out / "phantom.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=list) + "\n")
     seconds = time.perf_counter() - t0
     return PhantomResult(

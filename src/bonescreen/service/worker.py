@@ -75,45 +75,10 @@ class ScreeningEngine:
 
     def _prepare(self, path: Path) -> Any:
         """Gate, decode, preprocess one file -> ``screen.Prepared`` (row + images, or a skip row)."""
-        # TODO(issue 5): use a public per-file entry point of bonescreen.screen once it exists;
-        # prepare() is public but its context class is not, so fall back to the public pieces.
-        try:
-            from bonescreen.screen import InputItem, _PrepContext, prepare
+        from bonescreen.screen import InputItem, PrepContext, prepare
 
-            ctx = _PrepContext(self.policy, tuple(self.models.sizes), None, True, "")
-        except (ImportError, TypeError):
-            return self._prepare_fallback(path)
+        ctx = PrepContext(self.policy, tuple(self.models.sizes), None, True, "")
         return prepare(InputItem(str(path)), ctx)
-
-    def _prepare_fallback(self, path: Path) -> Any:
-        from bonescreen.errors import BonescreenError
-        from bonescreen.gate import check_header, check_pixels
-        from bonescreen.io import read_image, read_meta
-        from bonescreen.preprocess import preprocess_array
-        from bonescreen.screen import Prepared
-
-        row: dict[str, Any] = {"path": str(path), "eligible": False, "reason": "", "message": ""}
-        try:
-            meta = read_meta(path)
-            row.update(sex=meta.sex, age=None if meta.age is None else round(float(meta.age), 2), view=meta.view,
-                       modality=meta.modality, image_id=meta.sop_instance_uid,
-                       study_date=meta.study_date.isoformat() if meta.study_date else None)
-            decision = check_header(meta, self.policy)
-            if decision.eligible:
-                image, _ = read_image(path, allowed_modalities=None)
-                decision = check_pixels(image, self.policy)
-            if not decision.eligible:
-                row.update(reason=decision.reason, message=decision.message)
-                return Prepared(row, None)
-            images = {s: preprocess_array(image, s) for s in self.models.sizes}
-        except BonescreenError as exc:
-            row.update(reason=exc.reason, message=str(exc))
-            return Prepared(row, None)
-        except Exception as exc:  # one bad file must never stop the worker
-            row.update(reason="error", message=f"{type(exc).__name__}: {exc}")
-            return Prepared(row, None)
-        row["eligible"] = True
-        return Prepared(row, images)
 
     def screen_files(self, paths: list[Path], out_dir: Path, names: list[str]) -> list[Screened]:
         """Screen a batch of DICOM files; never raises for one bad file (its row carries the reason).

@@ -1,0 +1,262 @@
+"""The pediatric fusion model: an image backbone + the clinical variables -> (Z-score, BMD).
+
+The study's design: a CNN (ResNet-50) reads the chest radiograph and the
+clinical variables (age, sex, height, weight) join it before the regression
+head. Here any timm backbone gives a pooled image embedding; a small MLP
+embeds the standardised clinical vector; a head on the concatenation
+regresses the standardised Z-score and raw BMD. The low-BMD decision is taken
+from the predicted Z (Z <= -2.0), never from a separate classifier.
+
+Everything needed to rebuild and use the model (feature order, standardisation
+constants, residual SD for the probability-like score) lives in
+``ModelSpec.extra`` of the artifact, so ``screen`` needs nothing else.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from bonescreen.errors import ModelArtifactError, TableError
+from bonescreen.labels import PEDIATRIC_LOW_Z
+
+CLINICAL_FEATURES = ["age", "sex", "height_cm", "weight_kg"]
+TARGETS = ["z", "bmd"]
+PEDIATRIC_ELIGIBILITY = {"modalities": ["CR", "DX"], "views": ["PA", "AP"], "min_age": 0.0, "max_age": 17.99}
+DEFAULT_HIDDEN = 64
+MIN_RESIDUAL_SD = 0.1  # floor for the score's SD (a perfect tuning fit must not make the score a step)
+
+
+class FusionRegressor(nn.Module):
+    """Image backbone + clinical MLP -> standardised (Z, BMD)."""
+
+    def __init__(
+        self,
+        arch: str,
+        *,
+        n_clinical: int = len(CLINICAL_FEATURES),
+        hidden: int = DEFAULT_HIDDEN,
+        in_chans: int = 1,
+        pretrained: str | Path | bool | None = None,
+        drop_rate: float = 0.0,
+        drop_path_rate: float | None = None,
+    ) -> None:
+        super().__init__()
+        from bonescreen.models import create_model
+
+        # num_classes=0: timm returns the pooled embedding instead of logits
+        self.backbone = create_model(
+            arch, 0, in_chans=in_chans, pretrained=pretrained, drop_rate=drop_rate, drop_path_rate=drop_path_rate
+        )
+        n_img = int(self.backbone.num_features)
+        self.clinical = nn.Sequential(nn.Linear(n_clinical, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU())
+        self.head = nn.Sequential(
+            nn.Linear(n_img + hidden, hidden), nn.GELU(), nn.Dropout(drop_rate), nn.Linear(hidden, len(TARGETS))
+        )
+        self.n_clinical = n_clinical
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone's last feature map (Grad-CAM finds its target layer through this)."""
+        return self.backbone.forward_features(x)
+
+    def image_embedding(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def fuse(self, embedding: torch.Tensor, clinical: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.cat([embedding, self.clinical(clinical)], dim=1))
+
+    def forward(self, x: torch.Tensor, clinical: torch.Tensor | None = None) -> torch.Tensor:
+        if clinical is None:
+            raise ModelArtifactError(
+                "a pediatric model needs the clinical variables (age, sex, height, weight); "
+                "use bonescreen.pediatric.predict_pediatric instead of predict_proba",
+                reason="needs_clinical",
+            )
+        if clinical.shape[-1] != self.n_clinical:
+            raise ModelArtifactError(
+                f"expected {self.n_clinical} clinical variables, got {clinical.shape[-1]}", reason="needs_clinical"
+            )
+        return self.fuse(self.image_embedding(x), clinical)
+
+
+def build_from_spec(spec: Any) -> FusionRegressor:
+    """Rebuild the (untrained) fusion model an artifact describes."""
+    extra = spec.extra or {}
+    if "clinical_mean" not in extra:
+        raise ModelArtifactError("pediatric artifact lacks its clinical standardisation (spec.extra)")
+    return FusionRegressor(
+        spec.arch,
+        n_clinical=len(extra.get("clinical_features", CLINICAL_FEATURES)),
+        hidden=int(extra.get("hidden", DEFAULT_HIDDEN)),
+        in_chans=int(spec.in_chans),
+    )
+
+
+# --- clinical vectors --------------------------------------------------------------------
+
+
+def sex_code(value: object) -> float:
+    """F -> 1, M -> 0, anything else NaN (the row is then refused, not guessed)."""
+    s = str(value).strip().upper() if value is not None and not (isinstance(value, float) and math.isnan(value)) else ""
+    return {"F": 1.0, "FEMALE": 1.0, "M": 0.0, "MALE": 0.0}.get(s, math.nan)
+
+
+def clinical_matrix(frame: pd.DataFrame, features: Sequence[str] = CLINICAL_FEATURES) -> np.ndarray:
+    """Raw clinical values ``(N, 4)`` (sex coded F=1, M=0); NaN where missing or unreadable."""
+    missing = [c for c in features if c not in frame.columns]
+    if missing:
+        raise TableError(
+            f"pediatric model needs the clinical column(s) {missing} (have {list(frame.columns)})",
+            reason="missing_columns",
+        )
+    cols = []
+    for c in features:
+        if c == "sex":
+            cols.append(np.array([sex_code(v) for v in frame[c]], dtype=float))
+        else:
+            cols.append(pd.to_numeric(frame[c], errors="coerce").to_numpy(dtype=float))
+    return np.stack(cols, axis=1) if len(frame) else np.zeros((0, len(features)))
+
+
+def missing_reason(row: np.ndarray, features: Sequence[str] = CLINICAL_FEATURES) -> str:
+    """'' when the clinical row is complete, else 'missing_clinical:<names>'."""
+    bad = [f for f, v in zip(features, row) if not np.isfinite(v)]
+    return "" if not bad else "missing_clinical:" + "+".join(bad)
+
+
+@dataclass
+class Standardizer:
+    """Training-set means and SDs of the clinical inputs and the targets."""
+
+    clinical_mean: list[float]
+    clinical_std: list[float]
+    target_mean: list[float]
+    target_std: list[float]
+
+    @classmethod
+    def fit(cls, clinical: np.ndarray, targets: np.ndarray) -> "Standardizer":
+        def stats(a: np.ndarray) -> tuple[list[float], list[float]]:
+            m = np.nanmean(a, axis=0)
+            s = np.nanstd(a, axis=0)
+            s = np.where(~np.isfinite(s) | (s < 1e-6), 1.0, s)
+            return [float(v) for v in np.nan_to_num(m)], [float(v) for v in s]
+
+        cm, cs = stats(clinical)
+        tm, ts = stats(targets)
+        return cls(cm, cs, tm, ts)
+
+    @classmethod
+    def from_extra(cls, extra: dict[str, Any]) -> "Standardizer":
+        return cls(extra["clinical_mean"], extra["clinical_std"], extra["target_mean"], extra["target_std"])
+
+    def clinical(self, raw: np.ndarray) -> np.ndarray:
+        return ((np.asarray(raw, dtype=float) - self.clinical_mean) / self.clinical_std).astype(np.float32)
+
+    def targets(self, raw: np.ndarray) -> np.ndarray:
+        return ((np.asarray(raw, dtype=float) - self.target_mean) / self.target_std).astype(np.float32)
+
+    def untarget(self, std: np.ndarray) -> np.ndarray:
+        return np.asarray(std, dtype=float) * self.target_std + self.target_mean
+
+    def to_extra(self) -> dict[str, Any]:
+        return {
+            "clinical_mean": self.clinical_mean,
+            "clinical_std": self.clinical_std,
+            "target_mean": self.target_mean,
+            "target_std": self.target_std,
+        }
+
+
+# --- scores ------------------------------------------------------------------------------
+
+
+def low_bmd_probability(z_pred: np.ndarray, residual_sd: float, threshold: float = PEDIATRIC_LOW_Z) -> np.ndarray:
+    """P(Z <= threshold) if the true Z ~ Normal(predicted Z, residual SD of the tuning set).
+
+    A monotone (decreasing) function of the predicted Z, so its AUC is the
+    predicted Z's, and 0.5 falls exactly at ``predicted Z == threshold``:
+    the study's rule (low BMD when the predicted Z <= -2.0) is the 0.5 cut-off.
+    """
+    from scipy.stats import norm
+
+    sd = max(float(residual_sd), MIN_RESIDUAL_SD)
+    return norm.cdf((threshold - np.asarray(z_pred, dtype=float)) / sd)
+
+
+@torch.inference_mode()
+def predict_arrays(
+    model: FusionRegressor,
+    images: np.ndarray,
+    clinical_raw: np.ndarray,
+    extra: dict[str, Any],
+    *,
+    mean: float,
+    std: float,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted Z, predicted BMD) for uint8 images ``(N, H, W)`` and raw clinical rows ``(N, 4)``."""
+    from bonescreen.data import normalize
+
+    st = Standardizer.from_extra(extra)
+    device = torch.device(device)
+    model = model.to(device).eval()
+    outs = []
+    for start in range(0, len(images), batch_size):
+        x = normalize(np.ascontiguousarray(images[start : start + batch_size]), mean, std).to(device)
+        c = torch.from_numpy(st.clinical(clinical_raw[start : start + batch_size])).to(device)
+        outs.append(model(x, c).float().cpu().numpy())
+    pred = st.untarget(np.concatenate(outs)) if outs else np.zeros((0, len(TARGETS)))
+    return pred[:, 0], pred[:, 1]
+
+
+PREDICT_COLUMNS = ["pred_z", "pred_bmd", "prob_low_bmd", "low_bmd", "reason"]
+
+
+def predict_pediatric(
+    loaded: Any, images_uint8: np.ndarray, clinical: pd.DataFrame, *, device: str = "cpu"
+) -> pd.DataFrame:
+    """What ``screen`` calls for a pediatric artifact: one row per image, in input order.
+
+    ``images_uint8``: preprocessed ``(N, size, size)`` uint8 (the artifact's
+    preprocessing); ``clinical``: N rows with ``age`` (years), ``sex`` (F/M),
+    ``height_cm``, ``weight_kg``. Rows with a missing or unreadable clinical
+    value get NaN predictions and ``reason = missing_clinical:<names>``
+    instead of failing the batch. ``low_bmd`` is the study's decision:
+    predicted Z <= -2.0.
+    """
+    if getattr(loaded, "spec", None) is None or loaded.spec.task != "pediatric":
+        raise ModelArtifactError("predict_pediatric needs a pediatric model artifact")
+    images = np.asarray(images_uint8)
+    if images.ndim == 2:
+        images = images[None]
+    if len(images) != len(clinical):
+        raise TableError(f"{len(images)} images but {len(clinical)} clinical rows", reason="bad_table")
+    raw = clinical_matrix(clinical.reset_index(drop=True), loaded.spec.extra.get("clinical_features", CLINICAL_FEATURES))
+    reasons = [missing_reason(r) for r in raw]
+    ok = np.array([r == "" for r in reasons], dtype=bool)
+    out = pd.DataFrame(
+        {
+            "pred_z": np.full(len(images), np.nan),
+            "pred_bmd": np.full(len(images), np.nan),
+            "prob_low_bmd": np.full(len(images), np.nan),
+            "low_bmd": pd.array([pd.NA] * len(images), dtype="boolean"),
+            "reason": reasons,
+        }
+    )
+    if ok.any():
+        res = loaded.predict_pediatric(images[ok], raw[ok], device=device)
+        out.loc[ok, "pred_z"] = res["z"]
+        out.loc[ok, "pred_bmd"] = res["bmd"]
+        out.loc[ok, "prob_low_bmd"] = res["prob_low_bmd"]
+        # unrounded, so it agrees with prob_low_bmd >= 0.5
+        out.loc[ok, "low_bmd"] = res["z"] <= float(loaded.spec.extra.get("z_threshold", PEDIATRIC_LOW_Z))
+    return out[PREDICT_COLUMNS]

@@ -1,0 +1,272 @@
+"""Pediatric variant: phantom mode, Z-only cohort, fusion model, Z threshold, SHAP, train/evaluate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from bonescreen.errors import ModelArtifactError, TableError
+
+ARCH = "resnet10t"
+
+
+# --- phantom -----------------------------------------------------------------------------
+
+
+def test_growth_references_are_monotone_and_invertible() -> None:
+    from bonescreen.phantom.pediatric import bmd_reference, bmd_to_z, height_reference, z_to_bmd
+
+    ages = np.linspace(0, 17.9, 50)
+    for sex in ("F", "M"):
+        assert np.all(np.diff(bmd_reference(ages, sex)) > 0)
+        assert np.all(np.diff(height_reference(ages, sex)[0]) >= 0)
+        z = np.linspace(-6, 3, 50)
+        np.testing.assert_allclose(bmd_to_z(z_to_bmd(z, ages, sex), ages, sex), z, atol=1e-9)
+        assert np.all(z_to_bmd(-7.0, ages, sex) > 0)  # never a negative density
+
+
+def test_population_prevalence_and_healthy_reference() -> None:
+    from bonescreen.phantom.pediatric import _low, build_site, default_pediatric_sites
+
+    for spec in default_pediatric_sites():
+        b = build_site(spec, 6000, seed=1)
+        assert abs(_low(b["z_meas"]).mean() - spec.prevalence) < 0.025
+        healthy = b["latent"][~b["kids"]["ill"]]
+        # Z-scores of healthy children are standard normal against the reference
+        assert abs(healthy.mean()) < 0.08 and abs(healthy.std() - 1.0) < 0.06
+        ages = b["kids"]["age"]
+        assert ages.min() >= 0 and ages.max() < 18
+        assert 11 <= np.median(ages) <= 14
+        # disease stunts growth: ill children are shorter for their age
+        assert b["kids"]["haz"][b["kids"]["ill"]].mean() < b["kids"]["haz"][~b["kids"]["ill"]].mean() - 0.2
+
+
+def test_child_image_shows_absolute_mineral() -> None:
+    from bonescreen.phantom.generate import PatientRecord, render_patient_image
+    from bonescreen.phantom.pediatric import image_density
+
+    def bone(age: float, z: float, height: float, weight: float) -> float:
+        d = float(image_density(z, age, "M"))
+        p = PatientRecord("K-1", "PED", 1, "M", age, height, weight, d, pediatric=True)
+        img = render_patient_image(p, size=64, seed=0)
+        return float(img.attenuation[img.bone_mask].mean() - img.attenuation[~img.bone_mask].mean())
+
+    # same child, lower Z -> less bone contrast; same Z, older child -> more mineral
+    assert bone(14.0, -3.0, 160, 48) < bone(14.0, 0.0, 160, 48)
+    assert float(image_density(0.0, 4.0, "F")) < float(image_density(0.0, 16.0, "F"))
+
+
+def test_pediatric_site_needs_child_ages() -> None:
+    from bonescreen.phantom import PhantomError, SiteSpec
+
+    with pytest.raises(PhantomError, match="pediatric"):
+        SiteSpec(name="KIDS", pediatric=True)  # adult default ages
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny pediatric phantom -> cohort -> one-epoch fusion model, shared by the tests below."""
+    from bonescreen.cli import main
+    from bonescreen.config import load_config
+    from bonescreen.pediatric.train import train_pediatric
+
+    root = tmp_path_factory.mktemp("ped")
+    assert main(["pediatric", "phantom", str(root / "ph"), "--n-per-site", "26", "--size", "48", "--quiet"]) == 0
+    assert main(["pediatric", "cohort", str(root / "ph"), str(root / "co")]) == 0
+    cfg = load_config("pediatric-cpu-tiny", {
+        "arch": ARCH, "pretrained": None, "image_size": 48, "epochs": 1, "batch_size": 8,
+        "progress": False, "tensorboard": False, "device": "cpu",
+    })
+    res = train_pediatric(root / "co" / "manifest.csv", root / "run", cfg, cache_root=root / "cache")
+    return {"root": root, "phantom": root / "ph", "manifest": root / "co" / "manifest.csv",
+            "model": res.artifact_path, "preds": root / "run" / "predictions.csv",
+            "tune": root / "run" / "tune_predictions.csv", "cache": root / "cache"}
+
+
+def test_phantom_files_and_oracle(run: dict[str, Path]) -> None:
+    from bonescreen.phantom.pediatric import DXA_COLUMNS, bmd_to_z
+
+    ph = run["phantom"]
+    dxa = pd.read_csv(ph / "PED" / "dxa.csv")
+    assert list(dxa.columns) == DXA_COLUMNS
+    assert not any(c.startswith("t_") for c in dxa.columns)
+    # BMD and Z agree through the age- and sex-matched reference (rounding aside)
+    z_back = bmd_to_z(dxa["bmd_lumbar_spine"], dxa["age"] + 0.05, dxa["sex"].to_numpy())
+    assert np.abs(z_back - dxa["z_lumbar_spine"]).max() < 0.25
+    oracle = json.loads((ph / "oracle.json").read_text())
+    truth = pd.read_csv(ph / "truth_pediatric.csv")
+    for site in ("PED", "PED_EXT"):
+        o = oracle[site]
+        assert {"auc", "r", "r_bmd", "prevalence", "n"} <= set(o)
+        t = truth[truth["site"] == site]
+        assert o["r"] == pytest.approx(np.corrcoef(t["latent"], t["z_lumbar_spine"])[0, 1], abs=1e-3)
+        assert (t["low_bmd"] == (t["z_lumbar_spine"] <= -2.0)).all()
+
+
+# --- cohort --------------------------------------------------------------------------------
+
+
+def test_cohort_accepts_z_only_exports() -> None:
+    from bonescreen.cohort import read_dxa
+
+    df = pd.DataFrame({
+        "patient_id": ["a", "b", "c"], "exam_date": ["2020-01-01"] * 3, "sex": ["F", "M", "F"],
+        "age": ["7.5", "12", "15"], "z_lumbar_spine": ["-2.3", "", "0.4"],
+        "height_cm": ["120", "150", "160"], "weight_kg": ["22", "40", "50"],
+    })
+    table = read_dxa(df, site="S")
+    assert sorted(table.exams["patient_id"]) == ["a", "c"]
+    assert table.rejected["reason"].tolist() == ["no_label"]
+    assert table.exams.set_index("patient_id").loc["a", "z_lumbar_spine"] == -2.3
+    with pytest.raises(TableError, match="Z-score"):
+        read_dxa(df.drop(columns=["z_lumbar_spine"]), site="S")
+
+
+def test_cohort_keeps_children_and_clinical_columns(run: dict[str, Path]) -> None:
+    m = pd.read_csv(run["manifest"])
+    assert m["age"].between(0, 17.99).all()
+    assert {"z_lumbar_spine", "bmd_lumbar_spine", "height_cm", "weight_kg"} <= set(m.columns)
+    assert set(m["split"]) == {"train", "tune", "test"}
+
+
+# --- model ---------------------------------------------------------------------------------
+
+
+def test_fusion_model_shapes_and_clinical_required() -> None:
+    from bonescreen.pediatric.model import FusionRegressor
+
+    torch.manual_seed(0)
+    m = FusionRegressor(ARCH, hidden=16).eval()
+    x = torch.randn(3, 1, 64, 64)
+    c = torch.randn(3, 4)
+    with torch.no_grad():
+        assert m(x, c).shape == (3, 2)
+        assert m.image_embedding(x).shape == (3, m.backbone.num_features)
+        assert m.forward_features(x).ndim == 4
+        # the clinical branch matters: other clinical values, other output
+        assert not torch.allclose(m(x, c), m(x, c + 1.0))
+    with pytest.raises(ModelArtifactError, match="clinical"):
+        m(x)
+    with pytest.raises(ModelArtifactError):
+        m(x, torch.randn(3, 3))
+
+
+def test_z_threshold_and_score() -> None:
+    from bonescreen.pediatric.data import pediatric_rows
+    from bonescreen.pediatric.model import low_bmd_probability
+
+    assert low_bmd_probability(np.array([-2.0]), 0.7)[0] == pytest.approx(0.5)
+    p = low_bmd_probability(np.array([-3.0, -2.1, -1.9, 0.0]), 0.7)
+    assert np.all(np.diff(p) < 0) and p[1] > 0.5 > p[2]
+    frame = pd.DataFrame({
+        "path": list("abcde"), "z_lumbar_spine": [-2.0, -1.9, -2.04, -3.0, None], "age": [10] * 5,
+        "sex": ["F", "M", "F", "M", "F"], "height_cm": [140] * 5, "weight_kg": [30, 30, 30, None, 30],
+    })
+    rows, dropped = pediatric_rows(frame)
+    assert rows["_y"].tolist() == [1, 0, 1]  # Z <= -2.0 after rounding to one decimal
+    assert dropped == {"missing_clinical:weight_kg": 1, "no_z_score": 1}
+
+
+def test_artifact_round_trip_and_predict_pediatric(run: dict[str, Path]) -> None:
+    from bonescreen.artifact import load_artifact
+    from bonescreen.pediatric import predict_pediatric
+
+    loaded = load_artifact(run["model"], expected_task="pediatric")
+    assert loaded.spec.eligibility["max_age"] == 17.99 and loaded.spec.eligibility["min_age"] == 0
+    assert loaded.spec.extra["residual_sd_z"] > 0
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (3, loaded.size, loaded.size), dtype=np.uint8)
+    clin = pd.DataFrame({"age": [5.0, 12.0, 15.0], "sex": ["F", "M", "F"],
+                         "height_cm": [110, 150, None], "weight_kg": [18, 40, 50]})
+    out = predict_pediatric(loaded, imgs, clin)
+    assert list(out.columns) == ["pred_z", "pred_bmd", "prob_low_bmd", "low_bmd", "reason"]
+    assert out["reason"].tolist() == ["", "", "missing_clinical:height_cm"]
+    assert out["pred_z"].iloc[:2].notna().all() and np.isnan(out["pred_z"].iloc[2])
+    assert (out["low_bmd"].iloc[:2].astype(bool) == (out["pred_z"].iloc[:2] <= -2.0)).all()
+    assert ((out["prob_low_bmd"].iloc[:2] >= 0.5) == out["low_bmd"].iloc[:2].astype(bool)).all()
+    # the predictions table and the artifact agree
+    preds = pd.read_csv(run["preds"])
+    assert {"score", "label", "z_true", "z_pred", "bmd_pred"} <= set(preds.columns)
+    assert preds["score"].between(0, 1).all()
+    with pytest.raises(ModelArtifactError, match="clinical"):
+        loaded.predict_proba(imgs)
+
+
+# --- explanation ---------------------------------------------------------------------------
+
+
+def test_shap_is_exact_and_gradcam_shape(run: dict[str, Path]) -> None:
+    from bonescreen.artifact import load_artifact
+    from bonescreen.pediatric.explain import clinical_shap, gradcam_low_bmd
+
+    loaded = load_artifact(run["model"])
+    rng = np.random.default_rng(1)
+    imgs = rng.integers(0, 256, (2, loaded.size, loaded.size), dtype=np.uint8)
+    clin = np.array([[6.0, 1.0, 115.0, 20.0], [15.0, 0.0, 170.0, 60.0]])
+    bg = np.column_stack([rng.uniform(2, 17, 20), np.ones(20), rng.uniform(90, 180, 20), rng.uniform(12, 70, 20)])
+    sh = clinical_shap(loaded, imgs, clin, bg)
+    assert sh.values.shape == (2, 4)
+    res = loaded.predict_pediatric(imgs, clin)
+    np.testing.assert_allclose(sh.base + sh.values.sum(axis=1), res["z"], atol=1e-4)
+    # every background child is female: sex carries no SHAP for the girl, some for the boy
+    assert abs(sh.values[0, 1]) < 1e-6
+    assert abs(sh.values[1, 1]) > 0
+    cams = gradcam_low_bmd(loaded, imgs, clin)
+    assert cams.shape == (2, loaded.size, loaded.size)
+    assert cams.min() >= 0 and cams.max() <= 1
+
+
+def test_explain_cli_writes_patient_figures(run: dict[str, Path]) -> None:
+    from bonescreen.cli import main
+
+    out = run["root"] / "explain"
+    assert main(["pediatric", "explain", str(run["model"]), str(run["manifest"]), str(out),
+                 "--cache", str(run["cache"]), "--limit", "2", "--no-progress"]) == 0
+    table = pd.read_csv(out / "shap.csv")
+    assert len(table) == 2
+    assert {"shap_age", "shap_sex", "shap_height_cm", "shap_weight_kg", "dxa_z", "pred_z"} <= set(table.columns)
+    np.testing.assert_allclose(table["shap_base"] + table.filter(like="shap_").drop(columns="shap_base").sum(axis=1),
+                               table["pred_z"], atol=1e-4)
+    for png in table["png"]:
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+# --- evaluation ----------------------------------------------------------------------------
+
+
+def test_icc_properties() -> None:
+    from bonescreen.pediatric.metrics import icc_2_1
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=2000)
+    assert icc_2_1(a, a) == pytest.approx(1.0)
+    # absolute agreement: a constant bias lowers ICC(2,1) although r stays 1
+    assert icc_2_1(a, a + 1.0) < 0.75
+    assert abs(icc_2_1(a, rng.normal(size=2000))) < 0.1
+    # two raters agreeing up to noise of SD 0.5 on unit-variance subjects: ICC = 1 / 1.25
+    b = a + rng.normal(0, 0.5, 2000)
+    c = a + rng.normal(0, 0.5, 2000)
+    assert icc_2_1(b, c) == pytest.approx(0.8, abs=0.03)
+
+
+def test_evaluate_cli_regression_and_classification(run: dict[str, Path]) -> None:
+    from bonescreen.cli import main
+
+    out = run["root"] / "report"
+    assert main(["pediatric", "evaluate", str(run["preds"]), "--tune", str(run["tune"]),
+                 "--oracle", str(run["phantom"] / "oracle.json"), "--out", str(out),
+                 "--bootstrap", "50", "--no-progress"]) == 0
+    reg = json.loads((out / "regression.json").read_text())
+    preds = pd.read_csv(run["preds"])
+    r = np.corrcoef(preds["z_true"], preds["z_pred"])[0, 1]
+    assert reg["z"]["pearson_r"]["value"] == pytest.approx(r, abs=1e-9)
+    assert reg["z"]["mae"]["value"] == pytest.approx(np.mean(np.abs(preds["z_true"] - preds["z_pred"])))
+    assert "PED" in reg["oracle"]
+    assert (out / "bland_altman_z.png").is_file()
+    metrics = json.loads((out / "classification" / "metrics.json").read_text())
+    assert metrics  # the standard report ran on score = P(Z <= -2)
