@@ -101,7 +101,7 @@ def main() -> int:
         pred_low = p <= -2.0
         y = g["label"].to_numpy(int)
         rows.append({
-            "site": site, "n": int(len(g)), "prevalence": round(float(y.mean()), 3),
+            "site": site, "n": len(g), "prevalence": round(float(y.mean()), 3),
             "r_z": round(float(np.corrcoef(t, p)[0, 1]), 3),
             "mae_z": round(float(np.mean(np.abs(t - p))), 3),
             "r_bmd": round(float(np.corrcoef(g["bmd_true"], g["bmd_pred"])[0, 1]), 3),

@@ -19,7 +19,12 @@ ARCH = "resnet10t"
 
 
 def test_growth_references_are_monotone_and_invertible() -> None:
-    from bonescreen.phantom.pediatric import bmd_reference, bmd_to_z, height_reference, z_to_bmd
+    from bonescreen.phantom.pediatric import (
+        bmd_reference,
+        bmd_to_z,
+        height_reference,
+        z_to_bmd,
+    )
 
     ages = np.linspace(0, 17.9, 50)
     for sex in ("F", "M"):

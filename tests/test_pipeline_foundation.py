@@ -69,6 +69,9 @@ def test_injected_dxa_defects_are_excluded_with_reasons(phantom, cohort):
         if d["defect"] == "cxr_without_dxa":
             assert d["patient_id"] not in set(m.patient_id)
     flow = json.loads((cohort / "flow.json").read_text())["steps"]
+    from bonescreen.evaluate.tables import flow_inconsistencies, read_flow
+
+    assert flow_inconsistencies(read_flow(cohort / "flow.json")) == []  # Figure 1 adds up
     total = flow[0]["remaining"]
     # every DXA row is either in the manifest or excluded exactly once
     assert len(m) + len(excl) == total

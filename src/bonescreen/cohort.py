@@ -397,6 +397,7 @@ class CohortResult:
     flow: list[dict[str, Any]]
     image_errors: pd.DataFrame
     config: CohortConfig
+    sites: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def write(self, out_dir: str | Path) -> dict[str, Path]:
         out = Path(out_dir)
@@ -411,7 +412,10 @@ class CohortResult:
         self.exclusions.to_csv(paths["exclusions"], index=False)
         self.image_errors.to_csv(paths["image_errors"], index=False)
         paths["flow"].write_text(
-            json.dumps({"steps": self.flow, "config": _jsonable(asdict(self.config))}, indent=2)
+            json.dumps(
+                {"steps": self.flow, "sites": self.sites, "config": _jsonable(asdict(self.config))},
+                indent=2,
+            )
         )
         return paths
 
@@ -635,9 +639,13 @@ def build_cohort(
     exclusions.append(pd.DataFrame(extra, columns=EXCLUSION_COLUMNS))
 
     manifest = _finalize_manifest(df, cfg)
-    for site in sites:
-        n = int((manifest["site"] == site.name).sum()) if len(manifest) else 0
-        flow.steps.append({"step": f"site:{site.name}", "role": site.role, "remaining": n})
+    per_site = {
+        site.name: {
+            "role": site.role,
+            "pairs": int((manifest["site"] == site.name).sum()) if len(manifest) else 0,
+        }
+        for site in sites
+    }
     excl_df = pd.concat([e for e in exclusions if len(e)], ignore_index=True) if any(
         len(e) for e in exclusions
     ) else pd.DataFrame(columns=[*EXCLUSION_COLUMNS, "detail"])
@@ -648,6 +656,7 @@ def build_cohort(
         flow=flow.steps,
         image_errors=pd.concat(image_errors, ignore_index=True) if image_errors else pd.DataFrame(),
         config=cfg,
+        sites=per_site,
     )
 
 
@@ -709,14 +718,13 @@ def sites_from_phantom(root: str | Path) -> list[SiteInput]:
     return [dev, *sites]
 
 
-def flow_text(flow: Iterable[dict[str, Any]]) -> str:
+def flow_text(flow: Iterable[dict[str, Any]], sites: dict[str, dict[str, Any]] | None = None) -> str:
     """Plain-text rendering of the Figure 1 flow for the terminal."""
     lines = []
     for s in flow:
-        if s["step"].startswith("site:"):
-            lines.append(f"  {s['step'][5:]:<12} ({s['role']}): {s['remaining']}")
-            continue
         lines.append(f"{s['step']:<28} {s['remaining']:>7}")
         for reason, n in s.get("reasons", {}).items():
             lines.append(f"    - {reason:<26} {n:>5}")
+    for name, info in (sites or {}).items():
+        lines.append(f"  {name:<12} ({info['role']}): {info['pairs']}")
     return "\n".join(lines)

@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     flags = pd.read_csv(args.quality_flags, dtype=str) if args.quality_flags else None
     result = build_cohort(sites, cfg, workers=args.workers, quality_flags=flags)
     paths = result.write(args.out)
-    print(flow_text(result.flow))
+    print(flow_text(result.flow, result.sites))
     m = result.manifest
     if len(m):
         print("\nsplit counts:")

@@ -99,7 +99,12 @@ def _phantom(args: argparse.Namespace) -> int:
 
 
 def _cohort(args: argparse.Namespace) -> int:
-    from bonescreen.cohort import CohortConfig, build_cohort, flow_text, sites_from_phantom
+    from bonescreen.cohort import (
+        CohortConfig,
+        build_cohort,
+        flow_text,
+        sites_from_phantom,
+    )
 
     cfg = CohortConfig(window_days=args.window, min_age=0.0, max_age=17.99, seed=args.seed)
     res = build_cohort(sites_from_phantom(args.phantom), cfg, workers=args.workers)

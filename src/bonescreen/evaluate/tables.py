@@ -184,7 +184,8 @@ def table1(manifest: pd.DataFrame) -> pd.DataFrame:
 # Figure 1 flow counts
 # --------------------------------------------------------------------------
 def read_flow(path: str | Path) -> dict[str, list[dict[str, Any]]]:
-    """Read ``flow.json``: a list of steps, or ``{name: [steps]}`` for several
+    """Read ``flow.json``: a list of steps, ``{"steps": [...]}`` as ``bonescreen cohort``
+    writes it, or ``{name: [steps]}`` for several
     flows (e.g. per site). Each step: ``step``, ``remaining``, ``excluded``,
     ``reasons``. Returned as ``{name: steps}`` (a bare list is named "cohort")."""
     p = Path(path)
@@ -194,6 +195,8 @@ def read_flow(path: str | Path) -> dict[str, list[dict[str, Any]]]:
         raise TableError(f"flow file not found: {p}", reason="missing_file") from exc
     except json.JSONDecodeError as exc:
         raise TableError(f"flow file {p.name} is not valid JSON: {exc}", reason="bad_json") from exc
+    if isinstance(data, dict) and isinstance(data.get("steps"), list):
+        data = data["steps"]  # `bonescreen cohort` writes {"steps": [...], "sites": ..., "config": ...}
     flows = {"cohort": data} if isinstance(data, list) else data
     if not isinstance(flows, dict):
         raise TableError(f"flow file {p.name}: expected a list of steps or an object of lists", reason="bad_flow")

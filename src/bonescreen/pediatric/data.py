@@ -20,7 +20,12 @@ from torch.utils.data import Dataset
 from bonescreen.data import ManifestDataset
 from bonescreen.errors import TableError
 from bonescreen.labels import pediatric_low_bmd
-from bonescreen.pediatric.model import CLINICAL_FEATURES, Standardizer, clinical_matrix, missing_reason
+from bonescreen.pediatric.model import (
+    CLINICAL_FEATURES,
+    Standardizer,
+    clinical_matrix,
+    missing_reason,
+)
 
 log = logging.getLogger(__name__)
 

@@ -134,9 +134,8 @@ def gradcam_low_bmd(loaded: Any, images: np.ndarray, clinical_raw: np.ndarray) -
     cl = torch.from_numpy(st.clinical(np.asarray(clinical_raw, dtype=float))).to(device)
     wrapped = _WithClinical(model, cl)
     targets = [lambda out: -out[0] for _ in range(len(x))]  # output 0 = standardised Z; lower = low BMD
-    with torch.inference_mode(False), torch.enable_grad():
-        with GradCAM(model=wrapped, target_layers=[layer]) as cam:
-            maps = cam(input_tensor=x.clone(), targets=targets)
+    with torch.inference_mode(False), torch.enable_grad(), GradCAM(model=wrapped, target_layers=[layer]) as cam:
+        maps = cam(input_tensor=x.clone(), targets=targets)
     return np.clip(np.nan_to_num(np.asarray(maps, dtype=np.float32)), 0.0, 1.0)
 
 
@@ -200,6 +199,7 @@ def patient_figure(
     ]
     table = ax.table(cellText=rows, loc="center", cellLoc="center")
     table.scale(1.0, 2.2)
+    table.auto_set_font_size(False)
     table.set_fontsize(11)
     ax.set_title("predicted vs DXA reference")
     if title:

@@ -142,7 +142,7 @@ class Standardizer:
     target_std: list[float]
 
     @classmethod
-    def fit(cls, clinical: np.ndarray, targets: np.ndarray) -> "Standardizer":
+    def fit(cls, clinical: np.ndarray, targets: np.ndarray) -> Standardizer:
         def stats(a: np.ndarray) -> tuple[list[float], list[float]]:
             m = np.nanmean(a, axis=0)
             s = np.nanstd(a, axis=0)
@@ -154,7 +154,7 @@ class Standardizer:
         return cls(cm, cs, tm, ts)
 
     @classmethod
-    def from_extra(cls, extra: dict[str, Any]) -> "Standardizer":
+    def from_extra(cls, extra: dict[str, Any]) -> Standardizer:
         return cls(extra["clinical_mean"], extra["clinical_std"], extra["target_mean"], extra["target_std"])
 
     def clinical(self, raw: np.ndarray) -> np.ndarray:

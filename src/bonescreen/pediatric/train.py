@@ -88,7 +88,13 @@ def train_pediatric(
     from bonescreen.data import ManifestDataset, read_manifest, split_rows
     from bonescreen.distributed import cleanup, init_distributed
     from bonescreen.models import GRAY_MEAN, GRAY_STD
-    from bonescreen.pediatric.data import PediatricDataset, clinical_of, pediatric_rows, regression_loss, targets_of
+    from bonescreen.pediatric.data import (
+        PediatricDataset,
+        clinical_of,
+        pediatric_rows,
+        regression_loss,
+        targets_of,
+    )
     from bonescreen.pediatric.metrics import regression_metrics
     from bonescreen.pediatric.model import (
         CLINICAL_FEATURES,
@@ -99,7 +105,15 @@ def train_pediatric(
         Standardizer,
         predict_arrays,
     )
-    from bonescreen.train import TrainJob, _plain, _write_frame, fit, prepare_split, resolve_pretrained, seed_everything
+    from bonescreen.train import (
+        TrainJob,
+        _plain,
+        _write_frame,
+        fit,
+        prepare_split,
+        resolve_pretrained,
+        seed_everything,
+    )
 
     cfg = (config or load_config("pediatric-cpu-tiny")).validate()
     env = init_distributed(cfg.device)
@@ -152,7 +166,7 @@ def train_pediatric(
             "image_size": cfg.image_size,
             "decision": "low BMD when the predicted Z-score <= -2.0 (score = P(Z <= -2) >= 0.5)",
             "training_data": {
-                s: {"n": int(len(p.frame)), "n_low_bmd": int(p.frame["_y"].sum()) if len(p.frame) else 0}
+                s: {"n": len(p.frame), "n_low_bmd": int(p.frame["_y"].sum()) if len(p.frame) else 0}
                 for s, p in preps.items()
             },
             "dropped_rows": dropped,

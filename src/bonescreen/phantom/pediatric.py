@@ -129,7 +129,7 @@ def field_of_view(vendor_fov_mm: float, height_cm: float) -> float:
 # --- population ------------------------------------------------------------------------
 
 
-def draw_children(spec: "SiteSpec", n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def draw_children(spec: SiteSpec, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Sex, age, disease burden, growth and the latent Z before the burden effect."""
     from bonescreen.phantom.generate import _truncnorm
 
@@ -162,7 +162,7 @@ def draw_children(spec: "SiteSpec", n: int, rng: np.random.Generator) -> dict[st
 
 
 def measured_z(
-    latent: np.ndarray, spec: "SiteSpec", rng: np.random.Generator
+    latent: np.ndarray, spec: SiteSpec, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
     """(true lumbar Z, measured lumbar Z rounded to 0.1) for each child."""
     n = len(latent)
@@ -181,7 +181,7 @@ def _disease_effect(latent0: np.ndarray, burden: np.ndarray, k: float) -> np.nda
 
 
 @lru_cache(maxsize=32)
-def calibrated_burden_effect(spec: "SiteSpec") -> float:
+def calibrated_burden_effect(spec: SiteSpec) -> float:
     """Latent Z lost per unit of disease burden so the site's low-BMD prevalence is ``spec.prevalence``.
 
     Fixed 20,000-child Monte Carlo sample, independent of the user seed (a
@@ -214,7 +214,7 @@ def calibrated_burden_effect(spec: "SiteSpec") -> float:
     return round(0.5 * (lo + hi), 4)
 
 
-def build_site(spec: "SiteSpec", n: int, seed: int) -> dict[str, Any]:
+def build_site(spec: SiteSpec, n: int, seed: int) -> dict[str, Any]:
     """Every child of a site (vectorised): people, latent, DXA values, devices."""
     from bonescreen.phantom.generate import _rng, _site_code
 
@@ -227,7 +227,7 @@ def build_site(spec: "SiteSpec", n: int, seed: int) -> dict[str, Any]:
     return {"kids": kids, "latent": latent, "z_true": z_true, "z_meas": z_meas, "device": device, "k": k, "rng": rng}
 
 
-def patients(spec: "SiteSpec", built: dict[str, Any]) -> list["PatientRecord"]:
+def patients(spec: SiteSpec, built: dict[str, Any]) -> list[PatientRecord]:
     """PatientRecords for the renderer: ``latent`` is the *image* density (absolute mineral)."""
     from bonescreen.phantom.generate import PatientRecord
 
@@ -286,7 +286,7 @@ DXA_COLUMNS = [
 
 
 def plan_site(
-    spec: "SiteSpec", n: int, out: Any, size: int, seed: int
+    spec: SiteSpec, n: int, out: Any, size: int, seed: int
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]], list[dict[str, str]], dict[str, Any], float]:
     """Images, adult-format truth rows, pediatric truth rows, DXA rows, oracle, burden effect."""
     from bonescreen.phantom.generate import (
@@ -317,7 +317,7 @@ def plan_site(
     for i, p in enumerate(recs):
         prng = _rng(seed, _site_code(spec.name), p.index, 2_000_000)
         dxa_date = dxa_dates[i]
-        birth = dxa_date - dt.timedelta(days=int(round(p.age * 365.25)))
+        birth = dxa_date - dt.timedelta(days=round(p.age * 365.25))
         n_frontal = 1 + int(prng.choice(len(spec.cxr_count_probs), p=spec.cxr_count_probs))
         offsets = [_window_days(prng, spec.window_probs)]
         while len(offsets) < n_frontal:
@@ -415,7 +415,7 @@ def site_oracle(
         "r": None if r is None else round(r, 4),
         "r_bmd": None if r_bmd is None else round(r_bmd, 4),
         "mae_z": round(float(np.mean(np.abs(latent - z_meas))), 4),
-        "n": int(len(latent)),
+        "n": len(latent),
         "prevalence": round(float(low.mean()), 4) if len(low) else None,
         "n_low_bmd": int(low.sum()),
         "n_normal": int((low == 0).sum()),
@@ -423,7 +423,7 @@ def site_oracle(
     }
 
 
-def default_pediatric_vendor() -> "VendorProfile":
+def default_pediatric_vendor() -> VendorProfile:
     """A pediatric DR room: smaller detector field, AP for the youngest."""
     from bonescreen.phantom.vendors import VendorProfile
 
@@ -442,7 +442,7 @@ def default_pediatric_vendor() -> "VendorProfile":
     )
 
 
-def default_pediatric_sites() -> list["SiteSpec"]:
+def default_pediatric_sites() -> list[SiteSpec]:
     """PED (development, tertiary children's hospital) and PED_EXT (external, CR room, MONOCHROME1).
 
     Median age ~13, ~25 % low BMD, CXR and DXA within three months.
