@@ -223,3 +223,9 @@ def test_worker_preparation_gates_like_screen(artifact: Path, tmp_path: Path) ->
         assert (prep.images is None) == bool(reason)
     (tmp_path / "junk.dcm").write_bytes(b"junk" * 100)
     assert eng._prepare(tmp_path / "junk.dcm").row["reason"] == "not_dicom"
+
+def test_category_filter_accepts_every_category_and_refuses_others(client) -> None:  # type: ignore[no-untyped-def]
+    """Adult and pediatric categories filter; an unknown word is a 422, not an empty list."""
+    for cat in ("normal", "low_bone_mass", "osteoporosis", "not_osteoporosis", "low_bmd", "normal_bmd"):
+        assert client.get("/api/v1/results", params={"category": cat}, headers=AUTH).status_code == 200
+    assert client.get("/api/v1/results", params={"category": "osteopenia"}, headers=AUTH).status_code == 422

@@ -218,7 +218,7 @@ def normalize(images: np.ndarray | torch.Tensor, mean: float = GRAY_MEAN, std: f
 
 
 def _odd(n: float) -> int:
-    k = max(3, int(round(n)))
+    k = max(3, round(n))
     return k if k % 2 else k + 1
 
 

@@ -14,6 +14,12 @@ concept, since no standard code exists for "probability of low bone mass
 from a radiograph", in UCUM unit ``1``; the category is a qualitative
 evaluation "Finding" (DCM 121071) valued with SNOMED CT 17621005 Normal,
 312894000 Osteopenia (low bone mass) or 64859006 Osteoporosis.
+
+Pediatric results carry the predicted lumbar-spine BMD Z-score (UCUM
+``{Z-score}``), the predicted BMD (``g/cm2``) and P(Z <= -2.0) (``1``) as
+numeric measurements (private concepts: these are model predictions, not DXA
+measurements), and the finding "Low BMD for chronological age" (private
+code; a child's low Z-score is not called osteopenia) or SNOMED CT Normal.
 """
 
 from __future__ import annotations
@@ -36,6 +42,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "CATEGORY_CODES",
+    "PEDIATRIC_MEASUREMENTS",
+    "SCORE_CONCEPTS",
+    "SCORE_UNITS",
     "DicomOutputError",
     "ScreeningResult",
     "build_sc",
@@ -61,6 +70,9 @@ CATEGORY_CODES: dict[str, tuple[str, str, str]] = {
     "low_bone_mass": ("312894000", "SCT", "Osteopenia"),
     "osteoporosis": ("64859006", "SCT", "Osteoporosis"),
     "not_osteoporosis": ("not-osteoporosis", PRIVATE_SCHEME, "No osteoporosis detected"),
+    # pediatric (predicted Z-score <= -2.0 or not)
+    "low_bmd": ("low-bmd-for-age", PRIVATE_SCHEME, "Low BMD for chronological age"),
+    "normal_bmd": ("17621005", "SCT", "Normal"),
 }
 SCORE_CONCEPTS: dict[str, tuple[str, str, str]] = {
     "score_stage2": ("p-low-bone-mass", PRIVATE_SCHEME, "Probability of low bone mass"),
@@ -68,7 +80,18 @@ SCORE_CONCEPTS: dict[str, tuple[str, str, str]] = {
     "p_normal": ("p3-normal", PRIVATE_SCHEME, "Three-class probability of normal bone mass"),
     "p_low_bone_mass": ("p3-low-bone-mass", PRIVATE_SCHEME, "Three-class probability of low bone mass"),
     "p_osteoporosis": ("p3-osteoporosis", PRIVATE_SCHEME, "Three-class probability of osteoporosis"),
+    # pediatric
+    "prob_low_bmd": ("p-low-bmd", PRIVATE_SCHEME, "Probability of BMD Z-score <= -2.0"),
+    "pred_z": ("pred-z-lumbar-spine", PRIVATE_SCHEME, "Predicted lumbar spine BMD Z-score"),
+    "pred_bmd": ("pred-bmd-lumbar-spine", PRIVATE_SCHEME, "Predicted lumbar spine BMD"),
 }
+#: Units other than UCUM ``1`` (no units): (code value, scheme, meaning).
+SCORE_UNITS: dict[str, tuple[str, str, str]] = {
+    "pred_z": ("{Z-score}", "UCUM", "Z-score"),
+    "pred_bmd": ("g/cm2", "UCUM", "gram per square centimeter"),
+}
+#: Row columns of a pediatric result reported as measurements (``score`` is P(Z <= -2.0)).
+PEDIATRIC_MEASUREMENTS = {"prob_low_bmd": "score", "pred_z": "pred_z", "pred_bmd": "pred_bmd"}
 TYPE2_COPIED = (
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
     "ReferringPhysicianName", "StudyID", "AccessionNumber",
@@ -96,6 +119,20 @@ class ScreeningResult:
     @classmethod
     def from_row(cls, row: dict[str, Any], models: Any, *, threshold: float, threshold_stage1: float
                  ) -> ScreeningResult:
+        if models.mode == "pediatric":
+            from bonescreen.labels import PEDIATRIC_LOW_Z
+
+            missing = [col for col in PEDIATRIC_MEASUREMENTS.values() if row.get(col) is None]
+            if missing:
+                raise DicomOutputError(f"pediatric result lacks {', '.join(missing)}")
+            return cls(
+                category=str(row["category"]),
+                scores={k: float(row[col]) for k, col in PEDIATRIC_MEASUREMENTS.items()},
+                model_id=models.main_id, task="pediatric",
+                thresholds={"probability": threshold,
+                            "z": float(models.main.spec.extra.get("z_threshold", PEDIATRIC_LOW_Z))},
+                arch=str(models.main.spec.arch),
+            )
         scores = {k: float(row[k]) for k in SCORE_CONCEPTS if row.get(k) is not None}
         thresholds: dict[str, float] = {}
         if models.mode in ("stage2", "cascade"):
@@ -167,7 +204,8 @@ def build_sr(source: Dataset, result: ScreeningResult) -> Any:
     src = hd.sr.SourceImageForMeasurement.from_source_image(source)
     measurements = [
         hd.sr.Measurement(
-            name=_code(SCORE_CONCEPTS[key]), value=float(value), unit=codes.UCUM.NoUnits,
+            name=_code(SCORE_CONCEPTS[key]), value=float(value),
+            unit=_code(SCORE_UNITS[key]) if key in SCORE_UNITS else codes.UCUM.NoUnits,
             algorithm_id=algo, referenced_images=[src],
         )
         for key, value in result.scores.items()

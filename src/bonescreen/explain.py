@@ -6,6 +6,11 @@ i.e. the last stage before global pooling. This is the layer the paper's
 Figure 3 style maps use, and it works for ConvNeXt, EfficientNet, ResNet, ...
 without a per-family table. Transformers whose features are tokens
 (``N, L, C``) are refused with a clear error.
+
+Pediatric models (image + clinical variables -> Z-score) have no classifier
+output; :class:`PediatricExplainer` routes them to
+:func:`bonescreen.pediatric.explain.gradcam_low_bmd` (target: lower predicted
+Z, each image's clinical row held fixed).
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from bonescreen.artifact import LoadedModel
 
-__all__ = ["ExplainError", "Explainer", "find_target_layer", "overlay", "save_png"]
+__all__ = ["ExplainError", "Explainer", "PediatricExplainer", "explain_paths", "find_target_layer", "overlay",
+           "save_png"]
 
 
 class ExplainError(BonescreenError):
@@ -112,6 +118,26 @@ class Explainer:
         return np.clip(maps, 0.0, 1.0)
 
 
+class PediatricExplainer:
+    """Grad-CAM of a pediatric model towards "lower predicted Z" (the low-BMD direction)."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        if getattr(loaded, "model", None) is None:
+            raise ExplainError("Grad-CAM needs the PyTorch model (.pt artifact), not an ONNX file")
+        if loaded.spec.task != "pediatric":
+            raise ExplainError(f"PediatricExplainer needs a pediatric model, this one is {loaded.spec.task!r}")
+        self.loaded = loaded
+
+    def cams(self, images: np.ndarray, clinical_raw: np.ndarray) -> np.ndarray:
+        """Maps in [0, 1], ``(N, H, W)``; ``clinical_raw`` is ``(N, 4)`` age, sex (F=1), height cm, weight kg."""
+        from bonescreen.pediatric.explain import gradcam_low_bmd
+
+        arr = np.asarray(images)
+        if arr.ndim == 2:
+            arr = arr[None]
+        return gradcam_low_bmd(self.loaded, arr, np.asarray(clinical_raw, dtype=float))
+
+
 def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.4) -> np.ndarray:
     """Jet heat map blended on the grey image: uint8 RGB ``(H, W, 3)``; red = most attention."""
     import cv2
@@ -145,6 +171,8 @@ def save_png(path: str | os.PathLike[str], rgb: np.ndarray) -> Path:
 
 
 EXPLAIN_COLUMNS = ["path", "image_id", "eligible", "reason", "message", "class", "probability", "overlay"]
+#: pediatric models add the predictions and the clinical inputs the map was computed with
+PEDIATRIC_EXPLAIN_COLUMNS = [*EXPLAIN_COLUMNS, "pred_z", "pred_bmd", "age", "sex", "height_cm", "weight_kg"]
 
 
 def explain_paths(
@@ -157,12 +185,16 @@ def explain_paths(
     gate_overrides: dict[str, Any] | None = None,
     batch_size: int = 8,
     progress: bool = True,
+    clinical: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Grad-CAM overlay PNGs for every readable (and, with ``gate``, eligible) image.
 
     ``target`` names the class to explain (default: the positive class);
     ``explain.csv`` in ``out_dir`` lists each input with its PNG or the reason
-    it has none.
+    it has none. A pediatric model is explained towards ``low_bmd`` (lower
+    predicted Z) with each image's age, sex, height and weight, found as in
+    ``screen`` (DICOM header, manifest columns, ``clinical`` CSV); images
+    without them are listed with ``missing_clinical:<names>``.
     """
     import csv
 
@@ -179,22 +211,35 @@ def explain_paths(
     )
 
     loaded = load_artifact(model)
+    pediatric = loaded.spec.task == "pediatric"
     names = list(loaded.spec.class_names)
     if target is not None and target not in names:
         raise ExplainError(f"class {target!r} is not one of this model's classes {names}")
+    if pediatric and target not in (None, "low_bmd"):
+        raise ExplainError("a pediatric model is explained towards low_bmd (lower predicted Z-score) only")
+    if clinical is not None and not pediatric:
+        raise ExplainError("--clinical gives height/weight to a pediatric model; this model does not use them")
     cls = names.index(target) if target is not None else int(loaded.spec.positive_class)
     overrides = dict(gate_overrides or {})
     if not gate:  # only image sanity: explaining a lateral or a child is allowed on purpose
         overrides["check_scope"] = False
+    if overrides.get("min_size") is None and "min_size" not in (loaded.spec.eligibility or {}):
+        overrides["min_size"] = min(256, loaded.size)  # as in screen: a low-resolution model takes its own size
     policy = GatePolicy.from_eligibility(loaded.spec.eligibility, **overrides)
-    ctx = PrepContext(policy, (loaded.size,), None, False, "")
-    explainer = Explainer(loaded)
+    table = None
+    if pediatric:
+        from bonescreen.screen import ClinicalTable
+
+        table = ClinicalTable(clinical) if clinical is not None else None
+    ctx = PrepContext(policy, (loaded.size,), None, False, "", pediatric=pediatric, clinical=table)
+    explainer: Any = PediatricExplainer(loaded) if pediatric else Explainer(loaded)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     counts = {"explained": 0, "skipped": 0}
     bar = tqdm(total=count_inputs(inputs, exclude=[out]), unit="img", desc="explain", disable=not progress)
     with open(out / "explain.csv", "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=EXPLAIN_COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(fh, fieldnames=PEDIATRIC_EXPLAIN_COLUMNS if pediatric else EXPLAIN_COLUMNS,
+                                extrasaction="ignore")
         writer.writeheader()
         batch: list[Any] = []
 
@@ -202,12 +247,24 @@ def explain_paths(
             if not batch:
                 return
             imgs = np.stack([b.images[loaded.size] for b in batch])
-            probs = loaded.predict_proba(imgs)[:, cls]
-            cams = explainer.cams(imgs, cls)
-            for b, img, cam, p in zip(batch, imgs, cams, probs):
+            extra: list[dict[str, Any]] = [{} for _ in batch]
+            if pediatric:
+                from bonescreen.pediatric import predict_pediatric
+                from bonescreen.screen import clinical_raw
+
+                clin = [b.clinical or {} for b in batch]
+                preds = predict_pediatric(loaded, imgs, _frame(clin))
+                probs = preds["prob_low_bmd"].to_numpy(dtype=float)
+                cams = explainer.cams(imgs, clinical_raw(clin))
+                extra = [{"pred_z": float(z), "pred_bmd": float(b), **c}
+                         for z, b, c in zip(preds["pred_z"], preds["pred_bmd"], clin)]
+            else:
+                probs = loaded.predict_proba(imgs)[:, cls]
+                cams = explainer.cams(imgs, cls)
+            for b, img, cam, p, ex in zip(batch, imgs, cams, probs, extra):
                 name = f"{safe_name(b.row['image_id'])}.png"
                 save_png(out / name, overlay(img, cam))
-                writer.writerow({**b.row, "class": names[cls], "probability": float(p), "overlay": name})
+                writer.writerow({**b.row, **ex, "class": names[cls], "probability": float(p), "overlay": name})
                 counts["explained"] += 1
             bar.update(len(batch))
             batch.clear()
@@ -226,3 +283,8 @@ def explain_paths(
     bar.close()
     return {**counts, "csv": str(out / "explain.csv"), "class": names[cls]}
 
+
+def _frame(rows: Sequence[dict[str, Any]]) -> Any:
+    import pandas as pd
+
+    return pd.DataFrame(rows, columns=["age", "sex", "height_cm", "weight_kg"])

@@ -18,6 +18,14 @@ A three-class model gives the category by arg-max. ``score`` in the table is
 always P(low bone mass | not osteoporosis), the quantity the stage-2 label
 (``label`` in the cohort manifest) measures, so ``bonescreen evaluate`` can
 read ``predictions.csv`` directly once labels are joined (``labels=``).
+
+Pediatric models (task ``pediatric``) regress the BMD Z-score from the image
+plus age, sex, height and weight: height and weight come from the DICOM
+header (PatientSize in metres, PatientWeight in kg), a screening manifest's
+``height_cm``/``weight_kg`` columns, or a ``--clinical`` CSV; the category is
+``low_bmd`` (predicted Z <= -2.0) or ``normal_bmd``, ``score`` is
+P(Z <= -2.0), and ``pred_z``/``pred_bmd`` are extra columns. An image whose
+clinical inputs are incomplete is skipped with ``missing_clinical:<names>``.
 """
 
 from __future__ import annotations
@@ -43,8 +51,12 @@ from bonescreen.errors import BonescreenError, ModelArtifactError, TableError
 from bonescreen.gate import GateDecision, GatePolicy, check_header, check_pixels
 
 __all__ = [
+    "PEDIATRIC_CATEGORIES",
+    "PEDIATRIC_PREDICTION_COLUMNS",
+    "PEDIATRIC_RESULT_COLUMNS",
     "PREDICTION_COLUMNS",
     "RESULT_COLUMNS",
+    "ClinicalTable",
     "InputItem",
     "ModelSet",
     "ResultStore",
@@ -52,9 +64,12 @@ __all__ = [
     "ScreenOptions",
     "ScreenSummary",
     "decide",
+    "decide_pediatric",
     "iter_inputs",
     "load_models",
     "model_id",
+    "prediction_columns",
+    "result_columns",
     "screen",
 ]
 
@@ -111,7 +126,38 @@ PREDICTION_COLUMNS = [
     "path",
 ]
 LABEL_COLUMNS = ("label", "label_stage1", "label_3class", "t_min", "severity", "split", "category")
+PEDIATRIC_Z_COLUMN = "z_lumbar_spine"  # what the pediatric model regresses (bonescreen.pediatric.data)
+PEDIATRIC_LABEL_COLUMNS = (PEDIATRIC_Z_COLUMN, "bmd_lumbar_spine")
 MANIFEST_SUFFIXES = (".csv", ".tsv")
+
+#: Pediatric categories: predicted Z <= -2.0 (the study's low BMD for age) or not. Named apart
+#: from the adult WHO categories on purpose: a child's low Z-score is not "osteopenia".
+PEDIATRIC_CATEGORIES = ("normal_bmd", "low_bmd")
+#: Added to the results table for pediatric models (adult tables keep ``RESULT_COLUMNS``).
+PEDIATRIC_RESULT_COLUMNS = ["pred_z", "pred_bmd", "height_cm", "weight_kg", "clinical_source"]
+#: Added to ``predictions.csv`` for pediatric models; ``z_pred/bmd_pred/z_true/bmd_true`` are the
+#: names ``bonescreen pediatric evaluate`` reads (``z_pred`` repeats ``pred_z``).
+PEDIATRIC_PREDICTION_COLUMNS = ["pred_z", "pred_bmd", "z_pred", "bmd_pred", "z_true", "bmd_true",
+                                "height_cm", "weight_kg"]
+# Plausible ranges; a value outside is treated as not recorded (e.g. PatientSize written in cm).
+HEIGHT_CM_RANGE = (30.0, 250.0)
+WEIGHT_KG_RANGE = (0.5, 350.0)
+
+
+def result_columns(mode: str) -> list[str]:
+    """The results-table columns of a run in ``mode`` (``ModelSet.mode``)."""
+    return RESULT_COLUMNS + PEDIATRIC_RESULT_COLUMNS if mode == "pediatric" else list(RESULT_COLUMNS)
+
+
+def prediction_columns(mode: str) -> list[str]:
+    """The ``predictions.csv`` columns of a run in ``mode``."""
+    return PREDICTION_COLUMNS + PEDIATRIC_PREDICTION_COLUMNS if mode == "pediatric" else list(PREDICTION_COLUMNS)
+
+
+PEDIATRIC_CASCADE_REFUSED = (
+    "a pediatric model cannot run in the two-stage cascade (--stage1 is the adult osteoporosis model, "
+    "and its eligibility excludes children); screen with --model pediatric.pt alone"
+)
 
 
 class ScreenError(BonescreenError):
@@ -165,10 +211,12 @@ class ModelSet:
 
     def __post_init__(self) -> None:
         task = self.main.spec.task
-        if task not in ("stage2", "three_class", "stage1"):
+        if task not in ("stage2", "three_class", "stage1", "pediatric"):
             raise ModelArtifactError(
-                f"a {task!r} model cannot screen; expected a stage2, three_class or stage1 model"
+                f"a {task!r} model cannot screen; expected a stage2, three_class, stage1 or pediatric model"
             )
+        if task == "pediatric" and self.stage1 is not None:
+            raise ModelArtifactError(PEDIATRIC_CASCADE_REFUSED)
         if self.stage1 is not None:
             if self.stage1.spec.task != "stage1":
                 raise ModelArtifactError(
@@ -184,6 +232,10 @@ class ModelSet:
         if self.stage1 is not None:
             return "cascade"
         return str(self.main.spec.task)
+
+    @property
+    def pediatric(self) -> bool:
+        return self.main.spec.task == "pediatric"
 
     @property
     def sizes(self) -> list[int]:
@@ -207,7 +259,9 @@ def _load_one(path: str | os.PathLike[str], backend: str, threads: int | None, c
             raise ModelArtifactError(f"{path.name} is an ONNX file; pass --backend onnx (or the .pt artifact)")
         from bonescreen.onnx_export import load_onnx
 
-        return load_onnx(path, expected_task=expected_task, threads=threads), None, mid
+        onnx_model = load_onnx(path, expected_task=expected_task, threads=threads)
+        _refuse_pediatric_onnx(onnx_model.spec.task, path)
+        return onnx_model, None, mid
     loaded = load_artifact(path, expected_task=expected_task)
     if threads:
         import torch
@@ -217,6 +271,7 @@ def _load_one(path: str | os.PathLike[str], backend: str, threads: int | None, c
         return loaded, loaded, mid
     if backend != "onnx":
         raise ScreenError(f"backend must be 'torch' or 'onnx', got {backend!r}")
+    _refuse_pediatric_onnx(loaded.spec.task, path)
     from bonescreen.onnx_export import export_onnx, load_onnx
 
     cache = cache_dir or path.parent
@@ -225,6 +280,14 @@ def _load_one(path: str | os.PathLike[str], backend: str, threads: int | None, c
         log.info("exporting %s to ONNX (%s)", path.name, onnx_path)
         export_onnx(loaded, onnx_path, source_id=mid)
     return load_onnx(onnx_path, threads=threads), loaded, mid
+
+
+def _refuse_pediatric_onnx(task: str, path: Path) -> None:
+    if task == "pediatric":
+        raise ModelArtifactError(
+            f"{path.name} is a pediatric model: it takes the image and the clinical variables (two inputs) "
+            "and has no ONNX export; screen it with --backend torch"
+        )
 
 
 def load_models(
@@ -242,6 +305,8 @@ def load_models(
     main, main_t, main_id = _load_one(model, backend, threads, cache, None)
     s1 = s1_t = None
     s1_id = ""
+    if stage1 is not None and main.spec.task == "pediatric":
+        raise ModelArtifactError(PEDIATRIC_CASCADE_REFUSED)
     if stage1 is not None:
         s1, s1_t, s1_id = _load_one(stage1, backend, threads, cache, "stage1")
     return ModelSet(main, s1, main_id, s1_id, backend, main_t, s1_t)
@@ -316,6 +381,55 @@ def decide(
     return out
 
 
+def decide_pediatric(preds: Any, *, threshold: float | None = None) -> list[dict[str, Any]]:
+    """Rows from :func:`bonescreen.pediatric.predict_pediatric` output (pure; easy to test).
+
+    ``score`` = P(Z <= -2.0); ``category`` ``low_bmd`` / ``normal_bmd``. With
+    ``threshold`` None the model's own decision (predicted Z <= -2.0, the
+    ``low_bmd`` column) flags; a number flags ``score >= threshold`` instead
+    (an operating point chosen on a tuning set). A row with a ``reason``
+    (``missing_clinical:<names>``) becomes a skip: ``eligible`` False, no score.
+    """
+    out: list[dict[str, Any]] = []
+    for rec in preds.to_dict("records"):
+        row: dict[str, Any] = {
+            "score": None, "score_stage1": None, "score_stage2": None,
+            "p_normal": None, "p_low_bone_mass": None, "p_osteoporosis": None,
+            "pred_z": None, "pred_bmd": None, "category": None, "flag": None,
+        }
+        reason = str(rec.get("reason") or "")
+        z, bmd, prob = (float(rec[k]) for k in ("pred_z", "pred_bmd", "prob_low_bmd"))
+        if not reason and not all(np.isfinite(v) for v in (z, bmd, prob)):
+            reason = "model_error"
+        if reason:
+            what = reason.split(":", 1)[1].replace("+", ", ") if ":" in reason else ""
+            row.update(eligible=False, reason=reason,
+                       message=(f"the pediatric model needs {what}" if what
+                                else "the model returned no finite prediction"))
+            out.append(row)
+            continue
+        low = bool(rec["low_bmd"]) if threshold is None else prob >= threshold
+        row.update(score=prob, pred_z=z, pred_bmd=bmd, category=PEDIATRIC_CATEGORIES[int(low)], flag=low)
+        out.append(row)
+    return out
+
+
+def _predict_pediatric(models: ModelSet, images: np.ndarray, clinical: Sequence[Mapping[str, Any]] | None,
+                       threshold: float) -> list[dict[str, Any]]:
+    import pandas as pd
+
+    from bonescreen.pediatric import predict_pediatric
+
+    if clinical is None or len(clinical) != len(images):
+        raise ScreenError("a pediatric model needs one clinical row (age, sex, height_cm, weight_kg) per image")
+    frame = pd.DataFrame([{k: c.get(k) for k in ("age", "sex", "height_cm", "weight_kg")} for c in clinical],
+                         columns=["age", "sex", "height_cm", "weight_kg"])
+    preds = predict_pediatric(models.main, images, frame)
+    # the artifact's cut-off (0.5 = predicted Z <= -2.0): the model's own rule, exact at the boundary
+    own = threshold == float(models.main.spec.threshold)
+    return decide_pediatric(preds, threshold=None if own else threshold)
+
+
 def predict_batch(
     models: ModelSet,
     images: Mapping[int, np.ndarray],
@@ -323,10 +437,17 @@ def predict_batch(
     threshold: float,
     threshold_stage1: float,
     always_stage2: bool = False,
+    clinical: Sequence[Mapping[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run the model(s) on one batch (``images``: size -> uint8 N×S×S) and decide."""
+    """Run the model(s) on one batch (``images``: size -> uint8 N×S×S) and decide.
+
+    ``clinical`` (pediatric models only): per image ``age, sex, height_cm, weight_kg``.
+    Pediatric rows the model cannot score come back with ``eligible`` False and a reason.
+    """
     main_x = images[models.main.size]
     n = len(main_x)
+    if models.pediatric:
+        return _predict_pediatric(models, main_x, clinical, threshold)
     if models.stage1 is None:
         probs = np.asarray(models.main.predict_proba(main_x))
         return decide(models.mode, probs, threshold=threshold, positive=_pos(models.main),
@@ -422,6 +543,187 @@ def count_inputs(inputs: Iterable[str | os.PathLike[str]], *, exclude: Iterable[
 class Prepared:
     row: dict[str, Any]
     images: dict[int, np.ndarray] | None = None  # size -> uint8 (S, S); None when skipped
+    clinical: dict[str, Any] | None = None  # pediatric: age, sex, height_cm, weight_kg
+
+
+# --------------------------------------------------------------------------
+# Pediatric clinical inputs: DICOM header, screening manifest, --clinical CSV
+# --------------------------------------------------------------------------
+
+
+def _num(value: Any) -> float | None:
+    """A finite float, or None for empty / unreadable / NaN values."""
+    if value is None:
+        return None
+    try:
+        v = float(str(value).strip()) if not isinstance(value, (int, float)) else float(value)
+    except ValueError:
+        return None
+    return v if np.isfinite(v) else None
+
+
+def _in_range(value: float | None, lo_hi: tuple[float, float]) -> bool:
+    return value is not None and lo_hi[0] <= value <= lo_hi[1]
+
+
+def _parse_date(value: str | None) -> Any:
+    """ISO ``YYYY-MM-DD`` or DICOM ``YYYYMMDD``; None otherwise."""
+    import datetime as dt
+
+    text = (value or "").strip()
+    for fmt in ("%Y-%m-%d", "%Y%m%d"):
+        try:
+            return dt.datetime.strptime(text[:10], fmt).date()
+        except ValueError:
+            continue
+    return None
+
+
+class ClinicalTable:
+    """``--clinical CSV``: height and weight (and age/sex where the header lacks them) per image.
+
+    Keyed by ``image_id`` (the SOP Instance UID, or a manifest's image_id) or
+    ``patient_id`` (the raw PatientID, matched before it is hashed). Columns:
+    ``height_cm`` and/or ``weight_kg``, optional ``age``, ``sex`` and
+    ``study_date``/``exam_date``. A patient with several rows gets the row
+    whose date is nearest the image's study date; without dates the match is
+    ambiguous and refused (the value is not guessed).
+    """
+
+    KEYS = ("image_id", "patient_id")
+    VALUES = ("height_cm", "weight_kg")
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        p = Path(path)
+        if not p.is_file():
+            raise TableError(f"clinical table not found: {p}")
+        self.path = p
+        self.id = model_id(p)
+        self.by_key: dict[str, dict[str, list[dict[str, str]]]] = {k: {} for k in self.KEYS}
+        delim = "\t" if p.suffix.lower() == ".tsv" else ","
+        with open(p, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh, delimiter=delim)
+            cols = {str(c).strip().lower() for c in (reader.fieldnames or [])}
+            if not cols & set(self.KEYS) or not cols & set(self.VALUES):
+                raise TableError(
+                    f"{p}: a clinical table needs an image_id or patient_id column and height_cm and/or "
+                    f"weight_kg; found {sorted(cols)}"
+                )
+            for raw in reader:
+                row = {str(k).strip().lower(): (v or "").strip() for k, v in raw.items() if k is not None}
+                for key in self.KEYS:
+                    if row.get(key):
+                        self.by_key[key].setdefault(row[key], []).append(row)
+
+    def lookup(self, image_id: str | None, patient_id: str | None, study_date: Any = None
+               ) -> tuple[dict[str, str] | None, str]:
+        """(row, note): the matching row or None; ``note`` says why a match was refused."""
+        for key, value in (("image_id", image_id), ("patient_id", patient_id)):
+            rows = self.by_key[key].get(str(value)) if value else None
+            if not rows:
+                continue
+            if len(rows) == 1:
+                return rows[0], ""
+            dated = [(d, r) for r in rows if (d := _parse_date(r.get("study_date") or r.get("exam_date")))]
+            if study_date is not None and len(dated) == len(rows):
+                gaps = sorted((abs((d - study_date).days), i) for i, (d, _r) in enumerate(dated))
+                if len(gaps) == 1 or gaps[0][0] < gaps[1][0]:
+                    return dated[gaps[0][1]][1], ""
+            return None, f"{len(rows)} rows in --clinical match this image's {key} and no date picks one"
+        return None, ""
+
+
+def _header_body_size(path: str) -> tuple[float | None, float | None, list[str]]:
+    """(height cm, weight kg, notes) from PatientSize (metres) and PatientWeight (kg).
+
+    Read here, header only, because ``bonescreen.io.ImageMeta`` does not carry them.
+    A value outside the plausible range (e.g. PatientSize written in centimetres, or
+    the 0 some modalities store for "unknown") counts as not recorded.
+    """
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientSize", "PatientWeight"])
+    except Exception:
+        return None, None, []
+    notes: list[str] = []
+    size_m, weight = _num(ds.get("PatientSize")), _num(ds.get("PatientWeight"))
+    height = None if size_m is None else round(size_m * 100.0, 2)
+    if height is not None and not _in_range(height, HEIGHT_CM_RANGE):
+        notes.append(f"PatientSize {size_m:g} m is implausible (metres expected); ignored")
+        height = None
+    if weight is not None and not _in_range(weight, WEIGHT_KG_RANGE):
+        notes.append(f"PatientWeight {weight:g} kg is implausible; ignored")
+        weight = None
+    return height, weight, notes
+
+
+def _fill_from_clinical(meta: Any, row: Mapping[str, str] | None) -> None:
+    """A --clinical row fills age/sex only where the header and manifest have none."""
+    if not row:
+        return
+    if meta.age is None and _num(row.get("age")) is not None:
+        meta.age = _num(row.get("age"))
+    if meta.sex is None and row.get("sex"):
+        s = row["sex"].strip().upper()[:1]
+        meta.sex = s if s in ("F", "M", "O") else None
+
+
+def _clinical_inputs(item: InputItem, meta: Any, csv_row: Mapping[str, str] | None, csv_note: str
+                     ) -> tuple[dict[str, Any], dict[str, Any], str, str]:
+    """(model inputs, row columns, missing reason or '', message) for one pediatric image.
+
+    Height and weight, per value: DICOM header, then the screening manifest's
+    ``height_cm``/``weight_kg``, then the --clinical row.
+    """
+    from bonescreen.pediatric.model import missing_reason, sex_code
+
+    notes: list[str] = []
+    values: dict[str, float | None] = {"height_cm": None, "weight_kg": None}
+    sources: list[str] = []
+    if meta.source == "dicom":
+        h, w, notes = _header_body_size(item.path)
+        values.update(height_cm=h, weight_kg=w)
+        if h is not None or w is not None:
+            sources.append("dicom")
+    for name, table in (("manifest", item.extra), ("clinical_csv", csv_row or {})):
+        used = False
+        for key, rng in (("height_cm", HEIGHT_CM_RANGE), ("weight_kg", WEIGHT_KG_RANGE)):
+            if values[key] is not None or not table.get(key):
+                continue
+            v = _num(table.get(key))
+            if _in_range(v, rng):
+                values[key], used = v, True
+            else:
+                notes.append(f"{key} {table.get(key)!r} from the {name.replace('_', ' ')} is implausible; ignored")
+        if used:
+            sources.append(name)
+    if csv_note:
+        notes.append(csv_note)
+    clin = {"age": meta.age, "sex": meta.sex, **values}
+    vec = np.array([np.nan if meta.age is None else float(meta.age), sex_code(meta.sex),
+                    np.nan if values["height_cm"] is None else values["height_cm"],
+                    np.nan if values["weight_kg"] is None else values["weight_kg"]], dtype=float)
+    reason = missing_reason(vec)
+    message = ""
+    if reason:
+        what = reason.split(":", 1)[1].replace("+", ", ")
+        message = (f"the pediatric model needs {what}: not found in the DICOM header "
+                   "(PatientAge/PatientSex/PatientSize/PatientWeight) or a clinical table")
+    if notes:
+        message = "; ".join([message, *notes]) if message else "; ".join(notes)
+    cols = {"height_cm": values["height_cm"], "weight_kg": values["weight_kg"],
+            "clinical_source": "+".join(sources) or None}
+    return clin, cols, reason, message
+
+
+def clinical_raw(rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
+    """Raw clinical matrix ``(N, 4)`` (age, sex F=1/M=0, height cm, weight kg) for Grad-CAM."""
+    import pandas as pd
+
+    from bonescreen.pediatric.model import clinical_matrix
+
+    return clinical_matrix(pd.DataFrame([dict(r) for r in rows], columns=["age", "sex", "height_cm", "weight_kg"]))
 
 
 def _hash_id(path: str) -> str:
@@ -462,6 +764,8 @@ class PrepContext:
     site: str | None
     include_patient_id: bool
     id_salt: str
+    pediatric: bool = False  # collect height/weight/age/sex for a pediatric model
+    clinical: ClinicalTable | None = None
 
 
 def prepare(item: InputItem, ctx: PrepContext) -> Prepared:
@@ -474,18 +778,30 @@ def prepare(item: InputItem, ctx: PrepContext) -> Prepared:
         "reason": "", "message": "", "site": item.extra.get("site") or ctx.site,
     }
     sidecar = item.extra or None
+    clinical: dict[str, Any] | None = None
     try:
         meta = read_meta(item.path, sidecar=sidecar)
         _fill_meta(meta, item.extra)
+        row["image_id"] = row["image_id"] or meta.sop_instance_uid or _hash_id(item.path)
+        csv_row, csv_note = None, ""
+        if ctx.pediatric and ctx.clinical is not None:
+            csv_row, csv_note = ctx.clinical.lookup(row["image_id"], meta.patient_id, meta.study_date)
+            _fill_from_clinical(meta, csv_row)
         row.update(
             sex=meta.sex, age=None if meta.age is None else round(float(meta.age), 2), view=meta.view,
             modality=meta.modality, study_date=meta.study_date.isoformat() if meta.study_date else None,
             patient_id=_patient_key(meta.patient_id, ctx.include_patient_id, ctx.id_salt),
         )
-        row["image_id"] = row["image_id"] or meta.sop_instance_uid or _hash_id(item.path)
         decision = check_header(meta, ctx.policy)
         if not decision.eligible:
             return _skip(row, decision)
+        if ctx.pediatric:
+            clinical, cols, missing, message = _clinical_inputs(item, meta, csv_row, csv_note)
+            row.update(cols)
+            if missing:  # decided before the (costly) pixel decode
+                return _skip(row, GateDecision.refuse(missing, message))
+            if message:
+                row["message"] = message
         image, _ = read_image(item.path, sidecar=sidecar, allowed_modalities=None)
         decision = check_pixels(image, ctx.policy)
         if not decision.eligible:
@@ -500,7 +816,7 @@ def prepare(item: InputItem, ctx: PrepContext) -> Prepared:
         log.debug("unexpected error on %s", item.path, exc_info=True)
         return _skip(row, GateDecision.refuse("error", f"{type(exc).__name__}: {exc}"))
     row["eligible"] = True
-    return Prepared(row, images)
+    return Prepared(row, images, clinical)
 
 
 def _skip(row: dict[str, Any], decision: GateDecision) -> Prepared:
@@ -651,6 +967,7 @@ class ScreenOptions:
     progress: bool = True
     overwrite: bool = False
     gate: dict[str, Any] = field(default_factory=dict)  # GatePolicy overrides
+    clinical: str | os.PathLike[str] | None = None  # pediatric: height/weight CSV (ClinicalTable)
 
 
 @dataclass
@@ -703,8 +1020,10 @@ class _Tally:
             self.reasons[str(row.get("reason"))] += 1
 
 
-def _run_config(models: ModelSet, policy: GatePolicy, t2: float, t1: float, opts: ScreenOptions) -> dict[str, Any]:
+def _run_config(models: ModelSet, policy: GatePolicy, t2: float, t1: float, opts: ScreenOptions,
+                clinical: ClinicalTable | None = None) -> dict[str, Any]:
     return {
+        "clinical": clinical.id if clinical is not None else None,
         "model": models.main_id,
         "model_stage1": models.stage1_id or None,
         "mode": models.mode,
@@ -746,10 +1065,12 @@ def _read_labels(path: str | os.PathLike[str]) -> tuple[dict[str, dict[str, str]
     with open(p, newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         cols = set(reader.fieldnames or [])
-        if not cols & {"image_id", "path"} or "label" not in cols:
-            raise TableError(f"{p}: a labels table needs 'label' and 'image_id' or 'path' columns; found {sorted(cols)}")
+        if not cols & {"image_id", "path"} or not cols & {"label", PEDIATRIC_Z_COLUMN}:
+            raise TableError(f"{p}: a labels table needs 'label' (or, for pediatric models, "
+                             f"'{PEDIATRIC_Z_COLUMN}') and 'image_id' or 'path' columns; found {sorted(cols)}")
         for row in reader:
-            keep = {k: (row.get(k) or "") for k in (*LABEL_COLUMNS, "patient_id", "site", "sex", "age")}
+            keep = {k: (row.get(k) or "") for k in (*LABEL_COLUMNS, *PEDIATRIC_LABEL_COLUMNS,
+                                                    "patient_id", "site", "sex", "age")}
             if row.get("image_id"):
                 by_id[row["image_id"]] = keep
             if row.get("path"):
@@ -758,23 +1079,38 @@ def _read_labels(path: str | os.PathLike[str]) -> tuple[dict[str, dict[str, str]
     return by_id, by_path
 
 
-def write_predictions(store: ResultStore, dest: Path, labels: str | os.PathLike[str] | None = None) -> int:
-    """``predictions.csv`` for ``bonescreen evaluate``: screened rows, labels joined when given."""
+def write_predictions(store: ResultStore, dest: Path, labels: str | os.PathLike[str] | None = None,
+                      mode: str = "") -> int:
+    """``predictions.csv`` for ``bonescreen evaluate``: screened rows, labels joined when given.
+
+    Pediatric (``mode="pediatric"``): ``label`` = the manifest's DXA Z-score <= -2.0
+    (``labels.pediatric_low_bmd``; the manifest's own ``label`` only when it has no Z),
+    plus ``z_true/bmd_true`` and ``z_pred/bmd_pred`` for ``bonescreen pediatric evaluate``.
+    """
+    from bonescreen.labels import pediatric_low_bmd
+
     by_id: dict[str, dict[str, str]] = {}
     by_path: dict[str, dict[str, str]] = {}
     if labels:
         by_id, by_path = _read_labels(labels)
+    columns = prediction_columns(mode)
     tmp = dest.with_name(f".{dest.name}.tmp")
     n = 0
     with open(tmp, "w", newline="", encoding="utf-8") as out:
-        w = csv.DictWriter(out, fieldnames=PREDICTION_COLUMNS, extrasaction="ignore")
+        w = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore")
         w.writeheader()
         for row in store.iter_rows():
             if not row.get("eligible"):
                 continue
             lab = by_id.get(str(row.get("image_id"))) or by_path.get(os.path.realpath(row["path"])) or {}
-            rec = {k: row.get(k) for k in PREDICTION_COLUMNS}
+            rec = {k: row.get(k) for k in columns}
             rec["label"] = lab.get("label", "")
+            if mode == "pediatric":
+                z_true = _num(lab.get(PEDIATRIC_Z_COLUMN))
+                rec.update(z_pred=row.get("pred_z"), bmd_pred=row.get("pred_bmd"), z_true=z_true,
+                           bmd_true=_num(lab.get("bmd_lumbar_spine")))
+                if z_true is not None:
+                    rec["label"] = int(bool(pediatric_low_bmd(z_true)))
             rec["label_stage1"] = lab.get("label_stage1", "")
             for k in ("t_min", "severity", "split"):
                 rec[k] = lab.get(k, "")
@@ -811,6 +1147,10 @@ def screen(
     )
     if opts.batch_size < 1 or opts.workers < 1:
         raise ScreenError("batch size and workers must be at least 1")
+    clinical = ClinicalTable(opts.clinical) if opts.clinical else None
+    if clinical is not None and not models.pediatric:
+        raise ScreenError("--clinical gives height/weight to a pediatric model; this is a "
+                          f"{models.mode!r} run, which does not use them")
     if (opts.explain or opts.dicom_sc) and models.main_torch is None:
         raise ScreenError("Grad-CAM needs the .pt artifact (an ONNX file has no gradients); "
                           "pass the .pt with --backend onnx instead")
@@ -822,9 +1162,9 @@ def screen(
     t2 = float(opts.threshold if opts.threshold is not None else models.main.spec.threshold)
     t1 = float(opts.threshold_stage1 if opts.threshold_stage1 is not None else
                (models.stage1.spec.threshold if models.stage1 is not None else 0.5))
-    _check_resume(out, _run_config(models, policy, t2, t1, opts), opts.overwrite)
+    _check_resume(out, _run_config(models, policy, t2, t1, opts, clinical), opts.overwrite)
 
-    store = ResultStore(out)
+    store = ResultStore(out, result_columns(models.mode))
     tally = _Tally()
 
     def visit(row: dict[str, Any]) -> None:
@@ -834,17 +1174,18 @@ def screen(
     if n_resumed:
         log.info("resuming: %d image(s) already have a row in %s", n_resumed, store.jsonl)
 
-    ctx = PrepContext(policy, tuple(models.sizes), opts.site, opts.include_patient_id, opts.id_salt)
+    ctx = PrepContext(policy, tuple(models.sizes), opts.site, opts.include_patient_id, opts.id_salt,
+                      pediatric=models.pediatric, clinical=clinical)
     explainers: dict[str, Any] = {}
     if opts.explain or opts.dicom_sc:
-        from bonescreen.explain import Explainer
+        from bonescreen.explain import Explainer, PediatricExplainer
 
-        explainers["main"] = Explainer(models.main_torch)
+        explainers["main"] = (PediatricExplainer if models.pediatric else Explainer)(models.main_torch)
         if models.stage1_torch is not None:
             explainers["stage1"] = Explainer(models.stage1_torch)
     common = {
         "threshold_stage1": t1 if models.stage1 is not None else None,
-        "threshold_stage2": t2 if models.mode in ("stage2", "cascade") else None,
+        "threshold_stage2": t2 if models.mode in ("stage2", "cascade", "pediatric") else None,
         "model": models.main_id, "model_stage1": models.stage1_id or None,
         "backend": models.backend, "bonescreen_version": __version__,
     }
@@ -872,14 +1213,16 @@ def screen(
         if not batch:
             return
         imgs = {s: np.stack([b.images[s] for b in batch]) for s in models.sizes}  # type: ignore[index]
-        decided = predict_batch(models, imgs, threshold=t2, threshold_stage1=t1, always_stage2=opts.always_stage2)
+        decided = predict_batch(models, imgs, threshold=t2, threshold_stage1=t1, always_stage2=opts.always_stage2,
+                                clinical=[b.clinical or {} for b in batch] if models.pediatric else None)
         for b, d in zip(batch, decided):
             b.row.update(d)
             b.row.update(common)
-        if explainers:
-            _explain_batch(batch, models, explainers, out, opts)
-        if opts.dicom_sr:
-            _write_srs(batch, models, out, t1, t2)
+        scored = [b for b in batch if b.row.get("eligible")]  # pediatric rows may be refused by the model
+        if explainers and scored:
+            _explain_batch(scored, models, explainers, out, opts)
+        if opts.dicom_sr and scored:
+            _write_srs(scored, models, out, t1, t2)
         for b in batch:
             pending_rows.append(b.row)
             b.images = None
@@ -919,7 +1262,7 @@ def screen(
         bar.close()
 
     seconds = time.perf_counter() - start
-    n_pred = write_predictions(store, out / "predictions.csv", opts.labels)
+    n_pred = write_predictions(store, out / "predictions.csv", opts.labels, mode=models.mode)
     summary = ScreenSummary(
         out_dir=str(out), n_rows=tally.screened + tally.skipped, n_screened=tally.screened,
         n_skipped=tally.skipped, n_flagged=tally.flagged, n_new=n_new, n_resumed=n_resumed,
@@ -954,11 +1297,14 @@ def _explain_batch(batch: list[Prepared], models: ModelSet, explainers: Mapping[
         ex = explainers[key]
         size = ex.loaded.size
         imgs = np.stack([batch[i].images[size] for i in idx])  # type: ignore[index]
-        if key == "main" and models.mode == "three_class":
-            classes = [ex.loaded.spec.class_names.index(batch[i].row["category"]) for i in idx]
+        if models.pediatric:  # towards lower predicted Z, with each image's clinical row held fixed
+            cams = ex.cams(imgs, clinical_raw([batch[i].clinical or {} for i in idx]))
         else:
-            classes = None  # the positive class
-        cams = ex.cams(imgs, classes)
+            if key == "main" and models.mode == "three_class":
+                classes = [ex.loaded.spec.class_names.index(batch[i].row["category"]) for i in idx]
+            else:
+                classes = None  # the positive class
+            cams = ex.cams(imgs, classes)
         for j, i in enumerate(idx):
             row = batch[i].row
             rgb = overlay(imgs[j], cams[j])

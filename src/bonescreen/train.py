@@ -600,7 +600,7 @@ def _fit(job: TrainJob, out_dir: str | Path, cfg: TrainConfig, env: DistEnv, *, 
 
     optimizer = create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
     total_steps = cfg.epochs * steps_per_epoch
-    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total_steps, warmup, cfg.min_lr_ratio))
     scaler = torch.amp.GradScaler("cuda", enabled=cuda and cfg.amp and cfg.amp_dtype == "float16")
 

@@ -15,13 +15,17 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
             "Write a Grad-CAM overlay (jet heat map on the preprocessed image; red = most "
             "attention) per image to OUT/<image_id>.png and list them in OUT/explain.csv. The "
             "target layer is the backbone's last feature stage, found automatically. Inputs are "
-            "gated like `screen` unless --no-gate."
+            "gated like `screen` unless --no-gate. A pediatric model is explained towards lower "
+            "predicted Z-score (low_bmd) with each image's age, sex, height and weight held fixed."
         ),
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or manifest CSVs")
     p.add_argument("--model", required=True, metavar="PT", help="model artifact (.pt)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder for the PNGs")
-    p.add_argument("--class", dest="target", help="class to explain (default the positive class)")
+    p.add_argument("--class", dest="target",
+                   help="class to explain (default the positive class; a pediatric model: low_bmd only)")
+    p.add_argument("--clinical", metavar="CSV",
+                   help="pediatric models: height_cm/weight_kg keyed by image_id or patient_id (as in screen)")
     p.add_argument("--no-gate", action="store_true",
                    help="explain any readable image (skip modality/view/age checks)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -37,6 +41,7 @@ def handler(args: argparse.Namespace) -> int:
     res = explain_paths(
         args.inputs, args.model, args.out, target=args.target, gate=not args.no_gate,
         gate_overrides=gate_overrides(args), batch_size=args.batch_size, progress=not args.no_progress,
+        clinical=args.clinical,
     )
     print(f"{res['explained']} overlay(s) for class {res['class']}, {res['skipped']} skipped; list in {res['csv']}")
     return 0 if res["explained"] else 1

@@ -49,12 +49,18 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
             "OUT/results.csv and OUT/results.jsonl (one row per image: score(s), category, flag, "
             "or the reason it was skipped), OUT/predictions.csv (for `bonescreen evaluate`) and "
             "OUT/summary.json. Re-running with the same OUT skips images that already have a row. "
+            "A pediatric model (BMD Z-score from the image + age, sex, height, weight) gives "
+            "category low_bmd (predicted Z <= -2.0) or normal_bmd, score = P(Z <= -2.0) and "
+            "pred_z/pred_bmd columns. "
             "Exit status 0 when at least one image was screened."
         ),
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or manifest CSVs")
     p.add_argument("--model", required=True, metavar="PT|ONNX",
-                   help="stage-2 (normal vs low bone mass), three-class or stage-1 model artifact")
+                   help="stage-2 (normal vs low bone mass), three-class, stage-1 or pediatric model artifact")
+    p.add_argument("--clinical", metavar="CSV",
+                   help="pediatric models: height_cm/weight_kg (optional age, sex, study_date) keyed by image_id "
+                        "or patient_id, for images whose DICOM header lacks PatientSize/PatientWeight")
     p.add_argument("--stage1", metavar="PT|ONNX", help="stage-1 osteoporosis model: runs first (cascade)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
@@ -92,6 +98,7 @@ def handler(args: argparse.Namespace) -> int:
         explain=args.explain, dicom_sr=args.dicom_sr, dicom_sc=args.dicom_sc, site=args.site,
         include_patient_id=args.include_patient_id, id_salt=args.id_salt, labels=args.labels,
         progress=not args.no_progress, overwrite=args.overwrite, gate=gate_overrides(args),
+        clinical=args.clinical,
     )
     summary = screen(args.inputs, args.model, args.out, stage1=args.stage1, backend=args.backend,
                      threads=args.threads, options=opts)

@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from bonescreen import __version__
 from bonescreen.service.intake import IntakeError
 from bonescreen.service.runtime import Service
-from bonescreen.service.store import REVIEW_STATUSES, StoreError
+from bonescreen.service.store import CATEGORY_LABELS, REVIEW_STATUSES, StoreError
 from bonescreen.service.worker import hash_patient_id
 
 __all__ = ["COOKIE", "create_app"]
@@ -34,7 +34,7 @@ log = logging.getLogger("bonescreen.service.http")
 
 COOKIE = "bonescreen_token"
 UID_PATTERN = r"^[0-9]+(\.[0-9]+)*$"
-CATEGORIES = ("normal", "low_bone_mass", "osteoporosis", "not_osteoporosis")
+CATEGORIES = tuple(CATEGORY_LABELS)
 
 SopUID = Annotated[str, Path(max_length=64, pattern=UID_PATTERN, description="SOP Instance UID")]
 

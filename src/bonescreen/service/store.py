@@ -66,6 +66,16 @@ log = logging.getLogger(__name__)
 
 #: What a clinician can set on a worklist row.
 REVIEW_STATUSES = ("new", "acknowledged", "dxa_ordered")
+# Every category a screening result can carry (adult cascade, stage 1 alone, pediatric),
+# with the worklist's wording; the API's category filter accepts exactly these.
+CATEGORY_LABELS = {
+    "osteoporosis": "Osteoporosis",
+    "low_bone_mass": "Low bone mass",
+    "normal": "Normal",
+    "not_osteoporosis": "No osteoporosis",
+    "low_bmd": "Low BMD for age",
+    "normal_bmd": "Normal BMD for age",
+}
 JOB_STATUSES = ("pending", "processing", "done", "failed")
 FORWARD_STATUSES = ("none", "pending", "done", "failed")
 

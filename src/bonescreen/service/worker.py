@@ -5,6 +5,13 @@ cascade decision), ``bonescreen.explain`` (Grad-CAM) and
 ``bonescreen.dicom_out`` (SR, secondary capture); this module only runs them
 over spooled files and writes what the worklist needs.
 
+Pediatric models screen children the same way: height and weight come from
+the DICOM header (PatientSize in metres, PatientWeight in kg); an image
+without them gets a result with reason ``missing_clinical:<names>``. The
+result's ``score`` is P(Z <= -2.0), ``category`` ``low_bmd``/``normal_bmd``,
+and the message carries the predicted Z-score and BMD (the SR holds them as
+measurements).
+
 One worker thread per service process: the models are not thread-safe to
 share and two CPU cores gain nothing from more. Several service processes on
 one PostgreSQL database each run their own worker (SKIP LOCKED claims).
@@ -63,9 +70,10 @@ class ScreeningEngine:
                         (s1.spec.threshold if s1 is not None else 0.5))
         self.explainers: dict[str, Any] = {}
         if config.explain and self.models.main_torch is not None:
-            from bonescreen.explain import Explainer
+            from bonescreen.explain import Explainer, PediatricExplainer
 
-            self.explainers["main"] = Explainer(self.models.main_torch)
+            self.explainers["main"] = (PediatricExplainer if self.models.pediatric else Explainer)(
+                self.models.main_torch)
             if self.models.stage1_torch is not None:
                 self.explainers["stage1"] = Explainer(self.models.stage1_torch)
 
@@ -77,7 +85,7 @@ class ScreeningEngine:
         """Gate, decode, preprocess one file -> ``screen.Prepared`` (row + images, or a skip row)."""
         from bonescreen.screen import InputItem, PrepContext, prepare
 
-        ctx = PrepContext(self.policy, tuple(self.models.sizes), None, True, "")
+        ctx = PrepContext(self.policy, tuple(self.models.sizes), None, True, "", pediatric=self.models.pediatric)
         return prepare(InputItem(str(path)), ctx)
 
     def screen_files(self, paths: list[Path], out_dir: Path, names: list[str]) -> list[Screened]:
@@ -93,7 +101,9 @@ class ScreeningEngine:
         if ok:
             try:
                 imgs = {s: np.stack([preps[i].images[s] for i in ok]) for s in self.models.sizes}
-                decided = predict_batch(self.models, imgs, threshold=self.t2, threshold_stage1=self.t1)
+                clinical = [preps[i].clinical or {} for i in ok] if self.models.pediatric else None
+                decided = predict_batch(self.models, imgs, threshold=self.t2, threshold_stage1=self.t1,
+                                        clinical=clinical)
             except Exception as exc:  # a model failure must not lose the batch: record it per image
                 log.exception("model failed on a batch of %d", len(ok))
                 for i in ok:
@@ -102,6 +112,10 @@ class ScreeningEngine:
             else:
                 for i, d in zip(ok, decided):
                     out[i].row.update(d)
+                    if out[i].row.get("pred_z") is not None:
+                        _note(out[i].row, f"predicted Z-score {out[i].row['pred_z']:.2f}, "
+                                          f"BMD {out[i].row['pred_bmd']:.3f} g/cm2")
+                ok = [i for i in ok if out[i].row.get("eligible")]  # a pediatric model may refuse a row
         for i in ok:
             out[i].row["model"] = self.model_id
         if ok and self.explainers:
@@ -121,8 +135,12 @@ class ScreeningEngine:
             ex = self.explainers[key]
             size = int(ex.loaded.size)
             imgs = np.stack([preps[j].images[size] for j in idx])
-            classes = None
-            if key == "main" and self.models.mode == "three_class":
+            classes: Any = None
+            if self.models.pediatric:
+                from bonescreen.screen import clinical_raw
+
+                classes = clinical_raw([preps[j].clinical or {} for j in idx])  # clinical rows held fixed
+            elif key == "main" and self.models.mode == "three_class":
                 classes = [ex.loaded.spec.class_names.index(outs[j].row["category"]) for j in idx]
             try:
                 cams = ex.cams(imgs, classes)

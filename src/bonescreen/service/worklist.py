@@ -20,16 +20,10 @@ from starlette.concurrency import run_in_threadpool
 
 from bonescreen import __version__
 from bonescreen.service.runtime import Service
-from bonescreen.service.store import REVIEW_STATUSES
+from bonescreen.service.store import CATEGORY_LABELS, REVIEW_STATUSES
 
 __all__ = ["add_worklist_routes", "render"]
 
-CATEGORY_LABELS = {
-    "osteoporosis": "Osteoporosis",
-    "low_bone_mass": "Low bone mass",
-    "normal": "Normal",
-    "not_osteoporosis": "No osteoporosis",
-}
 REVIEW_LABELS = {"new": "New", "acknowledged": "Acknowledged", "dxa_ordered": "DXA ordered"}
 DISCLAIMER = "Research software output; not a diagnosis. Confirm with DXA."
 
