@@ -112,18 +112,37 @@ def main() -> int:
             "oracle_r": round(oracle[site]["r"], 3),
             "oracle_mae_z": round(oracle[site]["mae_z"], 3),
         })
+        # the two ingredients of the reported Z, for comparison (test split: never used for any choice)
+        for col, key in (("z_pred_head", "head"), ("z_pred_ref", "ref")):
+            if col in g.columns:
+                q = g[col].to_numpy(float)
+                rows[-1][f"r_z_{key}"] = round(float(np.corrcoef(t, q)[0, 1]), 3)
+                rows[-1][f"mae_z_{key}"] = round(float(np.mean(np.abs(t - q))), 3)
+                rows[-1][f"auc_{key}"] = round(float(auc_point(y, -q)), 3)
     print("\nsite       n   prev   r(Z)  MAE(Z)  r(BMD)   AUC   sens  spec | oracle AUC  r    MAE")
     for r in rows:
         print(f"{r['site']:<8}{r['n']:>4} {r['prevalence']:>6.3f} {r['r_z']:>6.3f} {r['mae_z']:>6.3f} "
               f"{r['r_bmd']:>7.3f} {r['auc']:>6.3f} {r['sensitivity'] or 0:>5.2f} {r['specificity'] or 0:>5.2f} |"
               f" {r['oracle_auc']:>6.3f} {r['oracle_r']:>6.3f} {r['oracle_mae_z']:>5.3f}")
     card = json.loads((work / "run" / "model_card.json").read_text())
+    print(f"reported Z from: {card.get('z_from')} (tuning: {card.get('z_from_selection')}); "
+          f"best epoch {card.get('best_epoch')}")
+    for r in rows:
+        if "r_z_head" in r:
+            print(f"  {r['site']:<8} head r {r['r_z_head']:.3f} MAE {r['mae_z_head']:.3f} AUC {r['auc_head']:.3f}"
+                  + (f" | reference r {r['r_z_ref']:.3f} MAE {r['mae_z_ref']:.3f} AUC {r['auc_ref']:.3f}"
+                     if "r_z_ref" in r else ""))
     result = {
         "command": "python bench/bench_pediatric.py " + " ".join(sys.argv[1:]),
         "rows": rows,
         "regression": {k: v for k, v in reg.items() if k in ("z", "bmd")},
         "classification_inputs": cls.get("inputs"),
         "residual_sd_z": card.get("residual_sd_z"),
+        "z_from": card.get("z_from"),
+        "z_from_selection_tune": card.get("z_from_selection"),
+        "model_selection": card.get("model_selection"),
+        "best_epoch": card.get("best_epoch"),
+        "z_reference_fit": card.get("z_reference_fit"),
         "epochs_run": card.get("epochs_run"),
         "arch": card.get("arch"),
         "pretrained": card.get("pretrained"),

@@ -84,13 +84,15 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     assert main(["pediatric", "phantom", str(root / "ph"), "--n-per-site", "26", "--size", "48", "--quiet"]) == 0
     assert main(["pediatric", "cohort", str(root / "ph"), str(root / "co")]) == 0
     cfg = load_config("pediatric-cpu-tiny", {
-        "arch": ARCH, "pretrained": None, "image_size": 48, "epochs": 1, "batch_size": 8,
+        "arch": ARCH, "pretrained": None, "image_size": 48, "epochs": 2, "batch_size": 8,
         "progress": False, "tensorboard": False, "device": "cpu",
     })
     res = train_pediatric(root / "co" / "manifest.csv", root / "run", cfg, cache_root=root / "cache")
     return {"root": root, "phantom": root / "ph", "manifest": root / "co" / "manifest.csv",
             "model": res.artifact_path, "preds": root / "run" / "predictions.csv",
-            "tune": root / "run" / "tune_predictions.csv", "cache": root / "cache"}
+            "tune": root / "run" / "tune_predictions.csv", "cache": root / "cache",
+            "metrics": root / "run" / "metrics.csv", "card": root / "run" / "model_card.json",
+            "result": res}  # type: ignore[dict-item]
 
 
 def test_phantom_files_and_oracle(run: dict[str, Path]) -> None:
@@ -202,14 +204,207 @@ def test_artifact_round_trip_and_predict_pediatric(run: dict[str, Path]) -> None
         loaded.predict_proba(imgs)
 
 
+# --- model selection (fit's evaluate_fn hook) -----------------------------------------------
+
+
+class _ToyData(torch.utils.data.Dataset):
+    """16 tiny 'images' with a regression target: enough for fit's loop, nothing else."""
+
+    def __init__(self, n: int = 16) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 1, 4, 4, generator=g)
+        self.t = self.x.mean(dim=(1, 2, 3))
+        self.labels = np.zeros(n, dtype=int)
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"image": self.x[i], "target": self.t[i]}
+
+
+def _toy_fit(tmp_path: Path, scores: list[float], patience: int | None) -> tuple:  # type: ignore[type-arg]
+    from bonescreen.artifact import ModelSpec
+    from bonescreen.config import load_config
+    from bonescreen.distributed import DistEnv
+    from bonescreen.train import TrainJob, fit
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 1))
+    calls: list[dict[str, torch.Tensor]] = []
+
+    def evaluate_fn(m: torch.nn.Module, env: DistEnv) -> tuple[dict[str, float], float]:
+        assert m is model and isinstance(env, DistEnv)
+        calls.append({k: v.detach().clone() for k, v in m.state_dict().items()})
+        return {"tune_toy": float(len(calls))}, scores[len(calls) - 1]
+
+    def loss_fn(m: torch.nn.Module, x: torch.Tensor, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.nn.functional.mse_loss(m(x).squeeze(1), b["target"])
+
+    ds = _ToyData()
+    cfg = load_config("cpu-tiny", {"epochs": len(scores), "batch_size": 8, "progress": False, "tensorboard": False,
+                                   "device": "cpu", "balance": "none", "early_stopping_patience": patience,
+                                   "warmup_epochs": 0, "lr": 0.05})
+    job = TrainJob(task="stage2", spec=ModelSpec.for_task("toy", "stage2"), model=model, train_ds=ds,  # type: ignore[arg-type]
+                   tune_ds=None, tune_frame=pd.DataFrame(), test_ds=ds, test_frame=pd.DataFrame(),  # type: ignore[arg-type]
+                   loss_fn=loss_fn, model_card={}, evaluate_fn=evaluate_fn)
+    return fit(job, tmp_path, cfg, DistEnv()), calls
+
+
+def test_fit_evaluate_fn_picks_the_best_epoch(tmp_path: Path) -> None:
+    scores = [0.1, 0.7, 0.3, 0.2]
+    res, calls = _toy_fit(tmp_path, scores, patience=None)
+    assert len(calls) == 4  # once per epoch
+    assert res.best_epoch == 2 == int(np.argmax(scores)) + 1
+    # the artifact holds the weights evaluate_fn saw at the best epoch, not the last ones
+    saved = torch.load(res.artifact_path, weights_only=True)["state_dict"]
+    for k, v in calls[1].items():
+        torch.testing.assert_close(saved[k], v)
+    assert not torch.equal(saved["1.weight"], calls[-1]["1.weight"])
+    metrics = pd.read_csv(res.metrics_csv)
+    assert metrics["tune_toy"].tolist() == [1.0, 2.0, 3.0, 4.0]
+    assert metrics["best"].tolist() == [True, True, False, False]
+    assert "tune_auc" not in metrics.columns
+    assert res.predictions_path is None  # the built-in (classification) test evaluation is replaced too
+
+
+def test_fit_evaluate_fn_drives_early_stopping(tmp_path: Path) -> None:
+    res, calls = _toy_fit(tmp_path, [0.5, 0.9, 0.4, 0.3, 0.95, 0.99], patience=2)
+    assert len(calls) == 4 and res.stopped == "early_stopping"
+    assert res.best_epoch == 2
+
+
+# --- reference curve: BMD -> Z as the scanner computes it ------------------------------------
+
+
+def _synthetic_dxa(n: int, *, log_normal: bool, seed: int = 0) -> tuple[np.ndarray, ...]:
+    """Children with a known reference: linear-scale mu/sigma, or log-normal (LMS with L = 0)."""
+    rng = np.random.default_rng(seed)
+    age = np.round(rng.uniform(1, 17.9, n), 1)
+    sex = (rng.random(n) < 0.5).astype(float)
+    z = np.round(rng.normal(-0.7, 1.4, n), 1)
+    mu, sd = _known(age, sex, log_normal)
+    y = mu + z * sd
+    bmd = np.exp(y) if log_normal else y
+    return age, sex, z, np.round(bmd, 4)
+
+
+def _known(age: np.ndarray, sex: np.ndarray, log_normal: bool) -> tuple[np.ndarray, np.ndarray]:
+    centre = np.where(sex == 1, 11.5, 13.5)
+    mu = 0.35 + 0.025 * age + 0.3 / (1 + np.exp(-(age - centre) / 1.8))
+    if log_normal:
+        return np.log(mu), 0.10 + 0.002 * age
+    return mu, 0.04 + 0.004 * age
+
+
+@pytest.mark.parametrize("log_normal", [False, True])
+def test_reference_curve_recovers_known_mu_sigma(log_normal: bool) -> None:
+    from bonescreen.pediatric.reference import ReferenceCurves
+
+    age, sex, z, bmd = _synthetic_dxa(400, log_normal=log_normal)
+    ref = ReferenceCurves.fit(age, sex, z, bmd)
+    assert {c.transform for c in ref.curves.values()} == {"log" if log_normal else "linear"}
+    grid = np.linspace(2, 17, 31)
+    for code in (0.0, 1.0):
+        mu, sd = _known(grid, np.full_like(grid, code), log_normal)
+        mu_hat, sd_hat, _ = ref.mu_sigma(grid, np.full_like(grid, code))
+        assert np.max(np.abs(mu_hat - mu) / sd) < 0.1  # mu within 0.1 SD at every age
+        assert np.max(np.abs(sd_hat / sd - 1)) < 0.1
+    # new children (not rounded): Z from BMD as the scanner would, and back
+    a2, s2, z2, _ = _synthetic_dxa(300, log_normal=log_normal, seed=1)
+    mu2, sd2 = _known(a2, s2, log_normal)
+    b2 = mu2 + z2 * sd2
+    b2 = np.exp(b2) if log_normal else b2
+    z_hat = ref.z(b2, a2, s2)
+    assert np.sqrt(np.mean((z_hat - z2) ** 2)) < 0.08
+    # plain floats/lists only: survives JSON (and torch's weights_only loader)
+    again = ReferenceCurves.from_dict(json.loads(json.dumps(ref.to_dict())))
+    np.testing.assert_allclose(again.z(b2, a2, s2), z_hat)
+    np.testing.assert_allclose(again.curves["F"].bmd(z_hat[:5], a2[:5]), ref.curves["F"].bmd(z_hat[:5], a2[:5]))
+
+
+def test_reference_curve_refuses_too_little_data_and_pools_a_rare_sex() -> None:
+    from bonescreen.pediatric.reference import ReferenceCurves, ReferenceFitError
+
+    age, sex, z, bmd = _synthetic_dxa(300, log_normal=False)
+    with pytest.raises(ReferenceFitError, match="too few"):
+        ReferenceCurves.fit(age[:6], sex[:6], z[:6], bmd[:6])
+    keep = (sex == 0) | (np.arange(len(sex)) < 12)  # only a handful of girls
+    n_girls = int((sex[keep] == 1).sum())
+    assert 0 < n_girls < 14
+    ref = ReferenceCurves.fit(age[keep], sex[keep], z[keep], bmd[keep])
+    assert ref.curves["F"].n == int(keep.sum())  # the pooled curve (all children)
+    assert ref.curves["M"].n == int((sex[keep] == 0).sum())
+
+
+def test_reference_z_in_artifact_and_predictions(run: dict[str, Path]) -> None:
+    from bonescreen.artifact import load_artifact
+    from bonescreen.pediatric import predict_pediatric
+    from bonescreen.pediatric.model import Z_SOURCES, predict_outputs, reference_of, sex_code
+
+    loaded = load_artifact(run["model"], expected_task="pediatric")
+    extra = loaded.spec.extra
+    assert extra["z_from"] in Z_SOURCES and extra["z_reference"]
+    json.dumps(extra)  # plain types only
+    ref = reference_of(extra)
+    rng = np.random.default_rng(3)
+    imgs = rng.integers(0, 256, (4, loaded.size, loaded.size), dtype=np.uint8)
+    clin = pd.DataFrame({"age": [4.0, 9.5, 13.0, 16.5], "sex": ["F", "M", "M", "F"],
+                         "height_cm": [100, 135, 155, 165], "weight_kg": [16, 30, 45, 55]})
+    raw = clin.assign(sex=[sex_code(v) for v in clin["sex"]]).to_numpy(float)
+    z_head, bmd = predict_outputs(loaded.model, imgs, raw, extra, mean=float(loaded.spec.preprocess["mean"]),
+                                  std=float(loaded.spec.preprocess["std"]))
+    z_ref = ref.z(bmd, raw[:, 0], raw[:, 1])
+    expected = {"head": z_head, "reference": z_ref, "mean": 0.5 * (z_head + z_ref)}
+    for src in Z_SOURCES:
+        extra["z_from"] = src
+        out = predict_pediatric(loaded, imgs, clin)
+        np.testing.assert_allclose(out["pred_z"].to_numpy(float), expected[src], atol=1e-6)
+        np.testing.assert_allclose(out["pred_bmd"].to_numpy(float), bmd, atol=1e-6)
+        assert (out["low_bmd"].astype(bool).to_numpy() == (expected[src] <= -2.0)).all()
+    # the tables carry both ingredients; z_pred is the one the artifact chose
+    tune = pd.read_csv(run["tune"])
+    chosen = load_artifact(run["model"]).spec.extra["z_from"]
+    parts = {"head": tune["z_pred_head"], "reference": tune["z_pred_ref"],
+             "mean": 0.5 * (tune["z_pred_head"] + tune["z_pred_ref"])}
+    np.testing.assert_allclose(tune["z_pred"], parts[chosen], atol=2e-4)
+
+
+def test_train_pediatric_selects_on_tuning_mae(run: dict[str, Path]) -> None:
+    res = run["result"]
+    card = json.loads(run["card"].read_text())
+    metrics = pd.read_csv(run["metrics"])
+    assert card["model_selection"].startswith("tuning MAE")
+    cols = [f"tune_mae_z_{m}" for m in ("head", "reference", "mean")]
+    assert set(cols) <= set(metrics.columns) and len(metrics) == 2
+    # best epoch = the one with the lowest tuning MAE (over the three Z sources: z_from=auto)
+    best = int(metrics[cols].min(axis=1).to_numpy().argmin()) + 1
+    assert res.best_epoch == best == card["best_epoch"]
+    assert metrics["best"].astype(bool).tolist()[best - 1]
+    # z_from=auto took the source with the lowest tuning MAE at that epoch, recomputed from the table
+    tune = pd.read_csv(run["tune"])
+    mae = {"head": np.mean(np.abs(tune["z_true"] - tune["z_pred_head"])),
+           "reference": np.mean(np.abs(tune["z_true"] - tune["z_pred_ref"])),
+           "mean": np.mean(np.abs(tune["z_true"] - 0.5 * (tune["z_pred_head"] + tune["z_pred_ref"])))}
+    assert card["z_from"] == min(mae, key=mae.get)
+    for m, v in mae.items():
+        assert card["z_from_selection"][m]["mae"] == pytest.approx(v, abs=1e-3)
+        assert metrics[f"tune_mae_z_{m}"].iloc[best - 1] == pytest.approx(v, abs=1e-3)
+
+
 # --- explanation ---------------------------------------------------------------------------
 
 
-def test_shap_is_exact_and_gradcam_shape(run: dict[str, Path]) -> None:
+@pytest.mark.parametrize("z_from", ["head", "reference", "mean"])
+def test_shap_is_exact_and_gradcam_shape(run: dict[str, Path], z_from: str) -> None:
     from bonescreen.artifact import load_artifact
     from bonescreen.pediatric.explain import clinical_shap, gradcam_low_bmd
 
     loaded = load_artifact(run["model"])
+    loaded.spec.extra["z_from"] = z_from  # SHAP explains the Z the artifact reports, whatever its source
     rng = np.random.default_rng(1)
     imgs = rng.integers(0, 256, (2, loaded.size, loaded.size), dtype=np.uint8)
     clin = np.array([[6.0, 1.0, 115.0, 20.0], [15.0, 0.0, 170.0, 60.0]])

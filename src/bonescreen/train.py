@@ -85,6 +85,7 @@ PREDICTION_ORDER = [
 LITE0_ARCHS = ("tf_efficientnet_lite0", "efficientnet_lite0")
 
 LossFn = Callable[[nn.Module, torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
+EvaluateFn = Callable[[nn.Module, DistEnv], tuple[dict[str, float], float]]
 
 
 @dataclass
@@ -509,6 +510,12 @@ class TrainJob:
     model_card: dict[str, Any]
     model_name: str = "model"
     n_skipped_images: int = 0
+    # Optional model selection for models the built-in image-only classification
+    # evaluation cannot run (e.g. the pediatric fusion regressor). Called on every
+    # rank after each epoch with the unwrapped model; returns (metrics for
+    # metrics.csv, selection score: higher is better). When set it replaces the
+    # built-in tuning and test evaluation (best epoch + early stopping use its score).
+    evaluate_fn: EvaluateFn | None = None
 
 
 def _lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
@@ -773,7 +780,13 @@ def _fit(job: TrainJob, out_dir: str | Path, cfg: TrainConfig, env: DistEnv, *, 
             "seconds": round(seconds, 3),
             "images_per_s": seen_total / seconds if seconds > 0 else float("nan"),
         }
-        if job.tune_ds is not None and len(job.tune_ds):
+        if job.evaluate_fn is not None:
+            m, score = job.evaluate_fn(model, env)
+            record.update(_plain(dict(m)))
+            score = float(score)
+            if math.isnan(score):
+                score = -math.inf
+        elif job.tune_ds is not None and len(job.tune_ds):
             logits = _evaluate(model, job.tune_ds, env, cfg, progress, "tune")
             m = classification_metrics(job.tune_ds.labels, logits)
             record.update({f"tune_{k}": v for k, v in m.items()})
@@ -791,6 +804,8 @@ def _fit(job: TrainJob, out_dir: str | Path, cfg: TrainConfig, env: DistEnv, *, 
         history.append(_plain(record))
         if env.is_main:
             tune_msg = f", tune AUC {record.get('tune_auc', float('nan')):.4f}" if "tune_auc" in record else ""
+            if job.evaluate_fn is not None:
+                tune_msg = f", selection score {score:.4f}"
             log.info(
                 "epoch %d%s: train loss %.4f%s, %.1f img/s",
                 epoch + 1,
@@ -848,7 +863,7 @@ def _fit(job: TrainJob, out_dir: str | Path, cfg: TrainConfig, env: DistEnv, *, 
     card["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
 
     predictions_path = None
-    if job.test_ds is not None and len(job.test_ds):
+    if job.evaluate_fn is None and job.test_ds is not None and len(job.test_ds):
         logits = _evaluate(model, job.test_ds, env, cfg, progress, "test")
         test_m = classification_metrics(job.test_ds.labels, logits)
         card["test_metrics"] = _plain(test_m)

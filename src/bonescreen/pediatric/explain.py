@@ -1,7 +1,9 @@
 """Why the pediatric model said what it said: SHAP for the clinical variables, Grad-CAM for the image.
 
-* SHAP: the predicted Z-score is explained in terms of age, sex, height and
-  weight **with the image embedding held fixed** (the patient's own image).
+* SHAP: the predicted Z-score (as the artifact reports it: Z head, BMD through
+  the reference curve, or their mean; ``spec.extra["z_from"]``) is explained in
+  terms of age, sex, height and weight **with the image embedding held fixed**
+  (the patient's own image).
   With four features, ``shap``'s exact explainer enumerates all 16
   coalitions against an interventional background (training-set clinical
   rows), so the values add up exactly: base + sum(SHAP) = predicted Z.
@@ -29,7 +31,7 @@ from torch import nn
 
 from bonescreen.errors import BonescreenError
 from bonescreen.labels import PEDIATRIC_LOW_Z
-from bonescreen.pediatric.model import CLINICAL_FEATURES, Standardizer
+from bonescreen.pediatric.model import CLINICAL_FEATURES, Standardizer, combine_z, reference_of, z_source
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,7 @@ def clinical_shap(
     if len(bg) > max_background:
         bg = bg[np.random.default_rng(0).choice(len(bg), max_background, replace=False)]
     emb = _embeddings(loaded, images)
+    reference = reference_of(extra)
     model = loaded.model
     device = next(model.parameters()).device
     values, base, pred = [], [], []
@@ -93,7 +96,8 @@ def clinical_shap(
             with torch.inference_mode():
                 cl = torch.from_numpy(st.clinical(X)).to(device)
                 out = model.fuse(e_t.expand(len(X), -1), cl).float().cpu().numpy()
-            return st.untarget(out)[:, 0]
+            raw = st.untarget(out)
+            return combine_z(raw[:, 0], raw[:, 1], X, extra, reference=reference)
 
         explainer = shap.explainers.Exact(f, shap.maskers.Independent(bg, max_samples=len(bg)))
         r = explainer(c[None])
@@ -119,6 +123,33 @@ def _safe_name(image_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", image_id)[:120] or "image"
 
 
+def _lower_z_target(extra: dict[str, Any], st: Standardizer, clinical_row: np.ndarray) -> Any:
+    """Grad-CAM target for one image: minus the reported Z, written in torch from the standardised outputs."""
+    src = z_source(extra)
+    zm, zs = float(st.target_mean[0]), float(st.target_std[0])
+    bm, bs = float(st.target_mean[1]), float(st.target_std[1])
+    mu = sd = 0.0
+    is_log = False
+    if src != "head":
+        feats = list(extra.get("clinical_features", CLINICAL_FEATURES))
+        row = np.asarray(clinical_row, dtype=float).reshape(1, -1)
+        m, s_, lg = reference_of(extra).mu_sigma(row[:, feats.index("age")], row[:, feats.index("sex")])
+        mu, sd, is_log = float(m[0]), float(s_[0]), bool(lg[0])
+
+    def target(out: torch.Tensor) -> torch.Tensor:
+        z_head = out[0] * zs + zm
+        if src == "head":
+            return -z_head
+        from bonescreen.pediatric.reference import MIN_BMD
+
+        bmd = out[1] * bs + bm
+        y = torch.log(bmd.clamp_min(MIN_BMD)) if is_log else bmd
+        z_ref = (y - mu) / sd
+        return -(z_ref if src == "reference" else 0.5 * (z_head + z_ref))
+
+    return target
+
+
 def gradcam_low_bmd(loaded: Any, images: np.ndarray, clinical_raw: np.ndarray) -> np.ndarray:
     """Grad-CAM maps in [0, 1], ``(N, H, W)``, for "lower predicted Z" on the image branch."""
     import torch
@@ -133,7 +164,8 @@ def gradcam_low_bmd(loaded: Any, images: np.ndarray, clinical_raw: np.ndarray) -
     x = loaded.to_tensor(np.asarray(images)).to(device)
     cl = torch.from_numpy(st.clinical(np.asarray(clinical_raw, dtype=float))).to(device)
     wrapped = _WithClinical(model, cl)
-    targets = [lambda out: -out[0] for _ in range(len(x))]  # output 0 = standardised Z; lower = low BMD
+    rows = np.asarray(clinical_raw, dtype=float)
+    targets = [_lower_z_target(loaded.spec.extra, st, rows[i : i + 1]) for i in range(len(x))]
     with torch.inference_mode(False), torch.enable_grad(), GradCAM(model=wrapped, target_layers=[layer]) as cam:
         maps = cam(input_tensor=x.clone(), targets=targets)
     return np.clip(np.nan_to_num(np.asarray(maps, dtype=np.float32)), 0.0, 1.0)

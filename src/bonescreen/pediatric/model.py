@@ -8,7 +8,8 @@ regresses the standardised Z-score and raw BMD. The low-BMD decision is taken
 from the predicted Z (Z <= -2.0), never from a separate classifier.
 
 Everything needed to rebuild and use the model (feature order, standardisation
-constants, residual SD for the probability-like score) lives in
+constants, residual SD for the probability-like score, the fitted BMD
+reference curve and ``z_from``: where the reported Z comes from) lives in
 ``ModelSpec.extra`` of the artifact, so ``screen`` needs nothing else.
 """
 
@@ -191,8 +192,59 @@ def low_bmd_probability(z_pred: np.ndarray, residual_sd: float, threshold: float
     return norm.cdf((threshold - np.asarray(z_pred, dtype=float)) / sd)
 
 
+# --- where the predicted Z comes from -----------------------------------------------------
+
+Z_SOURCES = ("head", "reference", "mean")
+
+
+def reference_of(extra: dict[str, Any]) -> Any:
+    """The artifact's fitted BMD reference (``ReferenceCurves``), or None (older artifacts)."""
+    from bonescreen.pediatric.reference import ReferenceCurves
+
+    ref = (extra or {}).get("z_reference")
+    return ReferenceCurves.from_dict(ref) if ref else None
+
+
+def z_source(extra: dict[str, Any]) -> str:
+    """``extra["z_from"]``; "head" when absent (artifacts written before the reference existed)."""
+    src = str((extra or {}).get("z_from", "head"))
+    if src not in Z_SOURCES:
+        raise ModelArtifactError(f"unknown z_from {src!r} in the artifact (expected one of {Z_SOURCES})")
+    if src != "head" and not (extra or {}).get("z_reference"):
+        raise ModelArtifactError(f"z_from {src!r} needs a fitted reference curve (spec.extra['z_reference'])")
+    return src
+
+
+def _age_sex(clinical_raw: np.ndarray, extra: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    feats = list((extra or {}).get("clinical_features", CLINICAL_FEATURES))
+    c = np.asarray(clinical_raw, dtype=float).reshape(-1, len(feats))
+    return c[:, feats.index("age")], c[:, feats.index("sex")]
+
+
+def combine_z(
+    z_head: np.ndarray, bmd_pred: np.ndarray, clinical_raw: np.ndarray, extra: dict[str, Any],
+    z_from: str | None = None, *, reference: Any = None,
+) -> np.ndarray:
+    """The predicted Z the model reports.
+
+    ``head``: the network's Z output. ``reference``: the predicted BMD
+    converted as a DXA scanner would, ``(T(BMD) - mu(age, sex)) / sigma(age, sex)``
+    with the reference fitted on the training DXA table. ``mean``: their average.
+    """
+    src = z_from or z_source(extra)
+    z_head = np.asarray(z_head, dtype=float)
+    if src == "head":
+        return z_head
+    ref = reference if reference is not None else reference_of(extra)
+    if ref is None:
+        raise ModelArtifactError(f"z_from {src!r} needs a fitted reference curve")
+    age, sex = _age_sex(clinical_raw, extra)
+    z_ref = ref.z(np.asarray(bmd_pred, dtype=float), age, sex)
+    return z_ref if src == "reference" else 0.5 * (z_head + z_ref)
+
+
 @torch.inference_mode()
-def predict_arrays(
+def predict_outputs(
     model: FusionRegressor,
     images: np.ndarray,
     clinical_raw: np.ndarray,
@@ -203,7 +255,7 @@ def predict_arrays(
     batch_size: int = 32,
     device: str | torch.device = "cpu",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(predicted Z, predicted BMD) for uint8 images ``(N, H, W)`` and raw clinical rows ``(N, 4)``."""
+    """The network's own (Z head, BMD head) for uint8 images ``(N, H, W)`` and raw clinical rows ``(N, 4)``."""
     from bonescreen.data import normalize
 
     st = Standardizer.from_extra(extra)
@@ -216,6 +268,24 @@ def predict_arrays(
         outs.append(model(x, c).float().cpu().numpy())
     pred = st.untarget(np.concatenate(outs)) if outs else np.zeros((0, len(TARGETS)))
     return pred[:, 0], pred[:, 1]
+
+
+def predict_arrays(
+    model: FusionRegressor,
+    images: np.ndarray,
+    clinical_raw: np.ndarray,
+    extra: dict[str, Any],
+    *,
+    mean: float,
+    std: float,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted Z as the artifact reports it (``extra["z_from"]``), predicted BMD)."""
+    z_head, bmd = predict_outputs(
+        model, images, clinical_raw, extra, mean=mean, std=std, batch_size=batch_size, device=device
+    )
+    return combine_z(z_head, bmd, clinical_raw, extra), bmd
 
 
 PREDICT_COLUMNS = ["pred_z", "pred_bmd", "prob_low_bmd", "low_bmd", "reason"]

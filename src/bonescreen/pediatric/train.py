@@ -10,10 +10,20 @@
     regression.json       Pearson r, ICC, MAE on the test split
     model_card.json
 
-Model selection: ``fit`` evaluates its tuning set with classification logits
-from an image-only forward, which a fusion model does not have; so the tuning
-split is used *after* training (residual SD for the score, thresholds, report)
-and ``fit`` keeps the epoch with the lowest training loss.
+Model selection: ``fit``'s built-in tuning evaluation is an image-only
+classification forward, which a fusion model does not have, so
+``train_pediatric`` hands ``fit`` an ``evaluate_fn``: after every epoch it
+predicts the tuning split and scores it by the **mean absolute error of the
+predicted Z** (lower is better; MAE rather than Pearson r because the decision
+Z <= -2.0 needs a calibrated Z, and r ignores bias and scale). The best epoch
+and early stopping follow it. Without a tuning split the epoch with the lowest
+training loss is kept (a warning says so).
+
+Where the reported Z comes from (``z_from``): the network's Z head, the
+predicted BMD converted through the age- and sex-matched reference curve
+fitted on the training DXA table (:mod:`bonescreen.pediatric.reference`), or
+their mean. ``auto`` (default) takes the one with the lowest tuning MAE at the
+best epoch (the per-epoch score is then the lowest MAE of the three).
 """
 
 from __future__ import annotations
@@ -35,8 +45,9 @@ log = logging.getLogger(__name__)
 
 PREDICTION_ORDER = [
     "image_id", "patient_id", "site", "sex", "age", "height_cm", "weight_kg",
-    "score", "label", "z_true", "z_pred", "bmd_true", "bmd_pred", "model", "split",
+    "score", "label", "z_true", "z_pred", "z_pred_head", "z_pred_ref", "bmd_true", "bmd_pred", "model", "split",
 ]
+Z_FROM_CHOICES = ("auto", "head", "reference", "mean")
 
 
 @dataclass
@@ -49,12 +60,43 @@ class PediatricTrainResult:
     residual_sd_z: float
     history: list[dict[str, Any]]
     dropped_rows: dict[str, int]
+    z_from: str = "head"
+    best_epoch: int | None = None
+    z_from_selection: dict[str, dict[str, float]] | None = None
+
+
+def z_agreement(z_true: np.ndarray, z_pred: np.ndarray) -> dict[str, float]:
+    """MAE and Pearson r of a predicted Z (the model-selection numbers)."""
+    t, p = np.asarray(z_true, dtype=float), np.asarray(z_pred, dtype=float)
+    ok = np.isfinite(t) & np.isfinite(p)
+    if ok.sum() < 2:
+        return {"mae": float("nan"), "r": float("nan")}
+    t, p = t[ok], p[ok]
+    r = float(np.corrcoef(t, p)[0, 1]) if np.std(t) > 0 and np.std(p) > 0 else float("nan")
+    return {"mae": float(np.mean(np.abs(t - p))), "r": r}
+
+
+def candidate_z(z_head: np.ndarray, bmd: np.ndarray, clinical_raw: np.ndarray, extra: dict[str, Any],
+                reference: Any) -> dict[str, np.ndarray]:
+    """Every available predicted Z: the head's, and with a reference curve the converted BMD and the mean."""
+    from bonescreen.pediatric.model import combine_z
+
+    out = {"head": np.asarray(z_head, dtype=float)}
+    if reference is not None:
+        out["reference"] = combine_z(z_head, bmd, clinical_raw, extra, "reference", reference=reference)
+        out["mean"] = 0.5 * (out["head"] + out["reference"])
+    return out
 
 
 def predictions_table(
-    frame: pd.DataFrame, z_pred: np.ndarray, bmd_pred: np.ndarray, residual_sd: float, *, model_name: str, split: str
+    frame: pd.DataFrame, z_pred: np.ndarray, bmd_pred: np.ndarray, residual_sd: float, *, model_name: str, split: str,
+    z_parts: dict[str, np.ndarray] | None = None,
 ) -> pd.DataFrame:
-    """evaluate's predictions format: ``score`` = P(low BMD) from the predicted Z, ``label`` = DXA Z <= -2."""
+    """evaluate's predictions format: ``score`` = P(low BMD) from the predicted Z, ``label`` = DXA Z <= -2.
+
+    ``z_parts`` (optional) adds the Z head's and the reference conversion's
+    predictions (``z_pred_head``, ``z_pred_ref``) beside the reported ``z_pred``.
+    """
     from bonescreen.pediatric.model import low_bmd_probability
 
     out = pd.DataFrame({"image_id": frame["image_id"].astype(str).to_numpy()})
@@ -65,6 +107,9 @@ def predictions_table(
     out["label"] = frame["_y"].astype(int).to_numpy()
     out["z_true"] = frame["_z"].to_numpy()
     out["z_pred"] = np.round(z_pred, 4)
+    for key, col in (("head", "z_pred_head"), ("reference", "z_pred_ref")):
+        if z_parts is not None and key in z_parts:
+            out[col] = np.round(z_parts[key], 4)
     out["bmd_true"] = frame["_bmd"].to_numpy()
     out["bmd_pred"] = np.round(bmd_pred, 4)
     out["model"] = model_name
@@ -81,8 +126,14 @@ def train_pediatric(
     resume: bool = False,
     model_name: str = "pediatric",
     bmd_weight: float = 0.5,
+    z_from: str = "auto",
+    ref_z_weight: float = 0.0,
 ) -> PediatricTrainResult:
-    """Train the fusion model on the manifest's train split; score tune and test."""
+    """Train the fusion model on the manifest's train split (best epoch by tuning Z MAE); score tune and test.
+
+    ``z_from``: "auto" (lowest tuning MAE), "head", "reference" or "mean"; see the module docstring.
+    ``ref_z_weight``: loss weight of the BMD head converted to Z through the reference curve.
+    """
     from bonescreen import __version__
     from bonescreen.artifact import ModelSpec, save_artifact
     from bonescreen.data import ManifestDataset, read_manifest, split_rows
@@ -96,6 +147,7 @@ def train_pediatric(
         targets_of,
     )
     from bonescreen.pediatric.metrics import regression_metrics
+    from bonescreen.distributed import all_gather_object
     from bonescreen.pediatric.model import (
         CLINICAL_FEATURES,
         DEFAULT_HIDDEN,
@@ -103,8 +155,9 @@ def train_pediatric(
         TARGETS,
         FusionRegressor,
         Standardizer,
-        predict_arrays,
+        predict_outputs,
     )
+    from bonescreen.pediatric.reference import ReferenceCurves, ReferenceFitError
     from bonescreen.train import (
         TrainJob,
         _plain,
@@ -115,6 +168,8 @@ def train_pediatric(
         seed_everything,
     )
 
+    if z_from not in Z_FROM_CHOICES:
+        raise ValueError(f"z_from must be one of {Z_FROM_CHOICES}, got {z_from!r}")
     cfg = (config or load_config("pediatric-cpu-tiny")).validate()
     env = init_distributed(cfg.device)
     try:
@@ -129,6 +184,17 @@ def train_pediatric(
             raise TableError("no training image could be read", reason="no_data")
         train_f = preps["train"].frame
         st = Standardizer.fit(clinical_of(train_f), targets_of(train_f))
+        # the scanner's reference, recovered from the training (BMD, Z) pairs
+        reference: ReferenceCurves | None = None
+        try:
+            reference = ReferenceCurves.fit(train_f["_clin_age"], train_f["_clin_sex"], train_f["_z"],
+                                            train_f["_bmd"], seed=cfg.seed)
+        except ReferenceFitError as exc:
+            if z_from in ("reference", "mean"):
+                raise TableError(f"z_from={z_from!r} needs a BMD reference curve: {exc}", reason="no_data") from exc
+            log.warning("no BMD reference curve (%s): the predicted Z comes from the Z head", exc)
+        modes = ["head", "reference", "mean"] if (z_from == "auto" and reference is not None) else (
+            ["head"] if z_from == "auto" else [z_from])
         extra: dict[str, Any] = {
             "kind": "fusion_regressor",
             "clinical_features": list(CLINICAL_FEATURES),
@@ -138,8 +204,11 @@ def train_pediatric(
             "hidden": DEFAULT_HIDDEN,
             "z_threshold": PEDIATRIC_LOW_Z,
             "residual_sd_z": 1.0,
+            "z_from": modes[0] if len(modes) == 1 else "head",  # auto: resolved after training
             **st.to_extra(),
         }
+        if reference is not None:
+            extra["z_reference"] = reference.to_dict()
         spec = ModelSpec.for_task(
             cfg.arch,
             "pediatric",
@@ -156,7 +225,8 @@ def train_pediatric(
         images = ManifestDataset(
             preps["train"].source, train_f["_y"].to_numpy(), augment=cfg.augment, strong_p=cfg.strong_p, seed=cfg.seed
         )
-        train_ds = PediatricDataset(images, clinical_of(train_f), targets_of(train_f), st)
+        train_ds = PediatricDataset(images, clinical_of(train_f), targets_of(train_f), st,
+                                    reference=reference if ref_z_weight else None)
         card: dict[str, Any] = {
             "kind": "pediatric_fusion",
             "model_name": model_name,
@@ -173,6 +243,44 @@ def train_pediatric(
             "config": cfg.to_dict(),
             "bonescreen_version": __version__,
         }
+        eval_bs = cfg.eval_batch_size or 2 * cfg.batch_size
+
+        def outputs(model_: Any, name: str, device: Any, rows: np.ndarray | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+            """(Z head, BMD head) for ``rows`` of a split, read from the cache in chunks."""
+            p = preps[name]
+            idx = np.arange(len(p.frame)) if rows is None else rows
+            zs, bs = [np.zeros(0)], [np.zeros(0)]
+            for start in range(0, len(idx), 256):
+                part = idx[start : start + 256]
+                z, b = predict_outputs(model_, p.source.batch(part), clinical_of(p.frame)[part], extra,
+                                       mean=GRAY_MEAN, std=GRAY_STD, batch_size=eval_bs, device=device)
+                zs.append(z)
+                bs.append(b)
+            return np.concatenate(zs), np.concatenate(bs)
+
+        tune_f = preps["tune"].frame
+
+        def evaluate_tune(model_: Any, env_: Any) -> tuple[dict[str, float], float]:
+            """Tuning Z MAE (+ r) per candidate source; score = -(the lowest MAE among the allowed sources)."""
+            mine = np.arange(env_.rank, len(tune_f), env_.world_size)
+            z_head, bmd = outputs(model_, "tune", env_.device, mine)
+            parts = all_gather_object((mine, z_head, bmd), env_)
+            zh, bm = np.zeros(len(tune_f)), np.zeros(len(tune_f))
+            for ids, a, b in parts:
+                zh[ids], bm[ids] = a, b
+            cands = candidate_z(zh, bm, clinical_of(tune_f), extra, reference)
+            metrics: dict[str, float] = {}
+            for name, zp in cands.items():
+                for k, v in z_agreement(tune_f["_z"].to_numpy(float), zp).items():
+                    metrics[f"tune_{k}_z_{name}"] = v
+            if tune_f["_bmd"].notna().any():
+                metrics["tune_mae_bmd"] = float(np.nanmean(np.abs(tune_f["_bmd"].to_numpy(float) - bm)))
+            maes = [metrics[f"tune_mae_z_{m}"] for m in modes if np.isfinite(metrics.get(f"tune_mae_z_{m}", np.nan))]
+            return metrics, (-min(maes) if maes else float("nan"))
+
+        if len(tune_f) < 2:
+            log.warning("fewer than 2 tuning images: the epoch with the lowest training loss is kept")
         empty = train_f.iloc[0:0]
         job = TrainJob(
             task="pediatric",
@@ -183,9 +291,10 @@ def train_pediatric(
             tune_frame=empty,
             test_ds=None,
             test_frame=empty,
-            loss_fn=regression_loss(bmd_weight),
+            loss_fn=regression_loss(bmd_weight, ref_z_weight, st),
             model_card=card,
             model_name=model_name,
+            evaluate_fn=evaluate_tune if len(tune_f) >= 2 else None,
         )
         result = fit(job, out, cfg, env, resume=resume)
         if not env.is_main:
@@ -193,41 +302,61 @@ def train_pediatric(
 
         model = model.cpu().eval()
 
-        def score(name: str) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
-            p = preps[name]
-            imgs = p.source.batch(np.arange(len(p.frame)))
-            z, bmd = predict_arrays(
-                model, imgs, clinical_of(p.frame), extra, mean=GRAY_MEAN, std=GRAY_STD,
-                batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
-            )
-            return p.frame, z, bmd
+        def score(name: str) -> tuple[pd.DataFrame, dict[str, np.ndarray], np.ndarray]:
+            f = preps[name].frame
+            z_head, bmd = outputs(model, name, "cpu")
+            return f, candidate_z(z_head, bmd, clinical_of(f), extra, reference), bmd
 
         tune_path = test_path = None
-        if len(preps["tune"].frame) >= 2:
-            f, z, bmd = score("tune")
-            extra["residual_sd_z"] = float(np.std(f["_z"].to_numpy() - z, ddof=1))
+        selection: dict[str, dict[str, float]] | None = None
+        tune_scored = score("tune") if len(tune_f) >= 2 else None
+        if tune_scored is not None:
+            f, cands, _ = tune_scored
+            selection = {m: z_agreement(f["_z"].to_numpy(float), cands[m]) for m in cands}
+            if z_from == "auto":
+                finite = [m for m in modes if np.isfinite(selection[m]["mae"])]
+                extra["z_from"] = min(finite, key=lambda m: selection[m]["mae"]) if finite else "head"
+        elif z_from == "auto":
+            extra["z_from"] = "reference" if reference is not None else "head"
+            log.warning("no tuning split: z_from=auto falls back to %r without a measurement", extra["z_from"])
+        chosen = str(extra["z_from"])
+        log.info("predicted Z from: %s%s", chosen,
+                 "" if selection is None else " (tuning MAE " + ", ".join(
+                     f"{m} {v['mae']:.3f}" for m, v in selection.items()) + ")")
+        if tune_scored is not None:
+            f, cands, bmd = tune_scored
+            extra["residual_sd_z"] = float(np.std(f["_z"].to_numpy() - cands[chosen], ddof=1))
             tune_path = out / "tune_predictions.csv"
-            _write_frame(predictions_table(f, z, bmd, extra["residual_sd_z"], model_name=model_name, split="tune"),
-                         tune_path)
+            _write_frame(predictions_table(f, cands[chosen], bmd, extra["residual_sd_z"], model_name=model_name,
+                                           split="tune", z_parts=cands), tune_path)
         else:
             log.warning("no tuning split: the low-BMD score uses a residual SD of 1.0")
         regression: dict[str, Any] = {}
         if len(preps["test"].frame):
-            f, z, bmd = score("test")
-            preds = predictions_table(f, z, bmd, extra["residual_sd_z"], model_name=model_name, split="test")
+            f, cands, bmd = score("test")
+            preds = predictions_table(f, cands[chosen], bmd, extra["residual_sd_z"], model_name=model_name,
+                                      split="test", z_parts=cands)
             test_path = out / "predictions.csv"
             _write_frame(preds, test_path)
             regression = regression_metrics(preds, n_boot=200, seed=cfg.seed)
             (out / "regression.json").write_text(json.dumps(_plain(regression), indent=1, default=str))
         card = dict(result.model_card)
         card["residual_sd_z"] = extra["residual_sd_z"]
+        card["z_from"] = chosen
+        card["z_from_requested"] = z_from
+        card["z_from_selection"] = selection
+        card["model_selection"] = ("tuning MAE of the predicted Z" if job.evaluate_fn is not None
+                                   else "lowest training loss (no tuning split)")
+        if reference is not None:
+            card["z_reference_fit"] = {k: {"transform": c.transform, "n": c.n, "cv_rmse_z": c.rmse_z}
+                                       for k, c in reference.curves.items()}
         card["test_regression"] = {k: v for k, v in regression.items() if k != "per_site"}
         spec = replace(spec, extra=_plain(extra), model_card=_plain(card))
         save_artifact(result.artifact_path, model, spec)
         (out / "model_card.json").write_text(json.dumps(_plain(card), indent=1, default=str))
         return PediatricTrainResult(
             out, result.artifact_path, test_path, tune_path, regression, float(extra["residual_sd_z"]),
-            result.history, dropped,
+            result.history, dropped, z_from=chosen, best_epoch=result.best_epoch, z_from_selection=selection,
         )
     finally:
         cleanup(env)

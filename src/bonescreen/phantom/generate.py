@@ -1044,30 +1044,8 @@ def _plan_site(
                 k += 1
         has_dxa = defect != "cxr_without_dxa"
         c = str(cat[i])
-        label = "" if c == "osteoporosis" else str(int(c == "low_bone_mass"))
         truth.append(
-            {
-                "patient_id": p.patient_id,
-                "site": spec.name,
-                "label_type": spec.label_type,
-                "sex": p.sex,
-                "age": _fmt(p.age, 2),
-                "height_cm": _fmt(p.height_cm),
-                "weight_kg": _fmt(p.weight_kg),
-                "bmi": _fmt(p.weight_kg / (p.height_cm / 100) ** 2, 2),
-                "latent": _fmt(p.latent, 4),
-                **{f"t_true_{s}": _fmt(float(scores[f"t_true_{s}"][i]), 3) for s in DXA_SITES},
-                **{f"t_{s}": _fmt(float(scores[f"t_{s}"][i])) for s in DXA_SITES},
-                "t_min": _fmt(float(scores["t_min"][i])),
-                "category": c,
-                "label": label,
-                "label_stage1": int(c == "osteoporosis"),
-                "dxa_date": dxa_date.isoformat(),
-                "has_dxa": int(has_dxa),
-                "n_images": k,
-                "device": int(p.device),
-                "defect": defect,
-            }
+            _truth_row(p, spec.name, spec.label_type, scores, i, c, dxa_date.isoformat(), has_dxa, k, defect)
         )
         if has_dxa:
             dxa_rows += _dxa_rows(spec, p, i, dxa_date, scores, c, defect)
@@ -1162,32 +1140,37 @@ def _plan_pool(
         u = prng.random()
         view = "LAT" if u < spec.lateral_frac else ("AP" if u < spec.lateral_frac + spec.ap_frac else "PA")
         jobs.append(_image_job(p, 0, view, _pick_vendor(spec, prng), day, birth, 0, 1, None, out, size, seed, prng))
-        c = str(cat[i])
-        truth.append(
-            {
-                "patient_id": p.patient_id,
-                "site": "pool",
-                "label_type": "hidden",
-                "sex": p.sex,
-                "age": _fmt(p.age, 2),
-                "height_cm": _fmt(p.height_cm),
-                "weight_kg": _fmt(p.weight_kg),
-                "bmi": _fmt(p.weight_kg / (p.height_cm / 100) ** 2, 2),
-                "latent": _fmt(p.latent, 4),
-                **{f"t_true_{s}": _fmt(float(scores[f"t_true_{s}"][i]), 3) for s in DXA_SITES},
-                **{f"t_{s}": _fmt(float(scores[f"t_{s}"][i])) for s in DXA_SITES},
-                "t_min": _fmt(float(scores["t_min"][i])),
-                "category": c,
-                "label": "" if c == "osteoporosis" else str(int(c == "low_bone_mass")),
-                "label_stage1": int(c == "osteoporosis"),
-                "dxa_date": "",
-                "has_dxa": 0,
-                "n_images": 1,
-                "device": int(p.device),
-                "defect": "",
-            }
-        )
+        truth.append(_truth_row(p, "pool", "hidden", scores, i, str(cat[i]), "", False, 1, ""))
     return jobs, truth
+
+
+def _truth_row(
+    p: Any, site: str, label_type: str, scores: dict[str, Any], i: int, c: str,
+    dxa_date: str, has_dxa: bool, n_images: int, defect: str,
+) -> dict[str, Any]:
+    """One row of truth.csv: demographics, the latent, true and measured T-scores, labels."""
+    return {
+        "patient_id": p.patient_id,
+        "site": site,
+        "label_type": label_type,
+        "sex": p.sex,
+        "age": _fmt(p.age, 2),
+        "height_cm": _fmt(p.height_cm),
+        "weight_kg": _fmt(p.weight_kg),
+        "bmi": _fmt(p.weight_kg / (p.height_cm / 100) ** 2, 2),
+        "latent": _fmt(p.latent, 4),
+        **{f"t_true_{s}": _fmt(float(scores[f"t_true_{s}"][i]), 3) for s in DXA_SITES},
+        **{f"t_{s}": _fmt(float(scores[f"t_{s}"][i])) for s in DXA_SITES},
+        "t_min": _fmt(float(scores["t_min"][i])),
+        "category": c,
+        "label": "" if c == "osteoporosis" else str(int(c == "low_bone_mass")),
+        "label_stage1": int(c == "osteoporosis"),
+        "dxa_date": dxa_date,
+        "has_dxa": int(has_dxa),
+        "n_images": n_images,
+        "device": int(p.device),
+        "defect": defect,
+    }
 
 
 def _run_jobs(jobs: list[dict[str, Any]], workers: int, progress: bool) -> list[dict[str, Any]]:
