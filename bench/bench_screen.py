@@ -280,12 +280,12 @@ def section_accuracy(args: argparse.Namespace, res: dict[str, Any]) -> None:
     from bonescreen.artifact import load_artifact
     from bonescreen.gate import GatePolicy
     from bonescreen.onnx_export import export_onnx, load_onnx, quantize_onnx
-    from bonescreen.screen import InputItem, _PrepContext, prepare
+    from bonescreen.screen import InputItem, PrepContext, prepare
 
     loaded = load_artifact(args.model)
     # the manifest already chose the images; only unreadable/blank ones are dropped here
     pol = GatePolicy.from_eligibility(loaded.spec.eligibility, min_size=min(256, loaded.size), check_scope=False)
-    ctx = _PrepContext(pol, (loaded.size,), None, False, "")
+    ctx = PrepContext(pol, (loaded.size,), None, False, "")
     imgs, labels = [], []
     base = Path(args.manifest).resolve().parent
     with open(args.manifest, newline="") as fh:

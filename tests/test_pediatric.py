@@ -343,7 +343,12 @@ def test_reference_curve_refuses_too_little_data_and_pools_a_rare_sex() -> None:
 def test_reference_z_in_artifact_and_predictions(run: dict[str, Path]) -> None:
     from bonescreen.artifact import load_artifact
     from bonescreen.pediatric import predict_pediatric
-    from bonescreen.pediatric.model import Z_SOURCES, predict_outputs, reference_of, sex_code
+    from bonescreen.pediatric.model import (
+        Z_SOURCES,
+        predict_outputs,
+        reference_of,
+        sex_code,
+    )
 
     loaded = load_artifact(run["model"], expected_task="pediatric")
     extra = loaded.spec.extra

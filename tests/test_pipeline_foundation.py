@@ -50,6 +50,8 @@ def test_labels_flow_from_dxa_to_manifest(phantom, cohort):
     assert len(cat_only) and cat_only["t_min"].isna().all() and cat_only["severity"].isna().all()
     assert set(m[m.site == "DEV"]["split"]) == {"train", "tune", "test"}
     assert set(m[m.site != "DEV"]["split"]) == {"test"}
+    raw = pd.read_csv(cohort / "manifest.csv", dtype=str, keep_default_na=False)
+    assert set(raw["label"]) <= {"0", "1", ""} and set(raw["label_3class"]) <= {"0", "1", "2"}
 
 
 def test_injected_dxa_defects_are_excluded_with_reasons(phantom, cohort):

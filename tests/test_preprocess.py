@@ -183,28 +183,42 @@ def test_preprocess_files_good_and_bad(tmp_path: Path, mixed_folder: Path, worke
     assert "4 skipped" in again.summary() and "wrong_modality=1" in again.summary()
 
 
-def _crash_on_good1(path: str, *args):  # runs in a forked worker
+# Run in a fresh interpreter: it has no threads (torch, tqdm's monitor) when it forks, so the
+# patched worker reaches the children without the fork-with-threads deadlocks that a fork from
+# a pytest worker that already imported torch can hit.
+_CRASH_SCRIPT = """
+import json, os, sys
+import bonescreen.preprocess as pp
+real = pp._process_one
+def crash_on_good1(path, *args):
     if path.endswith("good1.dcm"):
         os._exit(3)
-    return pp_real_process_one(path, *args)
-
-
-pp_real_process_one = pp._process_one
+    return real(path, *args)
+if __name__ == "__main__":
+    import multiprocessing
+    pp._mp_context = lambda: multiprocessing.get_context("fork")
+    pp._process_one = crash_on_good1
+    files = sorted(str(p) for p in __import__("pathlib").Path(sys.argv[1]).iterdir())
+    res = pp.preprocess_files(files, sys.argv[2], size=32, workers=2, progress=False)
+    print(json.dumps({"skip_list": res.skip_list, "n_ok": res.n_ok}))
+"""
 
 
 @pytest.mark.skipif(os.name != "posix", reason="relies on fork inheriting the patched worker")
-def test_worker_crash_is_isolated(tmp_path: Path, mixed_folder: Path, monkeypatch):
-    import multiprocessing
+def test_worker_crash_is_isolated(tmp_path: Path, mixed_folder: Path):
+    import json
+    import subprocess
+    import sys
 
-    # fork even if another test imported torch: the patched worker must reach the children
-    monkeypatch.setattr(pp, "_mp_context", lambda: multiprocessing.get_context("fork"))
-    monkeypatch.setattr(pp, "_process_one", _crash_on_good1)
-    files = sorted(str(p) for p in mixed_folder.iterdir())
-    res = pp.preprocess_files(files, tmp_path / "cache", size=32, workers=2, progress=False)
-    skips = _skips(res.skip_list)
+    script = tmp_path / "crash.py"
+    script.write_text(_CRASH_SCRIPT)
+    out = subprocess.run([sys.executable, str(script), str(mixed_folder), str(tmp_path / "cache")],
+                         capture_output=True, text=True, timeout=120, check=True)
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    skips = _skips(res["skip_list"])
     assert skips.pop("good1.dcm") == "worker_crashed"
     assert skips == EXPECTED_SKIPS
-    assert res.n_ok == 3  # a file finished just before the crash may count as cached on retry
+    assert res["n_ok"] == 3  # a file finished just before the crash may count as cached on retry
 
 
 def test_missing_file_is_recorded(tmp_path: Path):

@@ -685,6 +685,8 @@ def _finalize_manifest(df: pd.DataFrame, cfg: CohortConfig) -> pd.DataFrame:
     df["study_date"] = [d.isoformat() for d in df["study_date"]]
     df["dxa_date"] = [d.isoformat() for d in df["dxa_date"]]
     df["days_apart"] = df["days_apart"].astype(int)
+    for c in ("label", "label_stage1", "label_3class"):
+        df[c] = df[c].astype("Int64")  # written as 0/1/2 or empty, never 1.0
     for c in T_SCORE_COLUMNS:
         if c not in df.columns:
             df[c] = np.nan

@@ -50,6 +50,9 @@ def register(sub: Any) -> None:
     tr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override one config key, e.g. --set epochs=5 --set arch=resnet18 (repeatable)")
     tr.add_argument("--bmd-weight", type=float, default=0.5, help="loss weight of raw BMD next to Z (default 0.5)")
+    tr.add_argument("--z-from", choices=["auto", "head", "reference", "mean"], default="auto",
+                    help="predicted Z from the Z head, from predicted BMD through the reference curves "
+                         "fitted on the training DXA table, their mean, or the best on the tuning split (auto)")
     tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     tr.add_argument("--name", default="pediatric", help="model name in predictions.csv")
     tr.set_defaults(func=_train)
@@ -121,7 +124,7 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     res = train_pediatric(args.manifest, args.out, cfg, cache_root=args.cache, resume=args.resume,
-                          model_name=args.name, bmd_weight=args.bmd_weight)
+                          model_name=args.name, bmd_weight=args.bmd_weight, z_from=args.z_from)
     print(f"model: {res.artifact_path}")
     if res.predictions_path:
         print(f"test predictions: {res.predictions_path}")

@@ -93,8 +93,7 @@ class PediatricDataset(Dataset):
     """
 
     def __init__(
-        self, images: ManifestDataset, clinical_raw: np.ndarray, targets_raw: np.ndarray, standardizer: Standardizer,
-        reference: Any = None,
+        self, images: ManifestDataset, clinical_raw: np.ndarray, targets_raw: np.ndarray, standardizer: Standardizer
     ) -> None:
         if not (len(images) == len(clinical_raw) == len(targets_raw)):
             raise ValueError(f"{len(images)} images, {len(clinical_raw)} clinical rows, {len(targets_raw)} targets")
@@ -106,12 +105,6 @@ class PediatricDataset(Dataset):
         self.labels = images.labels
         self.source = images.source
         self.mean, self.std = images.mean, images.std
-        # per child: (mu, sigma, is_log) of the BMD reference, for the loss on the BMD converted to Z
-        self.ref: np.ndarray | None = None
-        if reference is not None:
-            c = np.asarray(clinical_raw, dtype=float)
-            mu, sd, lg = reference.mu_sigma(c[:, CLINICAL_FEATURES.index("age")], c[:, CLINICAL_FEATURES.index("sex")])
-            self.ref = np.stack([mu, sd, lg.astype(float)], axis=1).astype(np.float32)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -124,42 +117,21 @@ class PediatricDataset(Dataset):
         item["clinical"] = torch.from_numpy(self.clinical[index])
         item["target"] = torch.from_numpy(self.targets[index])
         item["target_mask"] = torch.from_numpy(self.mask[index])
-        if self.ref is not None:
-            item["ref"] = torch.from_numpy(self.ref[index])
         return item
 
 
-def regression_loss(  # type: ignore[no-untyped-def]
-    bmd_weight: float = 0.5, ref_weight: float = 0.0, standardizer: Standardizer | None = None
-):
+def regression_loss(bmd_weight: float = 0.5):  # type: ignore[no-untyped-def]
     """``loss_fn(model, x, batch)`` for ``bonescreen.train.fit``: MSE on standardised Z (+ weighted BMD).
 
     Missing BMD values are masked out; Z is always present (rows without it
-    never reach the dataset). ``ref_weight`` > 0 adds the MSE of the *BMD head
-    converted to Z through the reference curve* (batch key ``ref``), in the
-    same standardised Z units: it weights BMD errors as the Z-score does
-    (a 0.05 g/cm^2 error matters more in a 5-year-old than in a 16-year-old).
+    never reach the dataset).
     """
     w = torch.tensor([1.0, float(bmd_weight)])
-    if ref_weight and standardizer is None:
-        raise ValueError("ref_weight needs the standardizer (to undo the target standardisation)")
-    zm, zs, bm, bs = (0.0, 1.0, 0.0, 1.0) if standardizer is None else (
-        standardizer.target_mean[0], standardizer.target_std[0], standardizer.target_mean[1],
-        standardizer.target_std[1])
 
     def loss_fn(model: torch.nn.Module, x: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        from bonescreen.pediatric.reference import MIN_BMD
-
         pred = model(x, batch["clinical"]).float()
         mask = batch["target_mask"].float()
         err = (pred - batch["target"].float()) ** 2 * mask * w.to(pred.device)
-        loss = err.sum() / (mask * w.to(pred.device)).sum().clamp_min(1.0)
-        if ref_weight and "ref" in batch:
-            ref = batch["ref"].float()
-            bmd = pred[:, 1] * bs + bm
-            y = torch.where(ref[:, 2] > 0.5, torch.log(bmd.clamp_min(MIN_BMD)), bmd)
-            z_ref = ((y - ref[:, 0]) / ref[:, 1] - zm) / zs
-            loss = loss + float(ref_weight) * torch.mean((z_ref - batch["target"][:, 0].float()) ** 2)
-        return loss
+        return err.sum() / (mask * w.to(pred.device)).sum().clamp_min(1.0)
 
     return loss_fn

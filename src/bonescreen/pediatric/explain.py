@@ -31,7 +31,13 @@ from torch import nn
 
 from bonescreen.errors import BonescreenError
 from bonescreen.labels import PEDIATRIC_LOW_Z
-from bonescreen.pediatric.model import CLINICAL_FEATURES, Standardizer, combine_z, reference_of, z_source
+from bonescreen.pediatric.model import (
+    CLINICAL_FEATURES,
+    Standardizer,
+    combine_z,
+    reference_of,
+    z_source,
+)
 
 log = logging.getLogger(__name__)
 

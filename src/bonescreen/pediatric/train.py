@@ -127,17 +127,15 @@ def train_pediatric(
     model_name: str = "pediatric",
     bmd_weight: float = 0.5,
     z_from: str = "auto",
-    ref_z_weight: float = 0.0,
 ) -> PediatricTrainResult:
     """Train the fusion model on the manifest's train split (best epoch by tuning Z MAE); score tune and test.
 
     ``z_from``: "auto" (lowest tuning MAE), "head", "reference" or "mean"; see the module docstring.
-    ``ref_z_weight``: loss weight of the BMD head converted to Z through the reference curve.
     """
     from bonescreen import __version__
     from bonescreen.artifact import ModelSpec, save_artifact
     from bonescreen.data import ManifestDataset, read_manifest, split_rows
-    from bonescreen.distributed import cleanup, init_distributed
+    from bonescreen.distributed import all_gather_object, cleanup, init_distributed
     from bonescreen.models import GRAY_MEAN, GRAY_STD
     from bonescreen.pediatric.data import (
         PediatricDataset,
@@ -147,7 +145,6 @@ def train_pediatric(
         targets_of,
     )
     from bonescreen.pediatric.metrics import regression_metrics
-    from bonescreen.distributed import all_gather_object
     from bonescreen.pediatric.model import (
         CLINICAL_FEATURES,
         DEFAULT_HIDDEN,
@@ -225,8 +222,7 @@ def train_pediatric(
         images = ManifestDataset(
             preps["train"].source, train_f["_y"].to_numpy(), augment=cfg.augment, strong_p=cfg.strong_p, seed=cfg.seed
         )
-        train_ds = PediatricDataset(images, clinical_of(train_f), targets_of(train_f), st,
-                                    reference=reference if ref_z_weight else None)
+        train_ds = PediatricDataset(images, clinical_of(train_f), targets_of(train_f), st)
         card: dict[str, Any] = {
             "kind": "pediatric_fusion",
             "model_name": model_name,
@@ -240,6 +236,7 @@ def train_pediatric(
                 for s, p in preps.items()
             },
             "dropped_rows": dropped,
+            "loss": {"z": 1.0, "bmd": float(bmd_weight)},
             "config": cfg.to_dict(),
             "bonescreen_version": __version__,
         }
@@ -253,7 +250,7 @@ def train_pediatric(
             zs, bs = [np.zeros(0)], [np.zeros(0)]
             for start in range(0, len(idx), 256):
                 part = idx[start : start + 256]
-                z, b = predict_outputs(model_, p.source.batch(part), clinical_of(p.frame)[part], extra,
+                z, b = predict_outputs(model_, p.source.batch(part.tolist()), clinical_of(p.frame)[part], extra,
                                        mean=GRAY_MEAN, std=GRAY_STD, batch_size=eval_bs, device=device)
                 zs.append(z)
                 bs.append(b)
@@ -291,7 +288,7 @@ def train_pediatric(
             tune_frame=empty,
             test_ds=None,
             test_frame=empty,
-            loss_fn=regression_loss(bmd_weight, ref_z_weight, st),
+            loss_fn=regression_loss(bmd_weight),
             model_card=card,
             model_name=model_name,
             evaluate_fn=evaluate_tune if len(tune_f) >= 2 else None,
