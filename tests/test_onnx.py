@@ -102,3 +102,25 @@ def test_export_command_and_int8_copy(tmp_path: Path, exported: tuple[Path, Path
     assert np.allclose(p_q.sum(axis=1), 1, atol=1e-5) and np.abs(p_q - p_t).max() < 0.2
     with pytest.raises(ValueError, match="calibration"):
         quantize_onnx(onnx_path, tmp_path / "x.onnx", mode="static")
+
+
+def test_screen_bf16_backend_close_to_fp32(tmp_path: Path, exported: tuple[Path, Path], write_dicom) -> None:  # type: ignore[no-untyped-def]
+    """--backend torch-bf16 runs the same model under bf16 autocast: same rows, scores within bf16 rounding."""
+    from bonescreen.cli import main
+
+    pt, _ = exported
+    for i in range(5):
+        write_dicom(radiograph(i), name=f"in/a{i}.dcm")
+    for backend, out in (("torch", "t"), ("torch-bf16", "b")):
+        assert main(["screen", str(tmp_path / "in"), "--model", str(pt), "--backend", backend, "--out",
+                     str(tmp_path / out), "--no-progress"]) == 0
+
+    def rows(out: str) -> dict[str, dict[str, str]]:
+        return {r["path"]: r for r in csv.DictReader(open(tmp_path / out / "results.csv"))}
+
+    t, b = rows("t"), rows("b")
+    assert t.keys() == b.keys() and len(t) == 5
+    diffs = [abs(float(t[k]["score"]) - float(b[k]["score"])) for k in t]
+    assert max(diffs) < 0.02  # bf16 keeps 8 mantissa bits
+    assert max(diffs) > 0.0  # and it really ran in bf16
+    assert {r["backend"] for r in b.values()} == {"torch-bf16"}
