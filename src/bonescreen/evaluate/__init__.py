@@ -1,5 +1,5 @@
 """Validation report: metrics with CIs, model comparison, subgroups, journal
-tables and figures, a self-contained HTML report (see docs/readme/evaluate.md)."""
+tables and figures, a self-contained HTML report (see the README, "Validation report")."""
 
 from bonescreen.evaluate.compare import (
     DeLongResult,

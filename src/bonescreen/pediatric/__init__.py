@@ -1,6 +1,6 @@
 """Pediatric variant: BMD Z-score and raw BMD from the CXR plus age, sex, height and weight.
 
-Low BMD is a predicted Z-score <= -2.0. See docs/readme/pediatric.md.
+Low BMD is a predicted Z-score <= -2.0. See the README, "Pediatric variant".
 Heavy modules (torch, shap) are imported by the submodules; ``predict_pediatric``
 is re-exported here for ``screen``.
 """

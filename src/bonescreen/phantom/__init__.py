@@ -1,4 +1,4 @@
-"""Synthetic CXR-DXA cohort with a known truth (see docs/readme/phantom.md).
+"""Synthetic CXR-DXA cohort with a known truth (see the README, "The phantom cohort").
 
 Each patient has a latent bone density; the radiograph's bones carry it
 (attenuation, cortical thickness, trabecular texture) and the DXA T-scores

@@ -24,7 +24,7 @@ class ServiceConfigError(BonescreenError):
 
 @dataclass
 class ServiceConfig:
-    """Everything ``bonescreen serve`` needs; see docs/readme/service.md for each key."""
+    """Everything ``bonescreen serve`` needs; see the README, "The screening service", for each key."""
 
     # --- model(s)
     model: str = ""
