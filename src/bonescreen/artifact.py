@@ -84,15 +84,22 @@ def save_artifact(path: str | Path, model: nn.Module, spec: ModelSpec) -> Path:
         **asdict(spec),
         "state_dict": {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()},
     }
+    atomic_torch_save(payload, path)
+    return path
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temp file then rename: a kill mid-write never leaves a truncated file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        torch.save(payload, tmp)
+        torch.save(obj, tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return path
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

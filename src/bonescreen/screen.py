@@ -49,6 +49,7 @@ import numpy as np
 from bonescreen import __version__
 from bonescreen.errors import BonescreenError, ModelArtifactError, TableError
 from bonescreen.gate import GateDecision, GatePolicy, check_header, check_pixels
+from bonescreen.schema import PREDICTION_OPTIONAL, PREDICTION_REQUIRED
 
 __all__ = [
     "PEDIATRIC_CATEGORIES",
@@ -108,17 +109,8 @@ RESULT_COLUMNS = [
 ]
 #: What ``predictions.csv`` holds: ``schema.PREDICTION_*`` plus the screening extras.
 PREDICTION_COLUMNS = [
-    "image_id",
-    "score",
-    "label",
-    "patient_id",
-    "site",
-    "sex",
-    "age",
-    "t_min",
-    "severity",
-    "model",
-    "split",
+    *PREDICTION_REQUIRED,
+    *PREDICTION_OPTIONAL,
     "score_stage1",
     "label_stage1",
     "category",

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bonescreen import __version__
-from bonescreen.artifact import LoadedModel, ModelSpec, load_artifact, save_artifact
+from bonescreen.artifact import LoadedModel, ModelSpec, atomic_torch_save, load_artifact, save_artifact
 from bonescreen.config import ConfigError, TrainConfig, load_config
 from bonescreen.data import (
     TASK_LABEL_COLUMN,
@@ -69,6 +69,7 @@ from bonescreen.models import GRAY_MEAN, GRAY_STD, create_model
 
 log = logging.getLogger(__name__)
 
+# The schema.PREDICTION_* columns, ids and demographics before the score (spreadsheet order).
 PREDICTION_ORDER = [
     "image_id",
     "patient_id",
@@ -373,18 +374,6 @@ def _cpu_workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     keys: list[str] = []
@@ -651,7 +640,7 @@ def _fit(job: TrainJob, out_dir: str | Path, cfg: TrainConfig, env: DistEnv, *, 
     def save_checkpoint(stopped: str | None = None) -> None:
         if not env.is_main:
             return
-        _atomic_torch_save(
+        atomic_torch_save(
             {
                 "format": "bonescreen-checkpoint",
                 "bonescreen_version": __version__,
