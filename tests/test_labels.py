@@ -84,3 +84,14 @@ def test_add_labels_mixes_t_scores_and_institutional_category():
     assert pd.isna(out["severity"].iloc[2])  # category-only rows have no severity
     assert list(out["label"].astype("float").fillna(-1)) == [1, -1, 1, 0]
     assert list(out["label_stage1"]) == [0, 1, 0, 0]
+
+
+@pytest.mark.parametrize(
+    "value, sex",
+    [("F", "F"), (" female ", "F"), ("Woman", "F"), ("M", "M"), ("MALE", "M"), ("O", "O"),
+     ("1", "M"), ("2", "F"), ("x", None), ("", None), (None, None), (float("nan"), None)],
+)
+def test_one_sex_vocabulary_for_dicom_dxa_and_predictions(value, sex):
+    from bonescreen.labels import normalize_sex
+
+    assert normalize_sex(value) == sex

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from bonescreen.errors import ImageReadError, TableError
-from bonescreen.labels import add_labels, normalize_category
+from bonescreen.labels import add_labels, normalize_category, normalize_sex
 from bonescreen.schema import (
     BMD_COLUMNS,
     DXA_OPTIONAL,
@@ -98,15 +98,6 @@ def parse_date(value: object, fmt: str | None = None) -> date:
 
 
 # --------------------------------------------------------------------------- DXA table
-def normalize_sex(value: object) -> str | None:
-    text = "" if value is None else str(value).strip().lower()
-    if text in {"f", "female", "w", "woman", "2"}:
-        return "F"
-    if text in {"m", "male", "man", "1"}:
-        return "M"
-    return None
-
-
 def load_column_map(spec: str | Path | dict[str, str] | None) -> dict[str, str]:
     """Column mapping {their_name: our_name} from a dict, a YAML/JSON file, or 'a=b,c=d'."""
     if spec is None:

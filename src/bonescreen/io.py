@@ -36,6 +36,7 @@ from bonescreen.errors import (
     NotDicomError,
     WrongModalityError,
 )
+from bonescreen.labels import normalize_sex
 
 __all__ = [
     "DEFAULT_MODALITIES",
@@ -169,19 +170,6 @@ def _parse_date(value: object) -> dt.date | None:
     return None
 
 
-def _normalise_sex(value: object) -> str | None:
-    if value is None:
-        return None
-    text = str(value).strip().upper()
-    if text in ("F", "FEMALE", "W", "WOMAN"):
-        return "F"
-    if text in ("M", "MALE", "MAN"):
-        return "M"
-    if text in ("O", "OTHER"):
-        return "O"
-    return None
-
-
 _VIEW_ALIASES = {
     "PA": "PA",
     "POSTERO-ANTERIOR": "PA",
@@ -307,7 +295,7 @@ def _meta_from_dataset(ds: Any, path: str) -> ImageMeta:
         study_date=study_date,
         age=age,
         birth_date=birth,
-        sex=_normalise_sex(ds.get("PatientSex")),
+        sex=normalize_sex(ds.get("PatientSex")),
         view=_dicom_view(ds),
         modality=_str_or_none(ds.get("Modality")),
         body_part=_str_or_none(ds.get("BodyPartExamined")),
@@ -737,7 +725,7 @@ def _meta_from_row(path: str, source: str, row: Mapping[str, Any] | None, shape:
         study_date=study_date,
         age=age,
         birth_date=birth,
-        sex=_normalise_sex(row.get("sex")),
+        sex=normalize_sex(row.get("sex")),
         view=normalise_view(row.get("view")),
         modality=_str_or_none(row.get("modality")),
         body_part=_str_or_none(row.get("body_part")),

@@ -41,6 +41,22 @@ CATEGORY_ALIASES = {
 }
 
 
+_SEX_CODES = {
+    "f": "F", "female": "F", "w": "F", "woman": "F",
+    "m": "M", "male": "M", "man": "M",
+    "o": "O", "other": "O",
+    # ISO 5218 numeric codes, common in DXA exports (never in DICOM PatientSex)
+    "1": "M", "2": "F",
+}
+
+
+def normalize_sex(value: object) -> str | None:
+    """'F', 'M' or 'O' from DICOM PatientSex, DXA exports and prediction tables; None if unknown."""
+    if value is None:
+        return None
+    return _SEX_CODES.get(str(value).strip().lower())
+
+
 def _round(t: float) -> float:
     return round(float(t), _DECIMALS)
 

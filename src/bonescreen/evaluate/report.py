@@ -25,6 +25,7 @@ import pandas as pd
 
 from bonescreen import schema
 from bonescreen.errors import TableError
+from bonescreen.labels import normalize_sex
 from bonescreen.evaluate import plots, tables
 from bonescreen.evaluate.compare import (
     DeLongResult,
@@ -62,7 +63,6 @@ class EvaluateConfig:
 # --------------------------------------------------------------------------
 # Reading and checking predictions
 # --------------------------------------------------------------------------
-_SEX = {"f": "F", "female": "F", "w": "F", "m": "M", "male": "M", "o": "O", "other": "O"}
 
 
 def prepare_predictions(df: pd.DataFrame, source: str) -> tuple[pd.DataFrame, list[str]]:
@@ -130,7 +130,7 @@ def prepare_predictions(df: pd.DataFrame, source: str) -> tuple[pd.DataFrame, li
             df.loc[df["patient_id"].isna(), "patient_id"] = "__img__" + df.loc[df["patient_id"].isna(), "image_id"]
     if "sex" in df.columns:
         raw = df["sex"]
-        df["sex"] = raw.astype(str).str.strip().str.lower().map(_SEX)
+        df["sex"] = raw.map(normalize_sex)
         bad = int((df["sex"].isna() & raw.notna()).sum())
         if bad:
             warnings.append(f"{source}: {bad} row(s) with an unrecognised sex value (use F/M) "
