@@ -30,24 +30,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bonescreen import __version__
 from bonescreen.artifact import load_artifact
 from bonescreen.config import TrainConfig, load_config
-from bonescreen.data import TASK_LABEL_COLUMN, ImageSource, ManifestDataset, read_manifest, task_labels
+from bonescreen.data import (
+    TASK_LABEL_COLUMN,
+    ImageSource,
+    ManifestDataset,
+    read_manifest,
+    task_labels,
+)
 from bonescreen.distributed import DistEnv, cleanup, init_distributed
 from bonescreen.errors import TableError
 from bonescreen.train import (
     LossFn,
-    TrainJob,
     TrainResult,
     _write_skipped,
     build_model,
     check_trainable,
-    data_summary,
+    classifier_job,
     fit,
     infer_logits_distributed,
     load_splits,
     make_spec,
+    model_card,
     prepare_split,
     seed_everything,
 )
@@ -179,49 +184,30 @@ def distill(
             soft_targets=soft,
         )
 
-        def eval_ds(name: str) -> ManifestDataset | None:
-            p = preps[name]
-            return ManifestDataset(p.source, p.frame["_y"].to_numpy()) if len(p.frame) else None
-
-        card = {
-            "kind": "distilled",
-            "model_name": model_name,
-            "preset": cfg.preset,
-            "arch": cfg.arch,
-            "pretrained": pretrained_desc,
-            "image_size": cfg.image_size,
-            "teacher": {
+        card = model_card(
+            "distilled",
+            model_name,
+            cfg,
+            pretrained_desc,
+            spec,
+            preps,
+            n_skipped,
+            teacher={
                 "arch": loaded.spec.arch,
                 "file": Path(teacher).name,
                 "image_size": loaded.size,
                 "tune_metrics": loaded.spec.model_card.get("tune_metrics", {}),
                 "train_agreement": agreement,
             },
-            "distillation": {
+            distillation={
                 "alpha": cfg.distill_alpha,
                 "temperature": cfg.distill_temperature,
                 "student_augment": cfg.student_augment,
                 "teacher_view": "weak (flip only), precomputed",
             },
-            "training_data": {s: data_summary(p.frame, spec.class_names) for s, p in preps.items()},
-            "skipped_images": n_skipped,
-            "config": cfg.to_dict(),
-            "bonescreen_version": __version__,
-        }
-        job = TrainJob(
-            task=task,
-            spec=spec,
-            model=model,
-            train_ds=train_ds,
-            tune_ds=eval_ds("tune"),
-            tune_frame=preps["tune"].frame,
-            test_ds=eval_ds("test"),
-            test_frame=preps["test"].frame,
-            loss_fn=distill_loss_fn(cfg.distill_alpha, cfg.distill_temperature),
-            model_card=card,
-            model_name=model_name,
-            n_skipped_images=n_skipped,
         )
+        loss = distill_loss_fn(cfg.distill_alpha, cfg.distill_temperature)
+        job = classifier_job(task, spec, model, train_ds, preps, loss, card, model_name, n_skipped)
         return fit(job, out, cfg, env, resume=resume)
     finally:
         cleanup(env)

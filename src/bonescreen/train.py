@@ -37,7 +37,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from bonescreen import __version__
-from bonescreen.artifact import LoadedModel, ModelSpec, atomic_torch_save, load_artifact, save_artifact
+from bonescreen.artifact import (
+    LoadedModel,
+    ModelSpec,
+    atomic_torch_save,
+    load_artifact,
+    save_artifact,
+)
 from bonescreen.config import ConfigError, TrainConfig, load_config
 from bonescreen.data import (
     TASK_LABEL_COLUMN,
@@ -938,6 +944,65 @@ def _write_skipped(out: Path, preps: list[PreparedImages], env: DistEnv) -> int:
     return len(skipped)
 
 
+def model_card(
+    kind: str,
+    model_name: str,
+    cfg: TrainConfig,
+    pretrained_desc: str,
+    spec: ModelSpec,
+    preps: dict[str, PreparedImages],
+    n_skipped: int,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The artifact's model card; ``extra`` (e.g. the teacher) goes after the model description."""
+    return {
+        "kind": kind,
+        "model_name": model_name,
+        "preset": cfg.preset,
+        "arch": cfg.arch,
+        "pretrained": pretrained_desc,
+        "image_size": cfg.image_size,
+        **extra,
+        "training_data": {s: data_summary(p.frame, spec.class_names) for s, p in preps.items()},
+        "skipped_images": n_skipped,
+        "config": cfg.to_dict(),
+        "bonescreen_version": __version__,
+    }
+
+
+def classifier_job(
+    task: str,
+    spec: ModelSpec,
+    model: nn.Module,
+    train_ds: ManifestDataset,
+    preps: dict[str, PreparedImages],
+    loss_fn: LossFn,
+    card: dict[str, Any],
+    model_name: str,
+    n_skipped: int,
+) -> TrainJob:
+    """A TrainJob whose tune/test sets are the prepared ``tune`` and ``test`` splits (teacher and student)."""
+
+    def eval_ds(name: str) -> ManifestDataset | None:
+        p = preps[name]
+        return ManifestDataset(p.source, p.frame["_y"].to_numpy()) if len(p.frame) else None
+
+    return TrainJob(
+        task=task,
+        spec=spec,
+        model=model,
+        train_ds=train_ds,
+        tune_ds=eval_ds("tune"),
+        tune_frame=preps["tune"].frame,
+        test_ds=eval_ds("test"),
+        test_frame=preps["test"].frame,
+        loss_fn=loss_fn,
+        model_card=card,
+        model_name=model_name,
+        n_skipped_images=n_skipped,
+    )
+
+
 def train_model(
     manifest: str | Path | pd.DataFrame,
     out_dir: str | Path,
@@ -968,36 +1033,9 @@ def train_model(
             preps["train"].source, train_frame["_y"].to_numpy(), augment=cfg.augment, strong_p=cfg.strong_p, seed=cfg.seed
         )
 
-        def eval_ds(name: str) -> ManifestDataset | None:
-            p = preps[name]
-            return ManifestDataset(p.source, p.frame["_y"].to_numpy()) if len(p.frame) else None
-
-        card = {
-            "kind": "supervised",
-            "model_name": model_name,
-            "preset": cfg.preset,
-            "arch": cfg.arch,
-            "pretrained": pretrained_desc,
-            "image_size": cfg.image_size,
-            "training_data": {s: data_summary(p.frame, spec.class_names) for s, p in preps.items()},
-            "skipped_images": n_skipped,
-            "config": cfg.to_dict(),
-            "bonescreen_version": __version__,
-        }
-        job = TrainJob(
-            task=task,
-            spec=spec,
-            model=model,
-            train_ds=train_ds,
-            tune_ds=eval_ds("tune"),
-            tune_frame=preps["tune"].frame,
-            test_ds=eval_ds("test"),
-            test_frame=preps["test"].frame,
-            loss_fn=supervised_loss(cfg.label_smoothing),
-            model_card=card,
-            model_name=model_name,
-            n_skipped_images=n_skipped,
-        )
+        card = model_card("supervised", model_name, cfg, pretrained_desc, spec, preps, n_skipped)
+        job = classifier_job(task, spec, model, train_ds, preps, supervised_loss(cfg.label_smoothing), card,
+                             model_name, n_skipped)
         return fit(job, out, cfg, env, resume=resume)
     finally:
         cleanup(env)
