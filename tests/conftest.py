@@ -104,3 +104,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]):  #
         reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
         report.longrepr = f"skipped in CI, where nothing may be skipped: {reason}"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _pseudonym_key(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Screening pseudonymises patient ids with a per-user key: keep it out of the real home."""
+    key = tmp_path_factory.mktemp("pseudonym") / "pseudonym.key"
+    os.environ["BONESCREEN_PSEUDONYM_KEY_FILE"] = str(key)

@@ -84,7 +84,7 @@ def _prepare(path: Path, **policy: object):  # type: ignore[no-untyped-def]
     from bonescreen.screen import InputItem, PrepContext, prepare
 
     pol = GatePolicy.from_eligibility({"min_age": 50, "max_age": 120}, **policy)
-    return prepare(InputItem(str(path)), PrepContext(pol, (64,), None, False, ""))
+    return prepare(InputItem(str(path)), PrepContext(pol, (64,), None, False, None))
 
 
 def test_io_reasons_reach_the_row(tmp_path: Path, write_dicom) -> None:  # type: ignore[no-untyped-def]

@@ -184,7 +184,10 @@ def test_mixed_folder_cli_rows_reasons_and_exit_code(tmp_path: Path, artifacts, 
     # PHI: no raw patient id or name anywhere in the outputs
     blob = "".join(f.read_text() for f in out.glob("*.*") if f.suffix in (".csv", ".jsonl", ".json"))
     assert "MRN0001" not in blob and "Doe" not in blob
-    assert by_name["good1.dcm"]["patient_id"].startswith("h:")
+    # a keyed pseudonym (HMAC under the per-user key), the same on every run with that key
+    from bonescreen.pseudonym import Pseudonymiser
+
+    assert by_name["good1.dcm"]["patient_id"] == Pseudonymiser.from_file()("MRN0001")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_screened"] == 6 and summary["reasons"]["lateral_view"] == 1
 

@@ -231,7 +231,7 @@ def explain_paths(
         from bonescreen.screen import ClinicalTable
 
         table = ClinicalTable(clinical) if clinical is not None else None
-    ctx = PrepContext(policy, (loaded.size,), None, False, "", pediatric=pediatric, clinical=table)
+    ctx = PrepContext(policy, (loaded.size,), None, False, None, pediatric=pediatric, clinical=table)
     explainer: Any = PediatricExplainer(loaded) if pediatric else Explainer(loaded)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -49,6 +49,7 @@ import numpy as np
 from bonescreen import __version__
 from bonescreen.errors import BonescreenError, ModelArtifactError, TableError
 from bonescreen.gate import GateDecision, GatePolicy, check_header, check_pixels
+from bonescreen.pseudonym import Pseudonymiser, key_fingerprint, load_or_create_key
 from bonescreen.schema import PREDICTION_OPTIONAL, PREDICTION_REQUIRED
 
 __all__ = [
@@ -750,12 +751,14 @@ def _hash_id(path: str) -> str:
     return "sha256:" + file_sha256(path)[:32]
 
 
-def _patient_key(pid: str | None, include: bool, salt: str) -> str | None:
+def _patient_key(pid: str | None, include: bool, pseudonymiser: Pseudonymiser | None) -> str | None:
     if not pid:
         return None
     if include:
         return pid
-    return "h:" + hashlib.sha256(f"{salt}{pid}".encode()).hexdigest()[:16]
+    if pseudonymiser is None:  # callers that do not output patient ids (explain, export)
+        return None
+    return pseudonymiser(pid)
 
 
 def _fill_meta(meta: Any, extra: Mapping[str, str]) -> None:
@@ -783,7 +786,7 @@ class PrepContext:
     sizes: tuple[int, ...]
     site: str | None
     include_patient_id: bool
-    id_salt: str
+    pseudonymiser: Pseudonymiser | None
     pediatric: bool = False  # collect height/weight/age/sex for a pediatric model
     clinical: ClinicalTable | None = None
 
@@ -810,7 +813,7 @@ def prepare(item: InputItem, ctx: PrepContext) -> Prepared:
         row.update(
             sex=meta.sex, age=None if meta.age is None else round(float(meta.age), 2), view=meta.view,
             modality=meta.modality, study_date=meta.study_date.isoformat() if meta.study_date else None,
-            patient_id=_patient_key(meta.patient_id, ctx.include_patient_id, ctx.id_salt),
+            patient_id=_patient_key(meta.patient_id, ctx.include_patient_id, ctx.pseudonymiser),
         )
         decision = check_header(meta, ctx.policy)
         if not decision.eligible:
@@ -982,7 +985,9 @@ class ScreenOptions:
     dicom_sc: bool = False
     site: str | None = None
     include_patient_id: bool = False
-    id_salt: str = ""
+    # HMAC key for patient pseudonyms (bonescreen.pseudonym); None: $BONESCREEN_PSEUDONYM_KEY_FILE
+    # or the per-user default, generated on first use
+    pseudonym_key_file: str | os.PathLike[str] | None = None
     labels: str | os.PathLike[str] | None = None
     progress: bool = True
     overwrite: bool = False
@@ -1041,8 +1046,10 @@ class _Tally:
 
 
 def _run_config(models: ModelSet, policy: GatePolicy, t2: float, t1: float, opts: ScreenOptions,
-                clinical: ClinicalTable | None = None) -> dict[str, Any]:
+                clinical: ClinicalTable | None = None, key_id: str | None = None) -> dict[str, Any]:
     return {
+        # which key made the pseudonyms (a fingerprint, not the key): a resumed run must not mix two
+        "pseudonym_key": key_id,
         "clinical": clinical.id if clinical is not None else None,
         "model": models.main_id,
         "model_stage1": models.stage1_id or None,
@@ -1182,7 +1189,11 @@ def screen(
     t2 = float(opts.threshold if opts.threshold is not None else models.main.spec.threshold)
     t1 = float(opts.threshold_stage1 if opts.threshold_stage1 is not None else
                (models.stage1.spec.threshold if models.stage1 is not None else 0.5))
-    _check_resume(out, _run_config(models, policy, t2, t1, opts, clinical), opts.overwrite)
+    pseudonymiser = key_id = None
+    if not opts.include_patient_id:
+        key = load_or_create_key(opts.pseudonym_key_file)
+        pseudonymiser, key_id = Pseudonymiser(key), key_fingerprint(key)
+    _check_resume(out, _run_config(models, policy, t2, t1, opts, clinical, key_id), opts.overwrite)
 
     store = ResultStore(out, result_columns(models.mode))
     tally = _Tally()
@@ -1194,7 +1205,7 @@ def screen(
     if n_resumed:
         log.info("resuming: %d image(s) already have a row in %s", n_resumed, store.jsonl)
 
-    ctx = PrepContext(policy, tuple(models.sizes), opts.site, opts.include_patient_id, opts.id_salt,
+    ctx = PrepContext(policy, tuple(models.sizes), opts.site, opts.include_patient_id, pseudonymiser,
                       pediatric=models.pediatric, clinical=clinical)
     explainers: dict[str, Any] = {}
     if opts.explain or opts.dicom_sc:

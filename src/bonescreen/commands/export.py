@@ -70,7 +70,7 @@ def _calibration_images(inputs: list[str], loaded: Any) -> Any:
     from bonescreen.gate import GatePolicy
     from bonescreen.screen import PrepContext, iter_inputs, prepare
 
-    ctx = PrepContext(GatePolicy.from_eligibility(loaded.spec.eligibility), (loaded.size,), None, False, "")
+    ctx = PrepContext(GatePolicy.from_eligibility(loaded.spec.eligibility), (loaded.size,), None, False, None)
     imgs = []
     for item in iter_inputs(inputs):
         prep = prepare(item, ctx)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Any
 
@@ -80,9 +79,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="write a secondary-capture DICOM of the Grad-CAM overlay to OUT/dicom/")
     p.add_argument("--site", help="site name recorded in every row (a manifest's site column wins)")
     p.add_argument("--include-patient-id", action="store_true",
-                   help="write the raw PatientID (PHI); by default a salted SHA-256 prefix is written")
-    p.add_argument("--id-salt", default=os.environ.get("BONESCREEN_ID_SALT", ""),
-                   help="salt for hashed patient ids (default $BONESCREEN_ID_SALT)")
+                   help="write the raw PatientID (PHI); by default a keyed pseudonym (HMAC-SHA256) is written")
+    p.add_argument("--pseudonym-key-file", metavar="FILE",
+                   help="secret key for patient pseudonyms (default $BONESCREEN_PSEUDONYM_KEY_FILE, else "
+                        "~/.config/bonescreen/pseudonym.key); generated (mode 0600) when missing")
     p.add_argument("--labels", metavar="CSV",
                    help="cohort manifest whose label columns are joined into OUT/predictions.csv")
     p.add_argument("--overwrite", action="store_true", help="discard earlier results in OUT")
@@ -98,7 +98,7 @@ def handler(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, workers=args.workers, threshold=args.threshold,
         threshold_stage1=args.stage1_threshold, always_stage2=args.always_stage2,
         explain=args.explain, dicom_sr=args.dicom_sr, dicom_sc=args.dicom_sc, site=args.site,
-        include_patient_id=args.include_patient_id, id_salt=args.id_salt, labels=args.labels,
+        include_patient_id=args.include_patient_id, pseudonym_key_file=args.pseudonym_key_file, labels=args.labels,
         progress=not args.no_progress, overwrite=args.overwrite, gate=gate_overrides(args),
         clinical=args.clinical,
     )

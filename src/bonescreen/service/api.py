@@ -26,7 +26,7 @@ from bonescreen import __version__
 from bonescreen.service.intake import IntakeError
 from bonescreen.service.runtime import Service
 from bonescreen.service.store import CATEGORY_LABELS, REVIEW_STATUSES, StoreError
-from bonescreen.service.worker import hash_patient_id
+from bonescreen.service.worker import service_pseudonymiser
 
 __all__ = ["COOKIE", "create_app"]
 
@@ -204,7 +204,7 @@ def create_app(service: Service, *, manage: bool = True, stop_on_shutdown: bool 
         if review_status and review_status not in REVIEW_STATUSES:
             raise HTTPException(422, f"review_status must be one of {', '.join(REVIEW_STATUSES)}")
         if patient_id and service.config.hash_patient_id:
-            patient_id = hash_patient_id(patient_id, service.config.id_salt)
+            patient_id = service_pseudonymiser(service.config)(patient_id)
         rows = service.store.query_results(
             study_instance_uid=study_instance_uid, patient_id=patient_id, category=category, flagged=flagged,
             review_status=review_status, date_from=date_from, date_to=date_to, eligible=eligible, limit=limit,

@@ -41,8 +41,8 @@ class ServiceConfig:
     db_url: str | None = None  # default sqlite:///<data_dir>/bonescreen.db
     keep_images: bool = False  # keep the received DICOM after its result (else deleted)
     store_patient_name: bool = False  # the worklist shows PatientName only when this is on
-    hash_patient_id: bool = False  # store a salted hash instead of PatientID (worklist less useful)
-    id_salt: str = ""
+    hash_patient_id: bool = False  # store a keyed pseudonym instead of PatientID (worklist less useful)
+    key_file: str | None = None  # HMAC key for pseudonyms; default <data_dir>/pseudonym.key (generated)
     # --- DICOM receiver
     dicom_enabled: bool = True
     dicom_host: str = "0.0.0.0"
@@ -75,6 +75,11 @@ class ServiceConfig:
     @property
     def data_path(self) -> Path:
         return Path(self.data_dir)
+
+    @property
+    def pseudonym_key_path(self) -> Path:
+        """The HMAC key for patient pseudonyms: ``key_file``, else ``<data_dir>/pseudonym.key``."""
+        return Path(self.key_file) if self.key_file else self.data_path / "pseudonym.key"
 
     @property
     def database_url(self) -> str:

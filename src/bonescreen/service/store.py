@@ -14,7 +14,7 @@ and on PostgreSQL the sub-select takes ``FOR UPDATE SKIP LOCKED`` so several
 workers never claim the same row.
 
 What is stored about a patient is what the worklist shows: patient id (raw, or
-a salted hash when so configured), name only when configured, study date,
+a keyed pseudonym when so configured), name only when configured, study date,
 sex, age, the score and category. No pixel data and no other header field.
 """
 

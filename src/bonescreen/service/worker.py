@@ -20,6 +20,7 @@ one PostgreSQL database each run their own worker (SKIP LOCKED claims).
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import logging
 import os
@@ -33,10 +34,11 @@ from typing import Any
 
 import numpy as np
 
+from bonescreen.pseudonym import Pseudonymiser
 from bonescreen.service.config import ServiceConfig
 from bonescreen.service.store import ClaimedJob, Store
 
-__all__ = ["Screened", "ScreeningEngine", "Worker", "WorkerStats"]
+__all__ = ["Screened", "ScreeningEngine", "Worker", "WorkerStats", "service_pseudonymiser"]
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +87,7 @@ class ScreeningEngine:
         """Gate, decode, preprocess one file -> ``screen.Prepared`` (row + images, or a skip row)."""
         from bonescreen.screen import InputItem, PrepContext, prepare
 
-        ctx = PrepContext(self.policy, tuple(self.models.sizes), None, True, "", pediatric=self.models.pediatric)
+        ctx = PrepContext(self.policy, tuple(self.models.sizes), None, True, None, pediatric=self.models.pediatric)
         return prepare(InputItem(str(path)), ctx)
 
     def screen_files(self, paths: list[Path], out_dir: Path, names: list[str]) -> list[Screened]:
@@ -306,7 +308,7 @@ class Worker:
         row = res.row
         pid, name = _read_patient(path, self.config.store_patient_name)
         if pid and self.config.hash_patient_id:
-            pid = hash_patient_id(pid, self.config.id_salt)
+            pid = service_pseudonymiser(self.config)(pid)
         study_date = None
         if row.get("study_date"):
             try:
@@ -351,5 +353,11 @@ class Worker:
         return n
 
 
-def hash_patient_id(pid: str, salt: str) -> str:
-    return "h:" + hashlib.sha256(f"{salt}{pid}".encode()).hexdigest()[:16]
+def service_pseudonymiser(config: ServiceConfig) -> Pseudonymiser:
+    """The service's keyed pseudonyms (one key per data folder unless ``key_file`` names one)."""
+    return _pseudonymiser(str(config.pseudonym_key_path))
+
+
+@functools.lru_cache(maxsize=4)
+def _pseudonymiser(path: str) -> Pseudonymiser:
+    return Pseudonymiser.from_file(path)
