@@ -336,3 +336,38 @@ def test_target_sensitivity_threshold_is_the_highest_reaching_target() -> None:
         sensitivity_threshold(y, s, 1.5)
     with pytest.raises(ValueError):
         youden_threshold([1, 1], [0.2, 0.3])
+
+
+def test_calibration_slope_and_intercept_recover_known_miscalibration() -> None:
+    from bonescreen.evaluate.metrics import calibration_slope_intercept
+
+    rng = np.random.default_rng(0)
+    n = 20000
+    lp = rng.normal(0.0, 1.5, n)
+    scores = 1 / (1 + np.exp(-lp))
+    # truth: the scores are over-confident by a factor 2 on the logit scale
+    y_slope = rng.random(n) < 1 / (1 + np.exp(-0.5 * lp))
+    fit = calibration_slope_intercept(y_slope, scores)
+    assert fit.slope.lo < 0.5 < fit.slope.hi and abs(fit.slope.value - 0.5) < 0.05
+    # truth: right slope, but every logit 0.7 too high (too many positives predicted)
+    y_shift = rng.random(n) < 1 / (1 + np.exp(-(lp - 0.7)))
+    fit = calibration_slope_intercept(y_shift, scores)
+    assert abs(fit.intercept.value + 0.7) < 0.06 and fit.intercept.hi < 0
+    assert abs(fit.slope.value - 1.0) < 0.05
+    # well calibrated: slope 1 and intercept 0 inside their CIs
+    y_ok = rng.random(n) < scores
+    fit = calibration_slope_intercept(y_ok, scores)
+    assert fit.slope.lo < 1 < fit.slope.hi and fit.intercept.lo < 0 < fit.intercept.hi
+    one = calibration_slope_intercept(np.ones(10), np.linspace(0.1, 0.9, 10))
+    assert np.isnan(one.slope.value) and "both classes" in one.slope.note
+
+
+def test_expected_calibration_error_by_hand() -> None:
+    from bonescreen.evaluate.metrics import expected_calibration_error
+
+    # bin [0.1, 0.2): mean predicted 0.15, observed 0.5 (2 images); bin [0.9, 1]: 0.95 vs 1.0 (2 images)
+    y = np.array([0, 1, 1, 1])
+    s = np.array([0.1, 0.2 - 1e-9, 0.9, 1.0])
+    want = (2 * abs(0.5 - (0.1 + 0.2 - 1e-9) / 2) + 2 * abs(1.0 - 0.95)) / 4
+    assert expected_calibration_error(y, s) == pytest.approx(want)
+    assert expected_calibration_error(y, y.astype(float)) == 0.0

@@ -181,6 +181,85 @@ def calibration(labels: ArrayLike, scores: ArrayLike, n_bins: int = 10) -> dict[
     }
 
 
+@dataclass(frozen=True)
+class CalibrationFit:
+    """Logistic recalibration of predicted probabilities against outcomes (Cox 1958).
+
+    ``slope``: the coefficient of logit(p) in ``logit P(y=1) = a + b·logit(p)``; 1 is ideal,
+    below 1 means the scores are too extreme (over-confident), above 1 too timid.
+    ``intercept``: calibration-in-the-large, ``a`` with the slope fixed at 1 (an offset); 0 is
+    ideal, negative means the model predicts too many positives. Wald 95% intervals.
+    """
+
+    slope: Estimate
+    intercept: Estimate
+    n: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"slope": self.slope.to_dict(), "intercept": self.intercept.to_dict(), "n": self.n}
+
+
+def _logit(scores: ArrayLike, eps: float = 1e-6) -> NDArray[np.float64]:
+    p = np.clip(np.asarray(scores, dtype=float), eps, 1 - eps)
+    return np.log(p / (1 - p))
+
+
+def calibration_slope_intercept(labels: ArrayLike, scores: ArrayLike, alpha: float = 0.05) -> CalibrationFit:
+    """Calibration slope and intercept with Wald CIs (statsmodels GLM, binomial family).
+
+    Scores are clipped to [1e-6, 1 - 1e-6] before the logit. NaN estimates, with a note,
+    when the outcome has a single class or the fit does not converge (perfect separation).
+    """
+    import warnings
+
+    import statsmodels.api as sm
+
+    y = np.asarray(labels).astype(float)
+    lp = _logit(scores)
+    n = int(y.size)
+    if not _two_classes(y.astype(int)):
+        nan = Estimate(math.nan, note="needs both classes")
+        return CalibrationFit(nan, nan, n)
+    z = float(_normal_quantile(1 - alpha / 2))
+    out: list[Estimate] = []
+    for kind in ("slope", "intercept"):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # a separation warning makes the estimate meaningless
+                if kind == "slope":
+                    res = sm.GLM(y, sm.add_constant(lp), family=sm.families.Binomial()).fit()
+                    est, se = float(res.params[1]), float(res.bse[1])
+                else:
+                    res = sm.GLM(y, np.ones((n, 1)), family=sm.families.Binomial(), offset=lp).fit()
+                    est, se = float(res.params[0]), float(res.bse[0])
+        except Exception as exc:  # PerfectSeparation, convergence failures
+            out.append(Estimate(math.nan, method="logistic (Wald)", note=f"fit failed: {type(exc).__name__}"))
+            continue
+        out.append(Estimate(est, est - z * se, est + z * se, method="logistic (Wald)"))
+    return CalibrationFit(out[0], out[1], n)
+
+
+def _normal_quantile(q: float) -> float:
+    from scipy.stats import norm
+
+    return float(norm.ppf(q))
+
+
+def expected_calibration_error(labels: ArrayLike, scores: ArrayLike, n_bins: int = 10) -> float:
+    """ECE: the count-weighted mean |observed rate − mean predicted| over equal-width bins."""
+    y = np.asarray(labels).astype(float)
+    s = np.asarray(scores, dtype=float)
+    if y.size == 0:
+        return math.nan
+    idx = np.clip((s * n_bins).astype(int), 0, n_bins - 1)
+    total = 0.0
+    for b in range(n_bins):
+        m = idx == b
+        if m.any():
+            total += m.sum() * abs(y[m].mean() - s[m].mean())
+    return float(total / y.size)
+
+
 # --------------------------------------------------------------------------
 # Operating points chosen on a tuning set
 # --------------------------------------------------------------------------
