@@ -36,7 +36,7 @@ def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture()
 def client(artifact: Path, tmp_path: Path) -> Iterator[TestClient]:
     cfg = ServiceConfig(model=str(artifact), data_dir=str(tmp_path / "data"), dicom_enabled=False,
-                        max_upload_mb=0.05, poll_seconds=0.05).validate()
+                        max_upload_mb=0.05, poll_seconds=0.05, token_role="admin").validate()
     svc = Service(cfg, token=TOKEN)
     with TestClient(create_app(svc)) as c:
         yield c
@@ -112,7 +112,7 @@ def test_upload_screen_query_sr_overlay_review(client: TestClient, caplog: pytes
     assert client.put(f"/api/v1/results/{sop}/review", json={"status": "bogus"}, headers=AUTH).status_code == 422
     assert client.get(f"/api/v1/results/{sop}", headers=AUTH).json()["review_status"] == "dxa_ordered"
     metrics = client.get("/metrics", headers=AUTH).text
-    assert 'bonescreen_jobs{status="done"} 1' in metrics and "bonescreen_http_uploads_total 2" in metrics
+    assert 'bonescreen_jobs{status="done"} 1.0' in metrics and "bonescreen_http_uploads_total 2.0" in metrics
     # no PHI in any log record of the service (patient id, name, UIDs); the test's own HTTP
     # client (httpx) logs full URLs and is not part of the service
     text = "\n".join(rec.getMessage() for rec in caplog.records if not rec.name.startswith("httpx"))
@@ -170,14 +170,24 @@ def test_no_path_traversal(client: TestClient) -> None:
 
 
 def test_worklist_login_and_filters(client: TestClient) -> None:
+    import re
+
+    from bonescreen.service.auth import hash_password
+
+    svc: Service = client.app.state.service  # type: ignore[attr-defined]
+    svc.store.add_user("dr.who", "reviewer", hash_password("correct horse battery"))
     for i, date in enumerate(["20240110", "20240320"]):
         r = client.post("/api/v1/images", content=make_cxr_bytes(seed=20 + i, study_date=date), headers=DICOM)
         _wait(client, r.json()["sop_instance_uid"])
-    r = client.post("/login", content="token=wrong", headers={"Content-Type": "application/x-www-form-urlencoded"},
-                    follow_redirects=False)
-    assert r.headers["location"] == "/login?error=1"
-    r = client.post("/login", content=f"token={TOKEN}",
-                    headers={"Content-Type": "application/x-www-form-urlencoded"}, follow_redirects=False)
+
+    def sign_in(password: str) -> Any:
+        page = client.get("/login")
+        csrf = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)  # type: ignore[union-attr]
+        return client.post("/login", data={"username": "dr.who", "password": password, "csrf": csrf},
+                           follow_redirects=False)
+
+    assert sign_in("wrong password!").headers["location"] == "/login?error=1"
+    r = sign_in("correct horse battery")
     assert r.status_code == 303 and "httponly" in r.headers["set-cookie"].lower()
     page = client.get("/worklist")
     assert page.status_code == 200 and page.text.count('class="row') == 2
@@ -191,7 +201,7 @@ def test_serve_cli_refuses_bad_settings(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["serve", "--model", str(tmp_path / "m.pt"), "--data-dir", str(tmp_path)]) == 1
     assert "calling AE" in capsys.readouterr().err
     assert main(["serve", "--model", str(tmp_path / "missing.pt"), "--data-dir", str(tmp_path), "--no-dicom",
-                 "--token", "x", "--port", "0"]) == 1
+                 "--port", "0"]) == 1
     assert "not found" in capsys.readouterr().err
     cfg = tmp_path / "svc.yaml"
     cfg.write_text("model: m.pt\nallowed_ae: [X]\n")
@@ -199,12 +209,12 @@ def test_serve_cli_refuses_bad_settings(tmp_path: Path, capsys: pytest.CaptureFi
     assert "unknown service config key(s): allowed_ae" in capsys.readouterr().err
 
 
-def test_second_service_on_one_data_folder_refused(client: TestClient) -> None:
+def test_second_process_with_the_same_instance_name_refused(client: TestClient) -> None:
     from bonescreen.service.config import ServiceConfigError
 
     svc: Service = client.app.state.service  # type: ignore[attr-defined]
     other = Service(svc.config, token="x", worker=False)
-    with pytest.raises(ServiceConfigError, match="another bonescreen service"):
+    with pytest.raises(ServiceConfigError, match="already running"):
         other.start()
 
 

@@ -56,7 +56,7 @@ def _jobs(metrics: str) -> dict[str, int]:
     for line in metrics.splitlines():
         if line.startswith("bonescreen_jobs{"):
             status = line.split('"')[1]
-            out[status] = int(line.rsplit(" ", 1)[1])
+            out[status] = int(float(line.rsplit(" ", 1)[1]))
     return out
 
 
@@ -66,9 +66,12 @@ def test_kill_9_while_processing_then_restart_finishes_every_image(tmp_path: Pat
     art = make_tiny_artifact(tmp_path / "tiny.pt", size=32, min_size=32)
     http_port, dicom_port = free_port(), free_port()
     data = tmp_path / "data"
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    token_file.chmod(0o600)
     base = [sys.executable, "-m", "bonescreen", "serve", "--model", str(art), "--data-dir", str(data),
             "--port", str(http_port), "--dicom-port", str(dicom_port), "--dicom-host", "127.0.0.1",
-            "--allow-ae", "CRASHTEST", "--token", TOKEN, "--batch-size", "2", "--no-explain"]
+            "--allow-ae", "CRASHTEST", "--token-file", str(token_file), "--batch-size", "2", "--no-explain"]
     log = tmp_path / "serve.log"
     proc = _start([*base, "--debug-worker-delay", "0.25"], log, http_port)
     try:

@@ -157,7 +157,7 @@ def test_unreachable_pacs_retries_then_gives_up(artifact: Path, tmp_path: Path) 
         assert loop.run_once() == 1 and loop.failed == 1
         assert svc.store.counts()["forward"] == {"pending": 1}
         assert loop.run_once() == 1
-        assert svc.store.counts()["forward"] == {"failed": 1}
+        assert svc.store.counts()["forward"] == {"dead_letter": 1}
         assert loop.run_once() == 0  # given up; nothing due
         assert svc.health()["status"] == "ok"
     finally:

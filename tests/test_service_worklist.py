@@ -22,7 +22,7 @@ from bonescreen.service.config import ServiceConfig
 from bonescreen.service.runtime import Service
 from bonescreen.service.testing import free_port
 
-TOKEN = "worklist-token"
+USER, PASSWORD = "dr.house", "vicodin-and-dxa"
 
 
 def _chromium() -> str | None:
@@ -50,7 +50,10 @@ def server(tmp_path: Path) -> Iterator[tuple[str, Service]]:
     # no worker here (rows are written directly), so the model path is never opened
     cfg = ServiceConfig(model=str(tmp_path / "unused.pt"), data_dir=str(tmp_path / "data"),
                         dicom_enabled=False).validate()
-    svc = Service(cfg, token=TOKEN, worker=False)
+    svc = Service(cfg, worker=False)
+    from bonescreen.service.auth import hash_password
+
+    svc.store.add_user(USER, "reviewer", hash_password(PASSWORD))
     rng = np.random.default_rng(0)
     for i, (pid, date, cat, score, flag) in enumerate(ROWS):
         sop = f"1.2.826.0.1.77.{i + 1}"
@@ -97,11 +100,13 @@ def _patients(page: Any) -> list[str]:
 def test_worklist_in_chromium(server: tuple[str, Service], page: Any) -> None:
     base, svc = server
     page.goto(f"{base}/worklist")
-    assert page.url.endswith("/login")  # no token, no worklist
-    page.fill("#token", "wrong")
+    assert page.url.endswith("/login")  # no session, no worklist
+    page.fill("#username", USER)
+    page.fill("#password", "wrong password")
     page.click("#login")
     assert page.locator("#login-error").is_visible()
-    page.fill("#token", TOKEN)
+    page.fill("#username", USER)
+    page.fill("#password", PASSWORD)
     page.click("#login")
     page.wait_for_url(f"{base}/worklist")
     # flagged first (by score), then the rest by score
@@ -127,7 +132,10 @@ def test_worklist_in_chromium(server: tuple[str, Service], page: Any) -> None:
     row.locator("select.review").select_option("dxa_ordered")
     row.locator(".saved").wait_for(state="visible")
     assert row.locator(".saved").inner_text() == "saved"
-    assert svc.store.get_result("1.2.826.0.1.77.3").review_status == "dxa_ordered"  # type: ignore[union-attr]
+    stored = svc.store.get_result("1.2.826.0.1.77.3")
+    assert stored is not None and stored.review_status == "dxa_ordered" and stored.reviewed_by == USER
+    assert [(e.actor, e.action, e.target) for e in svc.store.audit_events(action="review")] == [
+        (USER, "review", "1.2.826.0.1.77.3")]
     page.reload()
     assert page.locator('tr.row[data-sop="1.2.826.0.1.77.3"] select.review').input_value() == "dxa_ordered"
     page.goto(f"{base}/worklist?review_status=dxa_ordered")

@@ -31,6 +31,8 @@ COMMANDS = [
     "explain",
     "export",
     "serve",
+    "users",
+    "db",
     "pediatric",
 ]
 

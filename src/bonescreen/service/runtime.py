@@ -1,13 +1,25 @@
-"""The running service: database, intake, worker, DICOM receiver and forwarder, started and stopped together."""
+"""The running service: database, intake, worker, DICOM receiver and forwarder, started and stopped together.
+
+Several ``serve`` processes (on one host or several) may share one database:
+each registers under its instance name (``--instance``, default the host
+name; one live process per name) and a heartbeat thread renews its
+registration and the leases of the jobs its worker holds. A process killed
+with ``kill -9`` stops renewing, so its jobs return to the queue when their
+lease (``lease_seconds``) runs out and another worker screens them; the same
+instance restarted on the same host takes its jobs back at once.
+"""
 
 from __future__ import annotations
 
-import fcntl
+import json
 import logging
 import os
+import socket
+import threading
 import time
+import uuid
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from bonescreen.service.config import ServiceConfig, ServiceConfigError
 from bonescreen.service.forward import ForwardLoop
@@ -22,7 +34,7 @@ log = logging.getLogger(__name__)
 
 #: Libraries that log patient or study identifiers at INFO/DEBUG (highdicom copies
 #: patient attributes by name, pynetdicom prints DIMSE messages with UIDs).
-PHI_LOGGERS = ("highdicom", "pynetdicom")
+PHI_LOGGERS = ("highdicom", "pynetdicom", "dicomweb_client")
 
 
 def quiet_phi_loggers() -> None:
@@ -36,73 +48,124 @@ def quiet_phi_loggers() -> None:
 class Service:
     """Owns every part; ``start()`` brings them up (worker first, receiver last), ``stop()`` the reverse.
 
-    ``worker=False`` / ``dicom=False`` leave a part out (API-only replicas, tests).
+    ``worker=False`` / ``dicom=False`` leave a part out (API-only replicas, tests); by default the
+    settings' ``worker_enabled`` / ``dicom_enabled`` decide. ``token``: a static API token (else
+    ``token_file``'s), role ``token_role``.
     """
 
-    def __init__(self, config: ServiceConfig, *, token: str, worker: bool = True, dicom: bool | None = None,
-                 engine: ScreeningEngine | None = None) -> None:
+    def __init__(self, config: ServiceConfig, *, token: str | None = None, worker: bool | None = None,
+                 dicom: bool | None = None, engine: ScreeningEngine | None = None) -> None:
+        from bonescreen.service.auth import Authenticator
+        from bonescreen.service.migrate import ensure_schema
+
         quiet_phi_loggers()
         self.config = config
-        self.token = token
         self.data_dir = config.data_path
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        # the folder holds patient data and keys: readable by the service's user only when we make it
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.store = Store(config.database_url)
-        self.store.create_all()
+        ensure_schema(self.store, auto_upgrade=config.db_auto_upgrade,
+                      command_hint="bonescreen db upgrade" + _config_hint())
+        self.auth = Authenticator(config, self.store, token)
         self.intake = Intake(self.store, self.data_dir, max_bytes=config.max_upload_bytes)
-        self.worker: Worker | None = Worker(config, self.store, engine) if worker else None
-        use_dicom = config.dicom_enabled if dicom is None else dicom
-        self.scp: StoreSCP | None = StoreSCP(config, self.intake, self.notify) if use_dicom else None
+        use_worker = config.worker_enabled if worker is None else worker
+        self.worker: Worker | None = Worker(config, self.store, engine) if use_worker else None
         self.forwarder = ForwardLoop(config, self.store)
+        use_dicom = config.dicom_enabled if dicom is None else dicom
+        self.scp: StoreSCP | None = (StoreSCP(config, self.intake, self.notify, on_commit_report=self.forwarder.on_report)
+                                     if use_dicom else None)
+        self.instance = config.instance_name
+        self.run_id = uuid.uuid4().hex
         self.started_at = time.time()
         self.http_uploads = 0
         self.http_refused = 0
-        self._lock: IO[Any] | None = None
+        self._heartbeat: threading.Thread | None = None
+        self._hb_stop = threading.Event()
+        self._registered = False
         self._stopped = False
+
+    @property
+    def token(self) -> str | None:  # the static token, if any (tests and scripts)
+        return self.auth.static_token
+
+    @property
+    def parts(self) -> str:
+        return ",".join(p for p, on in (("worker", self.worker), ("dicom", self.scp),
+                                        ("forward", self.forwarder.senders)) if on)
 
     def notify(self) -> None:
         if self.worker is not None:
             self.worker.notify()
 
-    def _take_lock(self) -> None:
-        # Two services on one data folder would share a spool and (with SQLite) a database
-        # file with two "only" workers; refuse the second instead.
-        self._lock = open(self.data_dir / "service.lock", "a+")
+    @property
+    def heartbeat_s(self) -> float:
+        return max(0.5, min(5.0, self.config.lease_seconds / 4))
+
+    def _register(self) -> None:
+        from bonescreen.service.store import StoreError
+
         try:
-            fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            self._lock.close()
-            self._lock = None
-            raise ServiceConfigError(f"another bonescreen service is using {self.data_dir}") from exc
-        self._lock.seek(0)
-        self._lock.truncate()
-        self._lock.write(str(os.getpid()))
-        self._lock.flush()
+            self.store.register_instance(self.instance, socket.gethostname(), os.getpid(), self.parts,
+                                         run_id=self.run_id, stale_after=max(15.0, 3 * self.heartbeat_s))
+        except StoreError as exc:
+            raise ServiceConfigError(str(exc)) from None
+        self._registered = True
+
+    def _beat(self) -> None:
+        while not self._hb_stop.wait(self.heartbeat_s):
+            try:
+                wid = self.worker.worker_id if self.worker is not None else None
+                self.store.heartbeat(self.instance, self.run_id, wid, self.config.lease_seconds)
+            except Exception:  # a database hiccup: the next beat tries again
+                log.warning("heartbeat failed; retrying", exc_info=True)
+
+    def audit_settings(self) -> None:
+        """Audit the settings when they differ from the last start's (keys and non-secret values)."""
+        now = self.config.public_dict()
+        last_text = self.store.last_audit_detail("settings")
+        try:
+            last = json.loads(last_text)["settings"] if last_text else None
+        except (ValueError, KeyError, TypeError):
+            last = None
+        if last == json.loads(json.dumps(now, default=str)):
+            return
+        changed = sorted(k for k in now if last is None or last.get(k) != now[k]) if last else None
+        self.store.audit("settings", actor=f"serve:{self.instance}",
+                         detail={"changed": changed, "settings": now})
 
     def start(self) -> None:
-        self._take_lock()
+        self._register()
         try:
+            self.audit_settings()
             if self.worker is not None:
                 self.worker.start()
             self.forwarder.start()
             if self.scp is not None:
                 self.scp.start()
+            self._heartbeat = threading.Thread(target=self._beat, name="bonescreen-heartbeat", daemon=True)
+            self._heartbeat.start()
         except BaseException:
-            self.stop()  # release the lock and whatever did start
+            self.stop()  # unregister and stop whatever did start
             raise
 
     def stop(self) -> None:
         if self._stopped:
             return
         self._stopped = True
+        self._hb_stop.set()
         if self.scp is not None:
             self.scp.stop()
         if self.worker is not None:
             self.worker.stop()
         self.forwarder.stop()
+        if self._heartbeat is not None:
+            self._heartbeat.join(10)
+        if self._registered:
+            try:
+                self.store.unregister_instance(self.instance, self.run_id)
+            except Exception:
+                log.warning("could not unregister instance %s", self.instance)
         self.store.dispose()
-        if self._lock is not None:
-            self._lock.close()
-            self._lock = None
         log.info("service stopped")
 
     def health(self) -> dict[str, Any]:
@@ -114,6 +177,7 @@ class Service:
             "database": db,
             "worker": None if self.worker is None else worker_ok,
             "dicom": None if self.scp is None else scp_ok,
+            "instance": self.instance,
             "uptime_s": round(time.time() - self.started_at, 1),
         }
 
@@ -126,3 +190,15 @@ class Service:
         if root not in p.parents or not p.is_file():
             return None
         return p
+
+
+def _config_hint() -> str:
+    import sys
+
+    args = sys.argv[1:]
+    for flag in ("--config", "--data-dir", "--db-url"):
+        if flag in args:
+            i = args.index(flag)
+            if i + 1 < len(args):
+                return f" {flag} {args[i + 1]}"
+    return ""

@@ -1,7 +1,11 @@
 """The DICOM C-STORE receiver (pynetdicom), for CR and DX images from PACS or modalities.
 
 Only the configured calling AE titles may associate (pynetdicom's
-``require_calling_aet``). Each received image is validated, spooled durably
+``require_calling_aet``); with ``dicom_tls_cert_file``/``key_file`` the
+receiver speaks DICOM TLS only, and with ``dicom_tls_ca_file`` a sender must
+also present a certificate signed by that CA (mutual TLS). It also takes the
+storage-commitment reports (N-EVENT-REPORT) that a PACS sends back for
+results forwarded with ``forward_commitment``. Each received image is validated, spooled durably
 and queued before the success status goes back (see ``intake``); anything the
 service cannot use is refused with a failure status, and the receiver keeps
 running.
@@ -10,6 +14,7 @@ running.
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Callable
 from typing import Any
 
@@ -32,10 +37,13 @@ VERIFICATION = "1.2.840.10008.1.1"  # C-ECHO
 class StoreSCP:
     """A pynetdicom Storage SCP bound to an :class:`Intake`."""
 
-    def __init__(self, config: ServiceConfig, intake: Intake, on_received: Callable[[], None] | None = None) -> None:
+    def __init__(self, config: ServiceConfig, intake: Intake, on_received: Callable[[], None] | None = None,
+                 on_commit_report: Callable[[str, bool, str | None], int] | None = None) -> None:
         self.config = config
         self.intake = intake
         self.on_received = on_received
+        self.on_commit_report = on_commit_report
+        self.reports = 0
         self.server: Any = None
         self.received = 0
         self.refused = 0
@@ -70,6 +78,33 @@ class StoreSCP:
     def handle_echo(self, event: Any) -> int:
         return 0x0000
 
+    def handle_event_report(self, event: Any) -> tuple[int, None]:
+        """A storage-commitment report for results this service forwarded."""
+        from bonescreen.service.forward import commitment_outcome
+
+        try:
+            uid, ok, err = commitment_outcome(int(event.event_type), event.event_information)
+        except Exception as exc:
+            log.warning("N-EVENT-REPORT not understood (%s)", type(exc).__name__)
+            return 0x0110, None  # processing failure
+        self.reports += 1
+        if uid and self.on_commit_report is not None:
+            n = self.on_commit_report(uid, ok, err)
+            log.info("storage commitment report: %s for %d result(s)", "committed" if ok else "failed", n)
+        return 0x0000, None
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        c = self.config
+        if not c.dicom_tls_cert_file:
+            return None
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(c.dicom_tls_cert_file, c.dicom_tls_key_file)
+        if c.dicom_tls_ca_file:
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.load_verify_locations(c.dicom_tls_ca_file)
+        return ctx
+
     def start(self) -> None:
         from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 
@@ -77,13 +112,19 @@ class StoreSCP:
         for uid in ACCEPTED_SOP_CLASSES:
             ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(VERIFICATION)
+        from bonescreen.service.forward import STORAGE_COMMITMENT
+
+        # the PACS that reports a commitment proposes the SCP role for itself; accept either role
+        ae.add_supported_context(STORAGE_COMMITMENT, scu_role=True, scp_role=True)
         ae.require_calling_aet = [] if self.config.allow_any_ae else list(self.config.allowed_aes)
         ae.maximum_associations = 16
-        handlers: list[Any] = [(evt.EVT_C_STORE, self.handle_store), (evt.EVT_C_ECHO, self.handle_echo)]
+        handlers: list[Any] = [(evt.EVT_C_STORE, self.handle_store), (evt.EVT_C_ECHO, self.handle_echo),
+                               (evt.EVT_N_EVENT_REPORT, self.handle_event_report)]
+        tls = self.tls_context()
         self.server = ae.start_server((self.config.dicom_host, int(self.config.dicom_port)), block=False,
-                                      evt_handlers=handlers)
-        log.info("DICOM receiver %s listening on %s:%d", self.config.ae_title, self.config.dicom_host,
-                 self.port)
+                                      evt_handlers=handlers, ssl_context=tls)
+        log.info("DICOM receiver %s listening on %s:%d%s", self.config.ae_title, self.config.dicom_host,
+                 self.port, " (TLS)" if tls else "")
 
     @property
     def port(self) -> int:

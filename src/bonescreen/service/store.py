@@ -24,6 +24,7 @@ import datetime as dt
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from typing import Any
 from sqlalchemy import (
     Boolean,
     Date,
+    Text,
     DateTime,
     Float,
     ForeignKey,
@@ -52,7 +54,13 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from bonescreen.errors import BonescreenError
 
 __all__ = [
+    "AUDIT_ACTIONS",
+    "FORWARD_STATUSES",
     "REVIEW_STATUSES",
+    "ApiToken",
+    "AuditEvent",
+    "Instance",
+    "User",
     "Base",
     "ClaimedJob",
     "EnqueueOutcome",
@@ -77,7 +85,12 @@ CATEGORY_LABELS = {
     "normal_bmd": "Normal BMD for age",
 }
 JOB_STATUSES = ("pending", "processing", "done", "failed")
-FORWARD_STATUSES = ("none", "pending", "done", "failed")
+#: ``committing``: sent by C-STORE, waiting for the PACS's storage commitment report;
+#: ``dead_letter``: gave up after ``forward_max_attempts`` (shown on the worklist and in /metrics).
+FORWARD_STATUSES = ("none", "pending", "committing", "done", "dead_letter")
+#: What the audit trail records (``audit.action``).
+AUDIT_ACTIONS = ("login", "login_failed", "logout", "review", "export", "settings", "user_add", "user_update",
+                 "user_disable", "token_create", "token_revoke", "forward_retry", "db_upgrade")
 
 
 class StoreError(BonescreenError):
@@ -143,6 +156,10 @@ class Result(Base):
     forward_attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     forward_next_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     forward_error: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    # revision 0002: who set the review status; storage-commitment transaction of the last C-STORE
+    reviewed_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    forward_commit_uid: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    forward_commit_deadline: Mapped[float | None] = mapped_column(Float, nullable=True)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -166,8 +183,72 @@ class Result(Base):
             "created_at": self.created_at.isoformat() + "Z" if self.created_at else None,
             "review_status": self.review_status,
             "review_updated_at": self.review_updated_at.isoformat() + "Z" if self.review_updated_at else None,
+            "reviewed_by": self.reviewed_by,
             "forward_status": self.forward_status,
+            "forward_attempts": self.forward_attempts,
+            "forward_error": self.forward_error,
         }
+
+
+class User(Base):
+    """A local account (revision 0002). ``password_hash`` is argon2id; None for single-sign-on-only accounts."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
+    password_hash: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    role: Mapped[str] = mapped_column(String(16), nullable=False)
+    disabled: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    oidc_subject: Mapped[str | None] = mapped_column(String(255), unique=True, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=_utcnow)
+    updated_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class ApiToken(Base):
+    """A per-user API token, stored as its SHA-256 (the token itself is shown once, at creation)."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), nullable=False, index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
+    name: Mapped[str] = mapped_column(String(64), nullable=False, default="")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=_utcnow)
+    last_used_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    revoked: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+
+
+class AuditEvent(Base):
+    """One line of the append-only audit trail (database triggers refuse UPDATE and DELETE)."""
+
+    __tablename__ = "audit"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=_utcnow, index=True)
+    actor: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    action: Mapped[str] = mapped_column(String(32), nullable=False, index=True)
+    target: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    detail: Mapped[str | None] = mapped_column(Text, nullable=True)
+    ip: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "at": self.at.isoformat() + "Z", "actor": self.actor, "action": self.action,
+                "target": self.target, "detail": self.detail, "ip": self.ip}
+
+
+class Instance(Base):
+    """A running ``serve`` process sharing this database; its heartbeat renews its job leases."""
+
+    __tablename__ = "instances"
+
+    name: Mapped[str] = mapped_column(String(160), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255), nullable=False)
+    pid: Mapped[int] = mapped_column(Integer, nullable=False)
+    parts: Mapped[str] = mapped_column(String(64), nullable=False, default="")
+    run_id: Mapped[str] = mapped_column(String(32), nullable=False)
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=_utcnow)
+    heartbeat_at: Mapped[float] = mapped_column(Float, nullable=False)
 
 
 @dataclass(frozen=True)
@@ -230,7 +311,10 @@ class Store:
         self._session = sessionmaker(self.engine, expire_on_commit=False)
 
     def create_all(self) -> None:
-        Base.metadata.create_all(self.engine)
+        """Bring the schema to the newest revision (Alembic; see ``service.migrate``)."""
+        from bonescreen.service.migrate import upgrade
+
+        upgrade(self)
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -357,7 +441,7 @@ class Store:
             rows = s.execute(
                 select(Job.id, Job.spool_path).join(Result, Result.job_id == Job.id)
                 .where(Job.status.in_(("done", "failed")), Job.spool_path != "",
-                       Result.forward_status.in_(("none", "done", "failed")))
+                       Result.forward_status.in_(("none", "done", "dead_letter")))
                 .limit(limit)
             ).all()
         return [(int(r[0]), str(r[1])) for r in rows]
@@ -368,32 +452,106 @@ class Store:
 
     # ----------------------------------------------------------- forwarding
 
-    def forward_due(self, n: int) -> list[dict[str, Any]]:
+    def forward_due(self, n: int, lease_seconds: float = 600.0) -> list[dict[str, Any]]:
+        """Claim up to ``n`` results due for forwarding (a lease: another process skips them meanwhile)."""
         now = time.time()
+        q = (select(Result).where(Result.forward_status == "pending",
+                                  or_(Result.forward_next_at.is_(None), Result.forward_next_at <= now))
+             .order_by(Result.id).limit(n))
+        if self.dialect == "postgresql":
+            q = q.with_for_update(skip_locked=True)
         with self.session() as s:
-            rows = s.scalars(
-                select(Result).where(Result.forward_status == "pending",
-                                     or_(Result.forward_next_at.is_(None), Result.forward_next_at <= now))
-                .order_by(Result.id).limit(n)
-            ).all()
-            return [{"id": r.id, "sop_instance_uid": r.sop_instance_uid, "sr_path": r.sr_path,
-                     "sc_path": r.sc_path, "attempts": r.forward_attempts} for r in rows]
+            rows = s.scalars(q).all()
+            out = [{"id": r.id, "sop_instance_uid": r.sop_instance_uid, "sr_path": r.sr_path,
+                    "sc_path": r.sc_path, "attempts": r.forward_attempts} for r in rows]
+            for r in rows:
+                r.forward_next_at = now + lease_seconds
+            return out
+
+    @staticmethod
+    def _retry_or_dead(r: Result, error: str | None, max_attempts: int, backoff_s: float,
+                       backoff_max_s: float) -> None:
+        import random
+
+        r.forward_error = (error or "")[:500]
+        r.forward_commit_uid = None
+        r.forward_commit_deadline = None
+        if r.forward_attempts >= max_attempts:
+            r.forward_status = "dead_letter"
+            r.forward_next_at = None
+        else:
+            r.forward_status = "pending"
+            delay = min(backoff_max_s, backoff_s * (2 ** (r.forward_attempts - 1)))
+            r.forward_next_at = time.time() + delay * random.uniform(0.8, 1.0)  # jitter: no thundering herd
 
     def forward_done(self, result_id: int, ok: bool, error: str | None, *, max_attempts: int,
-                     backoff_s: float) -> None:
+                     backoff_s: float, backoff_max_s: float = 3600.0, commit_uid: str | None = None,
+                     commit_deadline: float | None = None) -> str | None:
+        """Record one attempt; returns the new forward status.
+
+        ``ok`` with ``commit_uid``: the files were stored and storage commitment was asked
+        for; the result waits in ``committing`` for the PACS's N-EVENT-REPORT.
+        """
         with self.session() as s:
             r = s.get(Result, result_id)
             if r is None:
-                return
+                return None
+            if ok and commit_uid and r.forward_commit_uid != commit_uid:
+                return r.forward_status  # the commitment report came first and settled this attempt
             r.forward_attempts += 1
-            if ok:
+            if ok and commit_uid:
+                r.forward_status, r.forward_error = "committing", None
+                r.forward_commit_uid, r.forward_commit_deadline = commit_uid, commit_deadline
+                r.forward_next_at = None
+            elif ok:
                 r.forward_status, r.forward_error = "done", None
+                r.forward_commit_uid = r.forward_commit_deadline = r.forward_next_at = None
             else:
-                r.forward_error = (error or "")[:500]
-                if r.forward_attempts >= max_attempts:
-                    r.forward_status = "failed"
+                self._retry_or_dead(r, error, max_attempts, backoff_s, backoff_max_s)
+            return r.forward_status
+
+    def forward_begin_commit(self, result_id: int, transaction_uid: str, deadline: float) -> None:
+        """Note the storage-commitment transaction before asking, so an early report finds its result."""
+        with self.session() as s:
+            s.execute(update(Result).where(Result.id == result_id)
+                      .values(forward_commit_uid=transaction_uid, forward_commit_deadline=deadline))
+
+    def forward_committed(self, transaction_uid: str, ok: bool, error: str | None, *, max_attempts: int,
+                          backoff_s: float, backoff_max_s: float = 3600.0) -> int:
+        """A storage-commitment report arrived: done, or (some instances not committed) retry."""
+        with self.session() as s:
+            rows = s.scalars(select(Result).where(Result.forward_commit_uid == transaction_uid,
+                                                  Result.forward_status.in_(("pending", "committing")))).all()
+            for r in rows:
+                if r.forward_status == "pending":
+                    r.forward_attempts += 1  # the attempt still under way ends here
+                if ok:
+                    r.forward_status, r.forward_error = "done", None
+                    r.forward_commit_uid = r.forward_commit_deadline = None
                 else:
-                    r.forward_next_at = time.time() + backoff_s * (2 ** (r.forward_attempts - 1))
+                    self._retry_or_dead(r, error, max_attempts, backoff_s, backoff_max_s)
+            return len(rows)
+
+    def forward_expire_commitments(self, *, max_attempts: int, backoff_s: float,
+                                   backoff_max_s: float = 3600.0) -> int:
+        """Results whose commitment report never came in time: a failed attempt."""
+        now = time.time()
+        with self.session() as s:
+            rows = s.scalars(select(Result).where(Result.forward_status == "committing",
+                                                  Result.forward_commit_deadline < now)).all()
+            for r in rows:
+                self._retry_or_dead(r, "no storage commitment report in time", max_attempts, backoff_s,
+                                    backoff_max_s)
+            return len(rows)
+
+    def forward_retry(self, sop_instance_uid: str) -> bool:
+        """A dead-lettered result back into the forwarding queue (an admin's action)."""
+        with self.session() as s:
+            r = s.scalar(select(Result).where(Result.sop_instance_uid == sop_instance_uid))
+            if r is None or r.forward_status != "dead_letter":
+                return False
+            r.forward_status, r.forward_attempts, r.forward_next_at = "pending", 0, 0.0
+            return True
 
     # -------------------------------------------------------------- queries
 
@@ -416,6 +574,7 @@ class Store:
         date_from: dt.date | None = None,
         date_to: dt.date | None = None,
         eligible: bool | None = None,
+        forward_status: str | None = None,
         limit: int = 200,
         offset: int = 0,
     ) -> list[Result]:
@@ -433,6 +592,8 @@ class Store:
             q = q.where(Result.review_status == review_status)
         if eligible is not None:
             q = q.where(Result.eligible.is_(eligible))
+        if forward_status:
+            q = q.where(Result.forward_status == forward_status)
         if date_from:
             q = q.where(Result.study_date >= date_from)
         if date_to:
@@ -442,7 +603,7 @@ class Store:
         with self.session() as s:
             return list(s.scalars(q.limit(limit).offset(offset)).all())
 
-    def set_review(self, sop_instance_uid: str, status: str) -> Result | None:
+    def set_review(self, sop_instance_uid: str, status: str, who: str | None = None) -> Result | None:
         if status not in REVIEW_STATUSES:
             raise StoreError(f"review status must be one of {', '.join(REVIEW_STATUSES)}; got {status!r}")
         with self.session() as s:
@@ -451,6 +612,7 @@ class Store:
                 return None
             r.review_status = status
             r.review_updated_at = _utcnow()
+            r.reviewed_by = who
             return r
 
     def counts(self) -> dict[str, dict[str, int]]:
@@ -473,3 +635,191 @@ class Store:
     def all_result_sops(self) -> Sequence[str]:
         with self.session() as s:
             return list(s.scalars(select(Result.sop_instance_uid)).all())
+
+    def forward_statuses(self, sops: Sequence[str]) -> dict[str, str]:
+        with self.session() as s:
+            return {a: b for a, b in s.execute(select(Result.sop_instance_uid, Result.forward_status)
+                                               .where(Result.sop_instance_uid.in_(list(sops))))}
+
+    # ------------------------------------------------- instances and leases
+
+    def register_instance(self, name: str, host: str, pid: int, parts: str, *, run_id: str,
+                          stale_after: float) -> None:
+        """Claim the name ``name`` for this process; refuse while another live process holds it.
+
+        A holder is live while its heartbeat is fresher than ``stale_after`` seconds, unless it
+        ran on this host and its process no longer exists (a kill -9 and an immediate restart).
+        """
+        now = time.time()
+        q = select(Instance).where(Instance.name == name)
+        if self.dialect == "postgresql":
+            q = q.with_for_update()
+        with self.session() as s:
+            row = s.scalar(q)
+            if row is not None and row.run_id != run_id:
+                fresh = now - row.heartbeat_at < stale_after
+                gone = row.host == host and row.pid != pid and not _pid_alive(row.pid)
+                if fresh and not gone:
+                    raise StoreError(
+                        f"instance {name!r} is already running (host {row.host}, pid {row.pid}, heartbeat "
+                        f"{now - row.heartbeat_at:.0f} s ago); give this process another --instance name")
+            if row is None:
+                s.add(Instance(name=name, host=host, pid=pid, parts=parts, run_id=run_id, heartbeat_at=now))
+            else:
+                row.host, row.pid, row.parts, row.run_id = host, pid, parts, run_id
+                row.heartbeat_at, row.started_at = now, _utcnow()
+
+    def heartbeat(self, name: str, run_id: str, worker_id: str | None, lease_seconds: float) -> int:
+        """Refresh this instance's heartbeat and extend the leases of the jobs its worker holds."""
+        now = time.time()
+        with self.session() as s:
+            s.execute(update(Instance).where(Instance.name == name, Instance.run_id == run_id)
+                      .values(heartbeat_at=now))
+            if worker_id is None:
+                return 0
+            res = s.execute(update(Job).where(Job.worker == worker_id, Job.status == "processing")
+                            .values(lease_until=now + lease_seconds).execution_options(synchronize_session=False))
+            return int(getattr(res, "rowcount", 0) or 0)
+
+    def unregister_instance(self, name: str, run_id: str) -> None:
+        with self.session() as s:
+            s.execute(update(Instance).where(Instance.name == name, Instance.run_id == run_id)
+                      .values(heartbeat_at=0.0))
+
+    def instances(self) -> list[dict[str, Any]]:
+        with self.session() as s:
+            return [{"name": r.name, "host": r.host, "pid": r.pid, "parts": r.parts,
+                     "heartbeat_age_s": round(time.time() - r.heartbeat_at, 1)}
+                    for r in s.scalars(select(Instance).order_by(Instance.name))]
+
+    def job_workers(self) -> dict[str, int]:
+        """Finished jobs by the instance that screened them (the part of ``worker`` before the pid)."""
+        with self.session() as s:
+            rows = s.execute(select(Job.worker, func.count()).where(Job.status == "done").group_by(Job.worker)).all()
+        out: Counter[str] = Counter()
+        for w, n in rows:
+            out[str(w).rsplit(":", 2)[0] if w else "?"] += int(n)
+        return dict(out)
+
+    # --------------------------------------------------------------- audit
+
+    def audit(self, action: str, actor: str | None = None, target: str | None = None, detail: Any = None,
+              ip: str | None = None) -> None:
+        """Append one event. ``detail``: text or anything JSON can hold."""
+        import json
+
+        if action not in AUDIT_ACTIONS:
+            raise StoreError(f"unknown audit action {action!r}")
+        text = detail if isinstance(detail, str) or detail is None else json.dumps(detail, sort_keys=True,
+                                                                                   default=str)
+        with self.session() as s:
+            s.add(AuditEvent(action=action, actor=(actor or None) and actor[:64], target=(target or None) and
+                             target[:128], detail=text, ip=(ip or None) and ip[:64]))
+
+    def audit_events(self, *, action: str | None = None, actor: str | None = None, limit: int = 200,
+                     offset: int = 0) -> list[AuditEvent]:
+        q = select(AuditEvent)
+        if action:
+            q = q.where(AuditEvent.action == action)
+        if actor:
+            q = q.where(AuditEvent.actor == actor)
+        with self.session() as s:
+            return list(s.scalars(q.order_by(AuditEvent.id.desc()).limit(limit).offset(offset)).all())
+
+    def failed_logins(self, *, username: str | None, ip: str | None, since: dt.datetime) -> tuple[int, int]:
+        """(failures for this account, failures from this address) since ``since``."""
+        with self.session() as s:
+            base = select(func.count()).select_from(AuditEvent).where(AuditEvent.action == "login_failed",
+                                                                       AuditEvent.at >= since)
+            by_user = int(s.scalar(base.where(AuditEvent.actor == username)) or 0) if username else 0
+            by_ip = int(s.scalar(base.where(AuditEvent.ip == ip)) or 0) if ip else 0
+        return by_user, by_ip
+
+    def last_audit_detail(self, action: str) -> str | None:
+        with self.session() as s:
+            return s.scalar(select(AuditEvent.detail).where(AuditEvent.action == action)
+                            .order_by(AuditEvent.id.desc()).limit(1))
+
+    # --------------------------------------------------------------- users
+
+    def add_user(self, username: str, role: str, password_hash: str | None, oidc_subject: str | None = None) -> User:
+        try:
+            with self.session() as s:
+                u = User(username=username, role=role, password_hash=password_hash, oidc_subject=oidc_subject,
+                         disabled=False)
+                s.add(u)
+                s.flush()
+                return u
+        except IntegrityError as exc:
+            raise StoreError(f"user {username!r} already exists") from exc
+
+    def get_user(self, *, username: str | None = None, user_id: int | None = None,
+                 oidc_subject: str | None = None) -> User | None:
+        with self.session() as s:
+            if user_id is not None:
+                return s.get(User, user_id)
+            if oidc_subject is not None:
+                return s.scalar(select(User).where(User.oidc_subject == oidc_subject))
+            return s.scalar(select(User).where(User.username == username))
+
+    def users(self) -> list[User]:
+        with self.session() as s:
+            return list(s.scalars(select(User).order_by(User.username)).all())
+
+    def update_user(self, username: str, **values: Any) -> User:
+        allowed = {"role", "disabled", "password_hash", "oidc_subject"}
+        if set(values) - allowed:
+            raise StoreError(f"cannot change {sorted(set(values) - allowed)}")
+        with self.session() as s:
+            u = s.scalar(select(User).where(User.username == username))
+            if u is None:
+                raise StoreError(f"no user {username!r}")
+            for k, v in values.items():
+                setattr(u, k, v)
+            u.updated_at = _utcnow()
+            if values.get("disabled"):
+                s.execute(update(ApiToken).where(ApiToken.user_id == u.id).values(revoked=True))
+            return u
+
+    def add_token(self, user_id: int, token_hash: str, name: str = "") -> int:
+        with self.session() as s:
+            t = ApiToken(user_id=user_id, token_hash=token_hash, name=name[:64], revoked=False)
+            s.add(t)
+            s.flush()
+            return int(t.id)
+
+    def tokens(self, user_id: int) -> list[ApiToken]:
+        with self.session() as s:
+            return list(s.scalars(select(ApiToken).where(ApiToken.user_id == user_id).order_by(ApiToken.id)).all())
+
+    def revoke_token(self, user_id: int, token_id: int) -> bool:
+        with self.session() as s:
+            res = s.execute(update(ApiToken).where(ApiToken.id == token_id, ApiToken.user_id == user_id)
+                            .values(revoked=True))
+            return bool(getattr(res, "rowcount", 0))
+
+    def user_for_token(self, token_hash: str) -> User | None:
+        """The enabled user holding this (unrevoked) token; notes its use at most once a minute."""
+        with self.session() as s:
+            row = s.execute(select(ApiToken, User).join(User, User.id == ApiToken.user_id)
+                            .where(ApiToken.token_hash == token_hash, ApiToken.revoked.is_(False),
+                                   User.disabled.is_(False))).first()
+            if row is None:
+                return None
+            tok, user = row
+            now = _utcnow()
+            if tok.last_used_at is None or (now - tok.last_used_at).total_seconds() > 60:
+                tok.last_used_at = now
+            return user
+
+
+def _pid_alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

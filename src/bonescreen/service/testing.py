@@ -31,6 +31,7 @@ __all__ = [
     "make_cxr_dataset",
     "make_tiny_artifact",
     "postgres_cluster",
+    "reset_database",
 ]
 
 CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
@@ -181,6 +182,25 @@ class PostgresCluster:
     def stop(self) -> None:
         subprocess.run(self._cmd([str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir / "db"), "-m", "immediate",
                                   "-w", "stop"]), capture_output=True, timeout=60)
+
+
+def reset_database(url: str) -> None:
+    """Empty a test database completely (tables, alembic_version, trigger functions)."""
+    from sqlalchemy import create_engine, text
+
+    from bonescreen.service.store import normalise_url
+
+    engine = create_engine(normalise_url(url))
+    try:
+        with engine.begin() as conn:
+            if engine.dialect.name == "postgresql":
+                conn.execute(text("DROP SCHEMA public CASCADE"))
+                conn.execute(text("CREATE SCHEMA public"))
+            else:
+                for (name,) in conn.execute(text("SELECT name FROM sqlite_master WHERE type='table'")).all():
+                    conn.execute(text(f'DROP TABLE IF EXISTS "{name}"'))
+    finally:
+        engine.dispose()
 
 
 @contextmanager

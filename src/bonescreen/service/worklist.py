@@ -1,16 +1,16 @@
-"""The worklist page: flagged patients first, thumbnails with Grad-CAM, filters, review status.
+"""The worklist page: flagged patients first, thumbnails with Grad-CAM, filters, review status; sign-in; audit.
 
 Server-rendered (Jinja2, autoescaped) so it works without a front-end build;
-a few lines of inline JavaScript set the review status through the API. The
-page and its images are behind the same token as the API, held in an
-HttpOnly, SameSite=Strict cookie set by the login form.
+a few lines of inline JavaScript set the review status through the API,
+sending the session's CSRF token. Signing in takes a user name and password
+(``bonescreen users add``; or single sign-on, ``service.oidc``) and sets the
+signed session cookie (``service.auth``): HttpOnly, SameSite=Lax, Secure
+when the request came over HTTPS.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import urllib.parse
-from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
@@ -19,13 +19,18 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from bonescreen import __version__
+from bonescreen.service.auth import LOGIN_CSRF_COOKIE, SESSION_COOKIE, Principal, role_at_least
 from bonescreen.service.runtime import Service
-from bonescreen.service.store import CATEGORY_LABELS, REVIEW_STATUSES
+from bonescreen.service.store import AUDIT_ACTIONS, CATEGORY_LABELS, REVIEW_STATUSES
 
-__all__ = ["add_worklist_routes", "render"]
+__all__ = ["add_worklist_routes", "render", "set_session"]
 
 REVIEW_LABELS = {"new": "New", "acknowledged": "Acknowledged", "dxa_ordered": "DXA ordered"}
 DISCLAIMER = "Research software output; not a diagnosis. Confirm with DXA."
+CSP = ("default-src 'self'; script-src 'unsafe-inline' 'self'; style-src 'unsafe-inline' 'self'; "
+       "img-src 'self'; frame-ancestors 'none'; form-action 'self'")
+PAGE_HEADERS = {"Cache-Control": "no-store", "Content-Security-Policy": CSP, "X-Frame-Options": "DENY",
+                "Referrer-Policy": "no-referrer", "X-Content-Type-Options": "nosniff"}
 
 
 @lru_cache(maxsize=1)
@@ -49,51 +54,86 @@ def _date(value: str | None) -> dt.date | None:
         return None
 
 
-def add_worklist_routes(app: FastAPI, service: Service, require_token: Callable[[Request], None]) -> None:
-    from bonescreen.service.api import COOKIE, token_ok
+def _secure(request: Request) -> bool:
+    return request.url.scheme == "https"
+
+
+def set_session(service: Service, request: Request, response: Response, user: Any) -> None:
+    """Sign the session cookie for ``user`` onto ``response`` (password and single sign-on alike)."""
+    response.set_cookie(SESSION_COOKIE, service.auth.session_cookie(user), httponly=True, samesite="lax",
+                        secure=_secure(request), max_age=service.auth.max_age, path="/")
+
+
+def add_worklist_routes(app: FastAPI, service: Service) -> None:
+    from bonescreen.service.api import client_ip
+
+    def page_principal(request: Request, role: str = "viewer") -> Principal | None:
+        p = service.auth.principal(request.headers, request.cookies)
+        return p if p is not None and role_at_least(p.role, role) else None
 
     @app.get("/", include_in_schema=False)
     def root() -> RedirectResponse:
         return RedirectResponse("/worklist", status_code=303)
 
     @app.get("/login", include_in_schema=False, response_class=HTMLResponse)
-    def login_page(error: str | None = None) -> HTMLResponse:
-        return HTMLResponse(render("login.html", error=bool(error), version=__version__))
+    def login_page(request: Request, error: str | None = None) -> HTMLResponse:
+        cookie, form_value = service.auth.login_csrf_pair()
+        msg = {"1": "Wrong user name or password.", "throttled": "Too many failed sign-ins; try again later.",
+               "sso": "Single sign-on failed or the account is not allowed.",
+               "csrf": "The form expired; please sign in again."}.get(error or "")
+        resp = HTMLResponse(render("login.html", error=msg, csrf=form_value, version=__version__,
+                                   sso=bool(service.config.oidc_issuer)), headers=PAGE_HEADERS)
+        resp.set_cookie(LOGIN_CSRF_COOKIE, cookie, httponly=True, samesite="strict", secure=_secure(request),
+                        max_age=3600, path="/login")
+        return resp
 
     @app.post("/login", include_in_schema=False)
     async def login(request: Request) -> Response:
-        # urlencoded by hand: one field does not justify a form-parsing dependency
-        raw = (await request.body())[:4096].decode("utf-8", "replace")
-        token = (urllib.parse.parse_qs(raw).get("token") or [""])[0]
-        if not token or not token_ok_value(token, service.token):
+        form = await request.form(max_files=0, max_fields=8, max_part_size=4096)
+        username = str(form.get("username") or "").strip()[:64]
+        password = str(form.get("password") or "")[:1024]
+        ip = client_ip(request)
+        if not service.auth.login_csrf_ok(request.cookies.get(LOGIN_CSRF_COOKIE), str(form.get("csrf") or "")):
+            return RedirectResponse("/login?error=csrf", status_code=303)
+        if await run_in_threadpool(service.auth.throttled, username or None, ip):
+            await run_in_threadpool(lambda: service.store.audit("login_failed", actor=username or None, ip=ip,
+                                                                detail={"why": "throttled"}))
+            return RedirectResponse("/login?error=throttled", status_code=303)
+        user = await run_in_threadpool(service.auth.login_password, username, password, ip)
+        if user is None:
             return RedirectResponse("/login?error=1", status_code=303)
         resp = RedirectResponse("/worklist", status_code=303)
-        resp.set_cookie(COOKIE, token, httponly=True, samesite="strict", secure=request.url.scheme == "https",
-                        max_age=12 * 3600)
+        set_session(service, request, resp, user)
+        resp.delete_cookie(LOGIN_CSRF_COOKIE, path="/login")
         return resp
 
-    @app.get("/logout", include_in_schema=False)
-    def logout() -> RedirectResponse:
+    @app.api_route("/logout", methods=["GET", "POST"], include_in_schema=False)
+    def logout(request: Request) -> RedirectResponse:
+        p = service.auth.principal(request.headers, request.cookies)
+        if p is not None and p.via == "session":
+            service.store.audit("logout", actor=p.username, ip=client_ip(request))
         resp = RedirectResponse("/login", status_code=303)
-        resp.delete_cookie(COOKIE)
+        resp.delete_cookie(SESSION_COOKIE, path="/")
         return resp
 
     @app.get("/worklist", tags=["worklist"], response_class=HTMLResponse)
     async def worklist(request: Request, date_from: str | None = None, date_to: str | None = None,
                        category: str | None = None, review_status: str | None = None,
                        show: str = "screened") -> Response:
-        """The clinician's page (HTML). ``show``: screened (default), flagged, all (also skipped images)."""
-        if not token_ok(request, service.token):
+        """The clinician's page (HTML). ``show``: screened (default), flagged, all (with skipped), dead_letter."""
+        p = await run_in_threadpool(page_principal, request)
+        if p is None:
             return RedirectResponse("/login", status_code=303)
         d0, d1 = _date(date_from), _date(date_to)
         cat = category if category in CATEGORY_LABELS else None
         rev = review_status if review_status in REVIEW_STATUSES else None
-        show = show if show in ("screened", "flagged", "all") else "screened"
+        show = show if show in ("screened", "flagged", "all", "dead_letter") else "screened"
         rows = await run_in_threadpool(
             lambda: service.store.query_results(
                 category=cat, review_status=rev, date_from=d0, date_to=d1,
                 flagged=True if show == "flagged" else None,
-                eligible=None if show == "all" else True, limit=500,
+                eligible=None if show in ("all", "dead_letter") else True,
+                forward_status="dead_letter" if show == "dead_letter" else None, limit=500,
             )
         )
         counts = await run_in_threadpool(service.store.counts)
@@ -104,15 +144,24 @@ def add_worklist_routes(app: FastAPI, service: Service, require_token: Callable[
             filters={"date_from": d0.isoformat() if d0 else "", "date_to": d1.isoformat() if d1 else "",
                      "category": cat or "", "review_status": rev or "", "show": show},
             categories=CATEGORY_LABELS, reviews=REVIEW_LABELS, pending=pending,
+            dead_letters=counts["forward"].get("dead_letter", 0),
             show_names=service.config.store_patient_name, disclaimer=DISCLAIMER, version=__version__,
+            user=p, csrf=p.csrf or "", can_review=role_at_least(p.role, "reviewer"),
+            is_admin=role_at_least(p.role, "admin"), forwarding=service.config.forwarding,
         )
-        return HTMLResponse(html, headers={"Cache-Control": "no-store",
-                                           "Content-Security-Policy": "default-src 'self'; "
-                                           "script-src 'unsafe-inline' 'self'; style-src 'unsafe-inline' 'self'; "
-                                           "img-src 'self'"})
+        return HTMLResponse(html, headers=PAGE_HEADERS)
 
-
-def token_ok_value(given: str, token: str) -> bool:
-    import secrets
-
-    return secrets.compare_digest(given.encode(), token.encode())
+    @app.get("/admin/audit", tags=["admin"], response_class=HTMLResponse)
+    async def audit_page(request: Request, action: str | None = None, actor: str | None = None) -> Response:
+        """The audit trail (HTML, admins): newest first, with a CSV export."""
+        p = await run_in_threadpool(page_principal, request)
+        if p is None:
+            return RedirectResponse("/login", status_code=303)
+        if not role_at_least(p.role, "admin"):
+            return HTMLResponse("This page needs the admin role.", status_code=403, headers=PAGE_HEADERS)
+        act = action if action in AUDIT_ACTIONS else None
+        who = (actor or "")[:64] or None
+        events = await run_in_threadpool(lambda: service.store.audit_events(action=act, actor=who, limit=500))
+        html = render("audit.html", events=[e.as_dict() for e in events], actions=AUDIT_ACTIONS,
+                      filters={"action": act or "", "actor": who or ""}, user=p, version=__version__)
+        return HTMLResponse(html, headers=PAGE_HEADERS)
