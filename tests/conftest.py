@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -111,3 +111,30 @@ def _pseudonym_key(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Screening pseudonymises patient ids with a per-user key: keep it out of the real home."""
     key = tmp_path_factory.mktemp("pseudonym") / "pseudonym.key"
     os.environ["BONESCREEN_PSEUDONYM_KEY_FILE"] = str(key)
+
+
+@pytest.fixture(scope="session")
+def pg_server_url() -> Iterator[str]:
+    """One throwaway PostgreSQL server per test process (Debian's postgresql), shared by the service tests."""
+    from bonescreen.service.testing import find_pg_bin, postgres_cluster
+
+    if find_pg_bin() is None:
+        pytest.skip("PostgreSQL server binaries not installed (apt-get install postgresql)")
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        pytest.skip("psycopg (v3) not installed: pip install 'psycopg[binary]'")
+    with postgres_cluster() as pg:
+        yield pg.url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty database of each kind the service supports."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'bonescreen.db'}"
+    from bonescreen.service.testing import reset_database
+
+    url = str(request.getfixturevalue("pg_server_url"))
+    reset_database(url)
+    return url

@@ -14,18 +14,9 @@ import pytest
 from bonescreen.service.store import Store, StoreError
 
 
-@pytest.fixture(scope="module")
-def pg_url() -> Iterator[str]:
-    from bonescreen.service.testing import find_pg_bin, postgres_cluster
-
-    if find_pg_bin() is None:
-        pytest.skip("PostgreSQL server binaries not installed (apt-get install postgresql)")
-    try:
-        import psycopg  # noqa: F401
-    except ImportError:
-        pytest.skip("psycopg (v3) not installed: pip install 'psycopg[binary]'")
-    with postgres_cluster() as pg:
-        yield pg.url
+@pytest.fixture()
+def pg_url(pg_server_url: str) -> str:
+    return pg_server_url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

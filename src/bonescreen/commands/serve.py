@@ -33,13 +33,14 @@ def open_store(args: argparse.Namespace) -> tuple[Any, Any]:
     cfg = load_settings(args)
     cfg.data_path.mkdir(parents=True, exist_ok=True)
     store = Store(cfg.database_url)
-    ensure_schema(store, auto_upgrade=cfg.db_auto_upgrade)
+    ensure_schema(store, auto_upgrade=cfg.db_auto_upgrade, actor="cli")
     return cfg, store
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
         "serve",
+        allow_abbrev=False,  # `--token X` must not silently become `--token-file X`
         help="run the screening service: DICOM receiver, HTTP API, worklist page and worker",
         description=(
             "Start a DICOM C-STORE receiver, an HTTP API with a worklist page, and a worker that "

@@ -119,7 +119,8 @@ def upgrade(store: Store, revision: str = "head") -> tuple[str | None, str]:
     return before, str(after)
 
 
-def ensure_schema(store: Store, *, auto_upgrade: bool, command_hint: str = "bonescreen db upgrade") -> str:
+def ensure_schema(store: Store, *, auto_upgrade: bool, command_hint: str = "bonescreen db upgrade",
+                  actor: str = "serve") -> str:
     """At start: the schema is current, or is made current, or the service refuses to run."""
     want = head()
     have = current(store)
@@ -132,5 +133,5 @@ def ensure_schema(store: Store, *, auto_upgrade: bool, command_hint: str = "bone
         )
     before, after = upgrade(store)
     if before != after:
-        store.audit("db_upgrade", actor="serve", detail={"from": before, "to": after})
+        store.audit("db_upgrade", actor=actor, detail={"from": before, "to": after})
     return after
