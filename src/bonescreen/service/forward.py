@@ -198,6 +198,7 @@ class StowRsSender:
 
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
         client = DICOMwebClient(url=self.base, headers=headers, timeout=self.timeout)
+        client.set_http_retry_params(retry=False)  # retries, back-off and the dead letter are ForwardLoop's
         datasets = [pydicom.dcmread(f) for f in files]
         try:
             response = client.store_instances(datasets)

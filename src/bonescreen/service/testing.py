@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -25,10 +25,12 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "PostgresCluster",
+    "PKIFiles",
     "find_pg_bin",
     "free_port",
     "make_cxr_bytes",
     "make_cxr_dataset",
+    "make_test_pki",
     "make_tiny_artifact",
     "postgres_cluster",
     "reset_database",
@@ -355,3 +357,76 @@ def send_folder(folder: str | os.PathLike[str], host: str = "127.0.0.1", port: i
         finally:
             assoc.release()
     return out
+
+
+# ------------------------------------------------------------------ TLS (tests)
+
+
+@dataclass
+class PKIFiles:
+    """A throwaway CA with a server certificate (127.0.0.1 / localhost) and a client certificate, as PEM files."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def make_test_pki(folder: str | os.PathLike[str], name: str = "bonescreen-test") -> PKIFiles:
+    """Certificates made at test time with ``cryptography`` (keys mode 0600); never use them for real."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.timezone.utc)
+
+    def key() -> ec.EllipticCurvePrivateKey:
+        return ec.generate_private_key(ec.SECP256R1())
+
+    def write_key(k: ec.EllipticCurvePrivateKey, path: Path) -> Path:
+        path.write_bytes(k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                         serialization.NoEncryption()))
+        path.chmod(0o600)
+        return path
+
+    def write_cert(c: x509.Certificate, path: Path) -> Path:
+        path.write_bytes(c.public_bytes(serialization.Encoding.PEM))
+        return path
+
+    ca_key = key()
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+          .not_valid_after(now + dt.timedelta(days=2))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                       content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                       key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+          .sign(ca_key, hashes.SHA256()))
+
+    def leaf(cn: str, usage: Any, san: list[Any]) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+        k = key()
+        b = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+             .issuer_name(ca_name).public_key(k.public_key()).serial_number(x509.random_serial_number())
+             .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False))
+        if san:
+            b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        return b.sign(ca_key, hashes.SHA256()), k
+
+    srv, srv_key = leaf("127.0.0.1", ExtendedKeyUsageOID.SERVER_AUTH,
+                        [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    cli, cli_key = leaf("bonescreen-client", ExtendedKeyUsageOID.CLIENT_AUTH, [])
+    return PKIFiles(write_cert(ca, out / "ca.pem"), write_cert(srv, out / "server.pem"),
+                   write_key(srv_key, out / "server.key"), write_cert(cli, out / "client.pem"),
+                   write_key(cli_key, out / "client.key"))
