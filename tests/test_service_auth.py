@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import io
 import re
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -202,15 +201,25 @@ def test_settings_changes_are_audited_at_start(tmp_path: Path, db_url: str) -> N
     assert svc.instance in (rows[0].actor or "")
 
 
-def _cli(args: list[str], stdin: str = "") -> subprocess.CompletedProcess[str]:
-    import os
+@dataclass
+class _Run:
+    returncode: int
+    stdout: str
+    stderr: str
 
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-    return subprocess.run([sys.executable, "-m", "bonescreen", *args], input=stdin, capture_output=True, text=True,
-                          timeout=120, env=env)
 
+def test_users_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from bonescreen.cli import main
 
-def test_users_command(tmp_path: Path) -> None:
+    def _cli(args: list[str], stdin: str = "") -> _Run:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))  # not a terminal: the password is its first line
+        try:
+            rc = main(args)
+        except SystemExit as exc:
+            rc = int(exc.code or 0)
+        out = capsys.readouterr()
+        return _Run(rc, out.out, out.err)
+
     data = ["--data-dir", str(tmp_path / "data")]
     r = _cli(["users", "add", "alice", "--role", "admin", *data], stdin=PASSWORD + "\n")
     assert r.returncode == 0, r.stderr

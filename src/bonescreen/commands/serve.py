@@ -113,14 +113,15 @@ def build_config(args: argparse.Namespace) -> Any:
     return cfg.validate()
 
 
-def _wait_for_signal() -> None:
+def _signal_event() -> Any:
+    """An event set by SIGINT/SIGTERM (installed before we say we are running)."""
     import signal
     import threading
 
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
-    done.wait()
+    return done
 
 
 def handler(args: argparse.Namespace) -> int:
@@ -135,9 +136,10 @@ def handler(args: argparse.Namespace) -> int:
         dicom = f"; DICOM receiver {cfg.ae_title} on port {service.scp.port}" if service.scp else ""
         n_users = len(service.store.users())
         if not cfg.http_enabled:
+            stopping = _signal_event()
             print(f"bonescreen serve: instance {service.instance} running ({service.parts}){dicom}",
                   file=sys.stderr, flush=True)
-            _wait_for_signal()
+            stopping.wait()
             return 0
         import uvicorn
 

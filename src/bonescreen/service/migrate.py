@@ -30,6 +30,7 @@ from bonescreen.service.store import Store
 __all__ = ["MigrationError", "current", "ensure_schema", "head", "upgrade"]
 
 log = logging.getLogger(__name__)
+logging.getLogger("alembic").setLevel(logging.WARNING)  # the one line per upgrade below is enough
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 BASELINE = "0001"
@@ -43,7 +44,6 @@ class MigrationError(BonescreenError):
 def _config(connection: Any) -> Any:
     from alembic.config import Config
 
-    logging.getLogger("alembic").setLevel(logging.WARNING)  # one line per revision is ours to log
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.attributes["connection"] = connection
