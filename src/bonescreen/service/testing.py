@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from pydicom.dataset import Dataset
 
 __all__ = [
+    "FakeOIDCProvider",
     "PostgresCluster",
     "PKIFiles",
     "find_pg_bin",
@@ -430,3 +431,109 @@ def make_test_pki(folder: str | os.PathLike[str], name: str = "bonescreen-test")
     return PKIFiles(write_cert(ca, out / "ca.pem"), write_cert(srv, out / "server.pem"),
                    write_key(srv_key, out / "server.key"), write_cert(cli, out / "client.pem"),
                    write_key(cli_key, out / "client.key"))
+
+
+# -------------------------------------------------------------- OIDC (tests)
+
+
+class FakeOIDCProvider:
+    """An in-process OpenID Connect provider on 127.0.0.1: discovery, JWKS, authorize, token (signed ID token).
+
+    ``user`` holds the claims the next sign-in gets; ``bad_signature`` signs ID tokens with a key that is
+    not in the JWKS. Authorization codes are single use. For tests only.
+    """
+
+    def __init__(self, client_id: str, client_secret: str) -> None:
+        import json
+        import secrets as _secrets
+        import threading
+        import urllib.parse
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from joserfc import jwt
+        from joserfc.jwk import RSAKey
+
+        self.client_id, self.client_secret = client_id, client_secret
+        self.key = RSAKey.generate_key(2048, parameters={"kid": "k1"})
+        self.rogue = RSAKey.generate_key(2048, parameters={"kid": "k1"})
+        self.user: dict[str, Any] = {"sub": "idp-0001", "preferred_username": "carol"}
+        self.bad_signature = False
+        self.codes: dict[str, dict[str, Any]] = {}
+        self.token_requests = 0
+        provider = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _json(self, code: int, body: Any) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                url = urllib.parse.urlsplit(self.path)
+                q = dict(urllib.parse.parse_qsl(url.query))
+                if url.path == "/.well-known/openid-configuration":
+                    b = provider.issuer
+                    self._json(200, {"issuer": b, "authorization_endpoint": f"{b}/authorize",
+                                     "token_endpoint": f"{b}/token", "jwks_uri": f"{b}/jwks",
+                                     "response_types_supported": ["code"], "subject_types_supported": ["public"],
+                                     "id_token_signing_alg_values_supported": ["RS256"],
+                                     "code_challenge_methods_supported": ["S256"],
+                                     "token_endpoint_auth_methods_supported": ["client_secret_basic",
+                                                                               "client_secret_post"]})
+                elif url.path == "/jwks":
+                    self._json(200, {"keys": [provider.key.as_dict(private=False)]})
+                elif url.path == "/authorize":
+                    if q.get("client_id") != provider.client_id or q.get("response_type") != "code":
+                        self._json(400, {"error": "invalid_request"})
+                        return
+                    code = _secrets.token_urlsafe(16)
+                    provider.codes[code] = {"nonce": q.get("nonce"), "redirect_uri": q.get("redirect_uri"),
+                                            "user": dict(provider.user)}
+                    loc = f"{q['redirect_uri']}?{urllib.parse.urlencode({'code': code, 'state': q.get('state')})}"
+                    self.send_response(302)
+                    self.send_header("Location", loc)
+                    self.end_headers()
+                else:
+                    self._json(404, {"error": "not_found"})
+
+            def do_POST(self) -> None:
+                import base64
+                import time as _time
+
+                provider.token_requests += 1
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode()
+                form = dict(urllib.parse.parse_qsl(body))
+                cid, secret = form.get("client_id"), form.get("client_secret")
+                auth = self.headers.get("Authorization", "")
+                if auth.startswith("Basic "):
+                    cid, _, secret = base64.b64decode(auth[6:]).decode().partition(":")
+                    cid, secret = urllib.parse.unquote(cid), urllib.parse.unquote(secret)
+                grant = provider.codes.pop(form.get("code", ""), None)
+                if (cid, secret) != (provider.client_id, provider.client_secret):
+                    self._json(401, {"error": "invalid_client"})
+                    return
+                if grant is None or grant["redirect_uri"] != form.get("redirect_uri"):
+                    self._json(400, {"error": "invalid_grant"})
+                    return
+                now = int(_time.time())
+                claims = {"iss": provider.issuer, "aud": provider.client_id, "iat": now, "exp": now + 300,
+                          "nonce": grant["nonce"], **grant["user"]}
+                key = provider.rogue if provider.bad_signature else provider.key
+                id_token = jwt.encode({"alg": "RS256", "kid": "k1"}, claims, key)
+                self._json(200, {"access_token": _secrets.token_urlsafe(16), "token_type": "Bearer",
+                                 "expires_in": 300, "id_token": id_token})
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.issuer = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
