@@ -134,5 +134,5 @@ def test_kill_9_while_processing_then_restart_finishes_every_image(tmp_path: Pat
     assert "re-queued" in text
     assert text.rstrip().endswith("service stopped")
     # the real CLI's log carries no patient data and no UIDs
-    for secret in ("TEST0001", "TEST^PATIENT", *sops):
+    for secret in ("TEST0001", "TEST^PATIENT", TOKEN, *sops):
         assert secret not in text

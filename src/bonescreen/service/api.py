@@ -54,6 +54,26 @@ Text64 = Annotated[str | None, Query(max_length=64)]
 Text32 = Annotated[str | None, Query(max_length=32)]
 
 
+class ResultFilters:
+    """The result filters shared by the JSON and the CSV query (a FastAPI class dependency)."""
+
+    def __init__(
+        self,
+        study_instance_uid: Uid = None,
+        patient_id: Text64 = None,
+        category: Text32 = None,
+        flagged: bool | None = None,
+        review_status: Text32 = None,
+        date_from: dt.date | None = None,
+        date_to: dt.date | None = None,
+        eligible: bool | None = None,
+        forward_status: Text32 = None,
+    ) -> None:
+        self.study_instance_uid, self.patient_id, self.category = study_instance_uid, patient_id, category
+        self.flagged, self.review_status, self.eligible = flagged, review_status, eligible
+        self.date_from, self.date_to, self.forward_status = date_from, date_to, forward_status
+
+
 class ReviewIn(BaseModel):
     status: str
 
@@ -202,58 +222,37 @@ def create_app(service: Service, *, manage: bool = True, stop_on_shutdown: bool 
         r = service.store.get_result(sop_instance_uid)
         return {"sop_instance_uid": sop_instance_uid, "status": status, "result": r.as_dict() if r else None}
 
-    def _query(study_instance_uid: str | None, patient_id: str | None, category: str | None, flagged: bool | None,
-               review_status: str | None, date_from: dt.date | None, date_to: dt.date | None,
-               eligible: bool | None, forward_status: str | None, limit: int, offset: int) -> list[Any]:
-        if category and category not in CATEGORIES:
+    def _query(f: ResultFilters, limit: int, offset: int) -> list[Any]:
+        if f.category and f.category not in CATEGORIES:
             raise HTTPException(422, f"category must be one of {', '.join(CATEGORIES)}")
-        if review_status and review_status not in REVIEW_STATUSES:
+        if f.review_status and f.review_status not in REVIEW_STATUSES:
             raise HTTPException(422, f"review_status must be one of {', '.join(REVIEW_STATUSES)}")
-        if forward_status and forward_status not in FORWARD_STATUSES:
+        if f.forward_status and f.forward_status not in FORWARD_STATUSES:
             raise HTTPException(422, f"forward_status must be one of {', '.join(FORWARD_STATUSES)}")
+        patient_id = f.patient_id
         if patient_id and service.config.hash_patient_id:
             patient_id = service_pseudonymiser(service.config)(patient_id)
         return service.store.query_results(
-            study_instance_uid=study_instance_uid, patient_id=patient_id, category=category, flagged=flagged,
-            review_status=review_status, date_from=date_from, date_to=date_to, eligible=eligible,
-            forward_status=forward_status, limit=limit, offset=offset,
+            study_instance_uid=f.study_instance_uid, patient_id=patient_id, category=f.category, flagged=f.flagged,
+            review_status=f.review_status, date_from=f.date_from, date_to=f.date_to, eligible=f.eligible,
+            forward_status=f.forward_status, limit=limit, offset=offset,
         )
 
     @app.get("/api/v1/results", dependencies=[viewer], tags=["results"])
     def results(
-        study_instance_uid: Uid = None,
-        patient_id: Text64 = None,
-        category: Text32 = None,
-        flagged: bool | None = None,
-        review_status: Text32 = None,
-        date_from: dt.date | None = None,
-        date_to: dt.date | None = None,
-        eligible: bool | None = None,
-        forward_status: Text32 = None,
+        f: ResultFilters = Depends(),
         limit: Annotated[int, Query(ge=1, le=1000)] = 200,
         offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
     ) -> dict[str, Any]:
         """Results by study, patient, category, flag, review or forwarding status, study date; flagged first."""
-        rows = _query(study_instance_uid, patient_id, category, flagged, review_status, date_from, date_to,
-                      eligible, forward_status, limit, offset)
+        rows = _query(f, limit, offset)
         return {"count": len(rows), "results": [r.as_dict() for r in rows]}
 
     @app.get("/api/v1/results.csv", tags=["results"], response_class=Response,
              responses={200: {"content": {"text/csv": {}}, "description": "the results as CSV"}})
-    def results_csv(
-        request: Request,
-        p: Principal = reviewer,
-        category: Text32 = None,
-        flagged: bool | None = None,
-        review_status: Text32 = None,
-        date_from: dt.date | None = None,
-        date_to: dt.date | None = None,
-        eligible: bool | None = None,
-        forward_status: Text32 = None,
-    ) -> Response:
+    def results_csv(request: Request, p: Principal = reviewer, f: ResultFilters = Depends()) -> Response:
         """The filtered results as CSV (audited as an export)."""
-        rows = _query(None, None, category, flagged, review_status, date_from, date_to, eligible, forward_status,
-                      100_000, 0)
+        rows = _query(f, 100_000, 0)
         service.store.audit("export", actor=p.username, target="results.csv", ip=client_ip(request),
                             detail={"rows": len(rows)})
         data = [r.as_dict() for r in rows]
