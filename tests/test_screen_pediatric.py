@@ -353,7 +353,8 @@ def test_service_screens_children_with_a_pediatric_model(kids: dict[str, Path], 
 
     token = {"Authorization": "Bearer tok-ped"}
     cfg = ServiceConfig(model=str(kids["model"]), data_dir=str(tmp_path / "data"), dicom_enabled=False,
-                        poll_seconds=0.05, gate={"min_size": SIZE}).validate()
+                        poll_seconds=0.05, gate={"min_size": SIZE},
+                        token_role="reviewer").validate()  # the static token may upload
     svc = Service(cfg, token="tok-ped")
     results: dict[str, dict[str, Any]] = {}
     with TestClient(create_app(svc)) as client:
