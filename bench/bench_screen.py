@@ -278,7 +278,7 @@ def section_accuracy(args: argparse.Namespace, res: dict[str, Any]) -> None:
     from sklearn.metrics import roc_auc_score
 
     from bonescreen.artifact import load_artifact
-    from bonescreen.gate import GatePolicy
+    from bonescreen.screen.gate import GatePolicy
     from bonescreen.onnx_export import export_onnx, load_onnx, quantize_onnx
     from bonescreen.screen import InputItem, PrepContext, prepare
 

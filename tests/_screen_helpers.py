@@ -10,8 +10,12 @@ import numpy as np
 
 
 def make_artifact(path: Path, task: str = "stage2", *, arch: str = "convnext_atto", size: int = 64,
-                  seed: int = 0, **spec_kwargs: Any) -> Path:
-    """A loadable artifact with seeded random weights (no training needed)."""
+                  seed: int = 0, ood: bool = True, **spec_kwargs: Any) -> Path:
+    """A loadable v2 artifact with seeded random weights (no training needed).
+
+    ``ood``: an OOD part fitted on :func:`ood_images` (half to fit, half for the threshold),
+    as ``train`` would fit one on its training split; False leaves it out (the opt-out tests).
+    """
     import torch
 
     from bonescreen.artifact import ModelSpec, save_artifact
@@ -21,16 +25,48 @@ def make_artifact(path: Path, task: str = "stage2", *, arch: str = "convnext_att
     spec = ModelSpec.for_task(arch, task, **spec_kwargs)
     spec.preprocess["size"] = size
     model = create_model(arch, spec.num_classes)
-    return save_artifact(path, model, spec)
+    save_artifact(path, model, spec)
+    if ood:
+        from bonescreen.ood import attach_ood
+
+        from bonescreen.service.testing import widen_ood_threshold
+
+        imgs = ood_images(size)
+        attach_ood(path, imgs[::2], None, imgs[1::2])
+        widen_ood_threshold(Path(path), 1.5)  # see its docstring: test fixtures only
+    return Path(path)
 
 
 def radiograph(seed: int = 0, shape: tuple[int, int] = (256, 256), levels: int = 4000) -> np.ndarray:
-    """A smooth synthetic 12-bit image with plenty of grey levels (passes the sanity gate)."""
+    """A smooth synthetic 12-bit 'frontal chest' with plenty of grey levels (passes the sanity gate):
+    a bright body and mediastinum, two darker lung fields, and a seeded texture."""
     rng = np.random.default_rng(seed)
     h, w = shape
     y, x = np.mgrid[0:h, 0:w] / max(h, w)
-    img = 0.5 + 0.3 * np.sin(6 * x + seed) * np.cos(4 * y) + 0.05 * rng.standard_normal(shape)
+    y = y * max(h, w) / h
+    x = x * max(h, w) / w
+    lungs = np.exp(-(((x - 0.3) / 0.13) ** 2 + ((y - 0.5) / 0.25) ** 2)) + \
+        np.exp(-(((x - 0.7) / 0.13) ** 2 + ((y - 0.5) / 0.25) ** 2))
+    texture = 0.1 * np.sin(6 * x + seed) * np.cos(4 * y)
+    img = 0.75 - 0.4 * lungs + texture + 0.04 * rng.standard_normal(shape)
     return np.clip(img * levels, 0, 4095).astype(np.uint16)
+
+
+@dataclass
+class Meta:
+    """The ImageMeta fields the gate reads (a frontal adult CR by default)."""
+
+    modality: str | None = "CR"
+    view: str | None = "PA"
+    age: float | None = 63.0
+    rows: int | None = 2000
+    columns: int | None = 2000
+    body_part: str | None = None
+    anatomic_region_code: str | None = None
+    anatomic_region_meaning: str | None = None
+    protocol_name: str | None = None
+    series_description: str | None = None
+    study_description: str | None = None
 
 
 @dataclass
@@ -70,3 +106,11 @@ class FakeModel:
         logits = np.stack([-(m - 0.1) ** 2, -(m - 0.5) ** 2, -(m - 0.9) ** 2], axis=1) * 50
         e = np.exp(logits - logits.max(axis=1, keepdims=True))
         return e / e.sum(axis=1, keepdims=True)
+
+
+def ood_images(size: int, n: int = 48, seed: int = 1000) -> np.ndarray:
+    """Preprocessed :func:`radiograph` images the test artifacts' OOD parts are fitted on (the
+    test images are of the same kind, so they are in distribution for those OOD parts)."""
+    from bonescreen.preprocess import preprocess_array
+
+    return np.stack([preprocess_array(radiograph(seed + i).astype(np.float32), size) for i in range(n)])

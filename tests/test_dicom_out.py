@@ -145,7 +145,9 @@ def test_screen_writes_sr_and_sc_for_dicom_inputs(strict, tmp_path: Path, source
     out = tmp_path / "out"
     screen([source], m2, out, stage1=m1, options=ScreenOptions(dicom_sr=True, dicom_sc=True, progress=False))
     row = next(csv.DictReader(open(out / "results.csv")))
-    sr = pydicom.dcmread(out / row["sr"])
+    study = next(csv.DictReader(open(out / "studies.csv")))  # the SR is per study
+    assert study["study_instance_uid"] == row["study_instance_uid"] and study["image_ids"] == row["image_id"]
+    sr = pydicom.dcmread(out / study["sr"])
     sc = pydicom.dcmread(out / row["sc"])
     assert sr.PatientID == "MRN-42" and sc.StudyInstanceUID == pydicom.dcmread(source).StudyInstanceUID
     nums = {i.ConceptNameCodeSequence[0].CodeMeaning: float(i.MeasuredValueSequence[0].NumericValue)

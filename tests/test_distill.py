@@ -71,7 +71,9 @@ def test_student_on_labelled_plus_proxy_data(tmp_path_factory) -> None:  # type:
         t["manifest"], root / "out", tiny_config(epochs=2, strong_p=0.5), teacher=t["result"].artifact_path,
         cache_root=t["cache"], proxy=proxy.out_csv,
     )
-    card = load_artifact(r.artifact_path).spec.model_card
+    loaded = load_artifact(r.artifact_path)
+    card = loaded.spec.model_card
+    assert loaded.spec.ood and loaded.spec.ood["weights_fingerprint"] == loaded.fingerprint  # fitted at the end
     assert card["kind"] == "distilled"
     assert card["training_data"]["train"]["n"] == 48 + proxy.n_kept
     assert card["training_data"]["train"]["n_proxy"] == proxy.n_kept

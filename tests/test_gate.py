@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
-from _screen_helpers import radiograph
+from _screen_helpers import Meta, radiograph
 
-from bonescreen.gate import GATE_REASONS, GatePolicy, check_header, check_pixels
-
-
-@dataclass
-class Meta:
-    modality: str | None = "CR"
-    view: str | None = "PA"
-    age: float | None = 63.0
-    rows: int | None = 2000
-    columns: int | None = 2000
+from bonescreen.screen.gate import GATE_REASONS, GatePolicy, check_header, check_pixels
 
 
 ADULT = GatePolicy.from_eligibility({"modalities": ["CR", "DX"], "views": ["PA", "AP"], "min_age": 50, "max_age": 120})

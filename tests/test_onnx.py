@@ -67,8 +67,11 @@ def test_screen_onnx_backend_matches_torch(tmp_path: Path, exported: tuple[Path,
         write_dicom(radiograph(i), name=f"in/a{i}.dcm")
     screen([tmp_path / "in"], pt, tmp_path / "t", options=ScreenOptions(progress=False))
     screen([tmp_path / "in"], pt, tmp_path / "o", backend="onnx", options=ScreenOptions(progress=False))
+    # a bare .onnx carries no OOD statistics: refused, unless the opt-out is explicit
     assert main(["screen", str(tmp_path / "in"), "--model", str(onnx_path), "--backend", "onnx", "--out",
-                 str(tmp_path / "o2"), "--no-progress"]) == 0
+                 str(tmp_path / "o3"), "--no-progress"]) == 1
+    assert main(["screen", str(tmp_path / "in"), "--model", str(onnx_path), "--backend", "onnx", "--out",
+                 str(tmp_path / "o2"), "--no-progress", "--ood", "off"]) == 0
     # an .onnx file without --backend onnx is a clear error
     with pytest.raises(ModelArtifactError, match="--backend onnx"):
         screen([tmp_path / "in"], onnx_path, tmp_path / "x", options=ScreenOptions(progress=False))
@@ -79,6 +82,10 @@ def test_screen_onnx_backend_matches_torch(tmp_path: Path, exported: tuple[Path,
     t, o, o2 = scores("t"), scores("o"), scores("o2")
     assert t.keys() == o.keys() == o2.keys() and len(t) == 5
     assert max(abs(t[k] - o[k]) for k in t) < 1e-4 and max(abs(t[k] - o2[k]) for k in t) < 1e-4
+    # the .pt with --backend onnx keeps the OOD check: onnxruntime's features give torch's OOD scores
+    ood = {out: {r["path"]: float(r["ood_score"]) for r in csv.DictReader(open(tmp_path / out / "results.csv"))}
+           for out in ("t", "o")}
+    assert max(abs(ood["t"][k] - ood["o"][k]) for k in t) < 1e-3
     backends = {r["backend"] for r in csv.DictReader(open(tmp_path / "o" / "results.csv"))}
     assert backends == {"onnx"}
 

@@ -186,6 +186,10 @@ def test_artifact_round_trip_and_predict_pediatric(run: dict[str, Path]) -> None
     loaded = load_artifact(run["model"], expected_task="pediatric")
     assert loaded.spec.eligibility["max_age"] == 17.99 and loaded.spec.eligibility["min_age"] == 0
     assert loaded.spec.extra["residual_sd_z"] > 0
+    # `pediatric train` ends by fitting the OOD part (one class) on the image embedding
+    assert loaded.spec.ood and loaded.spec.ood["weights_fingerprint"] == loaded.fingerprint
+    assert loaded.spec.ood["means"].shape[0] == 1 and loaded.features(np.zeros((2, loaded.size, loaded.size),
+                                                                                np.uint8)).shape[0] == 2
     rng = np.random.default_rng(0)
     imgs = rng.integers(0, 256, (3, loaded.size, loaded.size), dtype=np.uint8)
     clin = pd.DataFrame({"age": [5.0, 12.0, 15.0], "sex": ["F", "M", "F"],

@@ -91,7 +91,17 @@ def make_pediatric_artifact(path: Path, calibrate: list[tuple[np.ndarray, pd.Dat
     loaded = load_artifact(path)
     z = [float(predict_pediatric(loaded, img, clin)["pred_z"].iloc[0]) for img, clin in calibrate]
     spec.extra = {**EXTRA, "target_mean": [-2.0 - float(np.median(z)), 0.6]}
-    return save_artifact(path, model, spec)
+    save_artifact(path, model, spec)
+    # the OOD part, as `pediatric train` fits one (one class), on the kind of image screened here
+    from bonescreen.ood import attach_ood
+    from bonescreen.preprocess import preprocess_array
+    from bonescreen.service.testing import widen_ood_threshold
+
+    imgs = np.stack([preprocess_array(radiograph(100 + i, shape=(96, 96)).astype(np.float32), SIZE)
+                     for i in range(48)])
+    attach_ood(path, imgs[::2], None, imgs[1::2])
+    widen_ood_threshold(path, 1.5)  # test fixture (see its docstring)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -247,7 +257,8 @@ def test_pediatric_screen_end_to_end(kids: dict[str, Path], capsys: pytest.Captu
 
     # the SR carries the predicted Z, BMD and P(Z <= -2) as numbers, and the finding
     r = by["k2.dcm"]
-    sr = pydicom.dcmread(out / r["sr"])
+    studies = {st["study_instance_uid"]: st for st in csv.DictReader(open(out / "studies.csv"))}
+    sr = pydicom.dcmread(out / studies[r["study_instance_uid"]]["sr"])  # one SR per study
     items = _sr_items(sr)
     nums = {i.ConceptNameCodeSequence[0].CodeMeaning: i.MeasuredValueSequence[0] for i in items
             if i.ValueType == "NUM"}

@@ -219,20 +219,20 @@ def test_second_process_with_the_same_instance_name_refused(client: TestClient) 
 
 
 def test_worker_preparation_gates_like_screen(artifact: Path, tmp_path: Path) -> None:
-    """The worker gates and preprocesses each file with screen's own prepare()."""
-    from bonescreen.service.worker import ScreeningEngine
+    """The worker gates and preprocesses each file with screen's own engine."""
+    from bonescreen.service.worker import engine_for
 
-    eng = ScreeningEngine(ServiceConfig(model=str(artifact), data_dir=str(tmp_path), explain=False))
+    eng = engine_for(ServiceConfig(model=str(artifact), data_dir=str(tmp_path), explain=False))
     cases = [({"seed": 1}, ""), ({"seed": 2, "age": "030Y"}, "age_out_of_range"), ({"seed": 3, "view": "LL"},
                                                                                     "lateral_view")]
     for kw, reason in cases:
         p = tmp_path / "x.dcm"
         p.write_bytes(make_cxr_bytes(**kw))
-        prep = eng._prepare(p)
+        prep = eng.prepare(p)
         assert prep.row["reason"] == reason
         assert (prep.images is None) == bool(reason)
     (tmp_path / "junk.dcm").write_bytes(b"junk" * 100)
-    assert eng._prepare(tmp_path / "junk.dcm").row["reason"] == "not_dicom"
+    assert eng.prepare(tmp_path / "junk.dcm").row["reason"] == "not_dicom"
 
 def test_category_filter_accepts_every_category_and_refuses_others(client) -> None:  # type: ignore[no-untyped-def]
     """Adult and pediatric categories filter; an unknown word is a 422, not an empty list."""

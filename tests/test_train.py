@@ -39,8 +39,16 @@ def test_best_tuning_epoch_is_the_saved_model(teacher) -> None:  # type: ignore[
     r = teacher["result"]
     best = max(r.history, key=lambda h: h["tune_auc"])
     assert r.best_epoch == best["epoch"]
-    card = load_artifact(r.artifact_path).spec.model_card
+    loaded = load_artifact(r.artifact_path)
+    card = loaded.spec.model_card
     assert card["best_epoch"] == best["epoch"]
+    # training ends by fitting the OOD part on the train split (threshold on tune) for these weights
+    from bonescreen.ood import OODModel
+
+    assert loaded.format_version == 2 and loaded.spec.ood is not None
+    ood = OODModel.from_dict(loaded.spec.ood)
+    assert ood.weights_fingerprint == loaded.fingerprint and ood.n_fit == 48 and ood.n_tune == 24
+    assert ood.threshold > 0 and ood.quantile == pytest.approx(0.995)
     assert card["tune_metrics"]["tune_auc"] == pytest.approx(best["tune_auc"])
     train = card["training_data"]["train"]
     assert train["n"] == 48 and train["per_class"] == {"normal": 24, "low_bone_mass": 24}

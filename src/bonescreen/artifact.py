@@ -3,10 +3,19 @@
 Saved with ``torch.save`` as a dict of plain Python values and tensors, and
 loaded with ``weights_only=True`` so that opening an artifact never executes
 pickled code (artifacts travel between sites).
+
+Format version 2 adds ``ood``: the out-of-distribution model fitted on the
+training split's features (bonescreen.ood), with the fingerprint of the
+weights it was fitted for. Version-1 artifacts still load (``ood`` is None,
+with a warning naming the command that adds one: ``bonescreen ood fit``);
+screening refuses them unless told ``--ood off``. Optional fields that an
+artifact lacks take their defaults, so later optional fields stay readable.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -21,8 +30,14 @@ from bonescreen import __version__
 from bonescreen.errors import ModelArtifactError
 from bonescreen.models import GRAY_MEAN, GRAY_STD, create_model
 
+log = logging.getLogger(__name__)
+
 FORMAT = "bonescreen-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions load_artifact reads; 1 has no ``ood`` part.
+READABLE_VERSIONS = (1, 2)
+OOD_FIT_HINT = ("fit one with `bonescreen ood fit MODEL --manifest MANIFEST --cache DIR --out NEW.pt` "
+                "(a new file; the input is never changed)")
 
 TASK_CLASSES: dict[str, list[str]] = {
     "stage2": ["normal", "low_bone_mass"],
@@ -64,6 +79,8 @@ class ModelSpec:
     # task-specific facts the model cannot run without (pediatric: clinical
     # feature order and standardisation, residual SD of the predicted Z)
     extra: dict[str, Any] = field(default_factory=dict)
+    # out-of-distribution model (bonescreen.ood.OODModel.to_dict): None when not fitted
+    ood: dict[str, Any] | None = None
 
     @classmethod
     def for_task(cls, arch: str, task: str, **kwargs: Any) -> "ModelSpec":
@@ -106,13 +123,56 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)  # DDP / DataParallel
 
 
+def weights_fingerprint(model_or_state: nn.Module | dict[str, torch.Tensor]) -> str:
+    """sha256 over the weights (names, dtypes, shapes, bytes): which weights an OOD part belongs to."""
+    state = model_or_state if isinstance(model_or_state, dict) else _unwrap(model_or_state).state_dict()
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 class LoadedModel:
     """A model ready for inference: takes preprocessed uint8 images, returns probabilities."""
 
-    def __init__(self, model: nn.Module, spec: ModelSpec, path: Path | None = None) -> None:
+    def __init__(self, model: nn.Module, spec: ModelSpec, path: Path | None = None,
+                 format_version: int = FORMAT_VERSION) -> None:
         self.model = model.eval()
         self.spec = spec
         self.path = path
+        self.format_version = format_version
+        self._fingerprint: str | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        """:func:`weights_fingerprint` of the loaded weights (computed once)."""
+        if self._fingerprint is None:
+            self._fingerprint = weights_fingerprint(self.model)
+        return self._fingerprint
+
+    @torch.inference_mode()
+    def features(self, images: np.ndarray, device: str | torch.device = "cpu") -> np.ndarray:
+        """Penultimate features ``(N, D)`` float32: the pooled embedding the classifier reads.
+
+        Classifiers: timm's ``forward_head(pre_logits=True)``; pediatric models: the image
+        branch's embedding (before the clinical variables join). The OOD model lives here.
+        """
+        return self.predict_with_features(images, device)[1]
+
+    @torch.inference_mode()
+    def predict_with_features(self, images: np.ndarray, device: str | torch.device = "cpu"
+                              ) -> tuple[np.ndarray | None, np.ndarray]:
+        """(probabilities or None for pediatric models, features) from one forward pass."""
+        x = self.to_tensor(images).to(device)
+        net = self.model.to(device)
+        if self.spec.task == "pediatric":
+            return None, net.image_embedding(x).float().cpu().numpy()  # type: ignore[operator]
+        feats = net.forward_features(x)  # type: ignore[operator]
+        pre = net.forward_head(feats, pre_logits=True).float()  # type: ignore[operator]
+        logits = net.forward_head(feats).float()  # type: ignore[operator]
+        return torch.softmax(logits, dim=1).cpu().numpy(), pre.cpu().numpy()
 
     @property
     def size(self) -> int:
@@ -177,11 +237,15 @@ def load_artifact(
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ModelArtifactError(f"{path} is not a bonescreen model artifact")
     version = payload.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise ModelArtifactError(
             f"{path} has artifact format version {version}; this bonescreen "
-            f"({__version__}) reads version {FORMAT_VERSION}"
+            f"({__version__}) reads versions {', '.join(map(str, READABLE_VERSIONS))}"
         )
+    if version == 1:
+        log.warning("%s is artifact format version 1: it has no out-of-distribution model, so `screen` "
+                    "refuses it unless told --ood off; %s", path.name, OOD_FIT_HINT)
+        payload.pop("ood", None)
     fields = {k: payload[k] for k in ModelSpec.__dataclass_fields__ if k in payload}
     try:
         spec = ModelSpec(**fields)
@@ -201,4 +265,4 @@ def load_artifact(
         model.load_state_dict(payload["state_dict"])
     except (KeyError, RuntimeError) as exc:
         raise ModelArtifactError(f"{path}: weights do not fit {spec.arch}: {exc}") from exc
-    return LoadedModel(model.to(device), spec, path)
+    return LoadedModel(model.to(device), spec, path, format_version=int(version))

@@ -30,6 +30,7 @@ COMMANDS = [
     "screen",
     "explain",
     "export",
+    "ood",
     "serve",
     "users",
     "db",

@@ -66,6 +66,8 @@ class TrainConfig:
     threshold_low: float = 0.75
     # --- operating point written into the artifact
     threshold: float = 0.5
+    # --- out-of-distribution refusal threshold: this quantile of the tuning split's OOD scores
+    ood_quantile: float = 0.995
     # --- runtime
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -108,6 +110,8 @@ class TrainConfig:
                 raise ConfigError(f"{key} must be in [0, 1], got {v}")
         if self.lr <= 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not 0.5 <= self.ood_quantile < 1.0:
+            raise ConfigError(f"ood_quantile must be in [0.5, 1), got {self.ood_quantile}")
         return self
 
 

@@ -1,13 +1,24 @@
-"""DICOM outputs with highdicom: a TID 1500 Comprehensive 3D SR per screened image,
-and a secondary-capture image of the Grad-CAM overlay.
+"""DICOM outputs with highdicom: a TID 1500 Comprehensive 3D SR per screened **study**,
+and a secondary-capture image of the Grad-CAM overlay per image.
 
-Both inherit patient and study from the source image (highdicom copies the
-Patient and General Study modules from the evidence / reference dataset), get
-new Series and SOP Instance UIDs, and reference the source image. UIDs are
-derived from the source SOP Instance UID and the model id
-(``generate_uid(entropy_srcs=...)``): re-screening the same image with the
-same model gives the same UIDs, so a PACS replaces the earlier object instead
-of accumulating copies, while a different model gives different UIDs.
+The SR summarises the study (the finding of the image that decides it,
+``screen.decide.rollup_study``) and references every image it used: one
+measurement group per image (its scores, its finding, the image as source),
+plus, when the study has several images, a study group whose finding is the
+study's and whose source images are all of them. Every image is listed in the
+evidence (Current Requested Procedure Evidence Sequence). Only the first
+image's header is needed (patient and study are copied from it); the others
+are referenced by their UIDs (:class:`ImageReference`), so the service can
+build the study's SR after earlier images have left its spool.
+
+Both objects inherit patient and study from the source image (highdicom copies
+the Patient and General Study modules from the evidence / reference dataset),
+get new Series and SOP Instance UIDs, and reference their images. UIDs are
+derived (``generate_uid(entropy_srcs=...)``) from the study (SR) or the image
+(SC), the model id and, for the SR, the set of images it reports: screening the
+same study again gives the same UIDs (a PACS replaces rather than duplicates),
+a study that gained an image gets a new SR (a new document version), and
+another model gives other UIDs.
 
 Codes: the score is a numeric measurement with a private (``99BONESCR``)
 concept, since no standard code exists for "probability of low bone mass
@@ -42,6 +53,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "CATEGORY_CODES",
+    "ImageReference",
     "PEDIATRIC_MEASUREMENTS",
     "SCORE_CONCEPTS",
     "SCORE_UNITS",
@@ -49,9 +61,11 @@ __all__ = [
     "ScreeningResult",
     "build_sc",
     "build_sr",
+    "build_study_sr",
     "read_source",
     "write_sc",
     "write_sr",
+    "write_study_sr",
 ]
 
 # highdicom logs every module it copies at INFO; one line per image is noise in a screening run.
@@ -179,29 +193,58 @@ def _uid(*parts: str) -> str:
     return str(generate_uid(entropy_srcs=[MANUFACTURER, *parts]))
 
 
-def build_sr(source: Dataset, result: ScreeningResult) -> Any:
-    """A TID 1500 Measurement Report in a Comprehensive 3D SR referencing ``source``."""
-    import highdicom as hd
-    from pydicom.sr.codedict import codes
+@dataclass(frozen=True)
+class ImageReference:
+    """The UIDs an SR needs to reference an image it does not have the header of."""
 
-    if result.category not in CATEGORY_CODES:
-        raise DicomOutputError(f"unknown category {result.category!r}")
-    sop = str(source.SOPInstanceUID)
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+
+    @classmethod
+    def from_dataset(cls, ds: Any) -> ImageReference:
+        return cls(str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID),
+                   str(ds.StudyInstanceUID))
+
+    def dataset(self) -> Dataset:
+        from pydicom.dataset import Dataset
+
+        ds = Dataset()
+        ds.SOPClassUID = self.sop_class_uid
+        ds.SOPInstanceUID = self.sop_instance_uid
+        ds.SeriesInstanceUID = self.series_instance_uid
+        ds.StudyInstanceUID = self.study_instance_uid
+        return ds
+
+
+def _algorithm(result: ScreeningResult) -> Any:
+    import highdicom as hd
+
     params = [f"{k} threshold={v:g}" for k, v in sorted(result.thresholds.items())]
     if result.model_stage1_id:
         params.append(f"stage1 model={result.model_stage1_id}")
-    algo = hd.sr.AlgorithmIdentification(
+    return hd.sr.AlgorithmIdentification(
         name=f"bonescreen {result.task}", version=f"{__version__} model {result.model_id}"[:64],
         parameters=params or None, manufacturer=MANUFACTURER,
     )
-    device = hd.sr.ObserverContext(
-        observer_type=codes.cid270.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=_uid("device", result.model_id), name="bonescreen", manufacturer_name=MANUFACTURER,
-            model_name=(result.arch or result.task)[:64],
-        ),
-    )
-    src = hd.sr.SourceImageForMeasurement.from_source_image(source)
+
+
+def _finding(category: str) -> Any:
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    if category not in CATEGORY_CODES:
+        raise DicomOutputError(f"unknown category {category!r}")
+    return hd.sr.QualitativeEvaluation(name=codes.DCM.Finding, value=_code(CATEGORY_CODES[category]))
+
+
+def _image_group(ref: ImageReference, result: ScreeningResult, label: str) -> Any:
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    algo = _algorithm(result)
+    src = hd.sr.SourceImageForMeasurement(ref.sop_class_uid, ref.sop_instance_uid)
     measurements = [
         hd.sr.Measurement(
             name=_code(SCORE_CONCEPTS[key]), value=float(value),
@@ -210,29 +253,77 @@ def build_sr(source: Dataset, result: ScreeningResult) -> Any:
         )
         for key, value in result.scores.items()
     ]
-    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=_uid("tracking", sop, result.model_id), identifier="bone health screening"
+            uid=_uid("tracking", ref.sop_instance_uid, result.model_id), identifier=label[:64]
         ),
         algorithm_id=algo,
         measurements=measurements,
-        qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(name=codes.DCM.Finding, value=_code(CATEGORY_CODES[result.category]))
-        ],
-        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
+        qualitative_evaluations=[_finding(result.category)],
+        source_images=[hd.sr.SourceImageForMeasurementGroup(ref.sop_class_uid, ref.sop_instance_uid)],
+    )
+
+
+def build_study_sr(
+    source: Dataset,
+    study: ScreeningResult,
+    images: list[tuple[ImageReference, ScreeningResult]],
+    *,
+    decided_by: str | None = None,
+) -> Any:
+    """One TID 1500 Measurement Report for a study: a group per image, and a study group when several.
+
+    ``source`` is the header of one image of the study (patient and study are copied
+    from it); ``images`` are every image the study's result used, with their own
+    results; ``study`` is the study's result (``decided_by``: the SOP Instance UID of
+    the image it comes from).
+    """
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    if not images:
+        raise DicomOutputError("a study SR needs at least one image")
+    study_uid = str(source.StudyInstanceUID)
+    if any(ref.study_instance_uid != study_uid for ref, _ in images):
+        raise DicomOutputError("every image of a study SR must belong to the source's study")
+    groups = [
+        _image_group(ref, res, "bone health screening" + (" (decides the study)"
+                                                          if len(images) > 1 and ref.sop_instance_uid == decided_by
+                                                          else ""))
+        for ref, res in images
+    ]
+    if len(images) > 1:
+        groups.insert(0, hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=_uid("tracking-study", study_uid, study.model_id),
+                identifier=f"bone health screening: study of {len(images)} images",
+            ),
+            algorithm_id=_algorithm(study),
+            qualitative_evaluations=[_finding(study.category)],
+            source_images=[hd.sr.SourceImageForMeasurementGroup(ref.sop_class_uid, ref.sop_instance_uid)
+                           for ref, _ in images],
+        ))
+    device = hd.sr.ObserverContext(
+        observer_type=codes.cid270.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=_uid("device", study.model_id), name="bonescreen", manufacturer_name=MANUFACTURER,
+            model_name=(study.arch or study.task)[:64],
+        ),
     )
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=device),
         procedure_reported=_code(PROCEDURE),
-        imaging_measurements=[group],
+        imaging_measurements=groups,
     )
+    sops = sorted(ref.sop_instance_uid for ref, _ in images)
+    evidence = [source] + [ref.dataset() for ref, _ in images if ref.sop_instance_uid != str(source.SOPInstanceUID)]
     now = dt.datetime.now()
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[source],
+        evidence=evidence,
         content=report,
-        series_instance_uid=_uid("sr-series", sop, result.model_id),
+        series_instance_uid=_uid("sr-series", study_uid, study.model_id),
         series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=_uid("sr", sop, result.model_id),
+        sop_instance_uid=_uid("sr", study_uid, study.model_id, *sops),
         instance_number=1,
         manufacturer=MANUFACTURER,
         is_complete=True,
@@ -244,6 +335,12 @@ def build_sr(source: Dataset, result: ScreeningResult) -> Any:
     sr.ContentTime = now.strftime("%H%M%S")
     sr.SoftwareVersions = __version__
     return sr
+
+
+def build_sr(source: Dataset, result: ScreeningResult) -> Any:
+    """The SR of a study of one image (``source``)."""
+    return build_study_sr(source, result, [(ImageReference.from_dataset(source), result)],
+                          decided_by=str(source.SOPInstanceUID))
 
 
 def build_sc(source: Dataset, rgb: np.ndarray, *, model_id: str = "") -> Any:
@@ -304,3 +401,9 @@ def write_sr(source_path: str | os.PathLike[str], result: ScreeningResult, dest:
 def write_sc(source_path: str | os.PathLike[str], rgb: np.ndarray, dest: str | os.PathLike[str], *,
              model_id: str = "") -> Path:
     return _atomic_save(build_sc(read_source(source_path), rgb, model_id=model_id), Path(dest))
+
+
+def write_study_sr(source_path: str | os.PathLike[str], study: ScreeningResult,
+                   images: list[tuple[ImageReference, ScreeningResult]], dest: str | os.PathLike[str], *,
+                   decided_by: str | None = None) -> Path:
+    return _atomic_save(build_study_sr(read_source(source_path), study, images, decided_by=decided_by), Path(dest))

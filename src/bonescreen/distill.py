@@ -49,6 +49,7 @@ from bonescreen.train import (
     check_trainable,
     classifier_job,
     fit,
+    fit_artifact_ood,
     infer_logits_distributed,
     load_splits,
     make_spec,
@@ -208,6 +209,8 @@ def distill(
         )
         loss = distill_loss_fn(cfg.distill_alpha, cfg.distill_temperature)
         job = classifier_job(task, spec, model, train_ds, preps, loss, card, model_name, n_skipped)
-        return fit(job, out, cfg, env, resume=resume)
+        result = fit(job, out, cfg, env, resume=resume)
+        fit_artifact_ood(result.artifact_path, preps, y, cfg, env)
+        return result
     finally:
         cleanup(env)

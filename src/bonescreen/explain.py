@@ -186,32 +186,30 @@ def explain_paths(
     batch_size: int = 8,
     progress: bool = True,
     clinical: str | os.PathLike[str] | None = None,
+    ood: str = "refuse",
 ) -> dict[str, Any]:
     """Grad-CAM overlay PNGs for every readable (and, with ``gate``, eligible) image.
 
-    ``target`` names the class to explain (default: the positive class);
-    ``explain.csv`` in ``out_dir`` lists each input with its PNG or the reason
-    it has none. A pediatric model is explained towards ``low_bmd`` (lower
-    predicted Z) with each image's age, sex, height and weight, found as in
-    ``screen`` (DICOM header, manifest columns, ``clinical`` CSV); images
-    without them are listed with ``missing_clinical:<names>``.
+    Images are gated, decoded and scored by ``bonescreen.screen.ScreeningEngine``
+    (the same gate, OOD check and reasons as ``screen``). ``target`` names the
+    class to explain (default: the positive class); ``explain.csv`` in
+    ``out_dir`` lists each input with its PNG or the reason it has none. A
+    pediatric model is explained towards ``low_bmd`` (lower predicted Z) with
+    each image's age, sex, height and weight, found as in ``screen`` (DICOM
+    header, manifest columns, ``clinical`` CSV); images without them are listed
+    with ``missing_clinical:<names>``. ``gate=False`` (``--no-gate``) keeps only
+    the image sanity checks and turns the OOD check off: explaining a lateral, a
+    child or an unusual image is then deliberate.
     """
     import csv
 
     from tqdm.auto import tqdm
 
-    from bonescreen.artifact import load_artifact
-    from bonescreen.gate import GatePolicy
-    from bonescreen.screen import (
-        PrepContext,
-        count_inputs,
-        iter_inputs,
-        prepare,
-        safe_name,
-    )
+    from bonescreen.screen import ClinicalTable, ScreeningEngine, count_inputs, iter_inputs, load_models, safe_name
 
-    loaded = load_artifact(model)
-    pediatric = loaded.spec.task == "pediatric"
+    models = load_models(model)
+    loaded = models.main_torch
+    pediatric = models.pediatric
     names = list(loaded.spec.class_names)
     if target is not None and target not in names:
         raise ExplainError(f"class {target!r} is not one of this model's classes {names}")
@@ -223,15 +221,9 @@ def explain_paths(
     overrides = dict(gate_overrides or {})
     if not gate:  # only image sanity: explaining a lateral or a child is allowed on purpose
         overrides["check_scope"] = False
-    if overrides.get("min_size") is None and "min_size" not in (loaded.spec.eligibility or {}):
-        overrides["min_size"] = min(256, loaded.size)  # as in screen: a low-resolution model takes its own size
-    policy = GatePolicy.from_eligibility(loaded.spec.eligibility, **overrides)
-    table = None
-    if pediatric:
-        from bonescreen.screen import ClinicalTable
-
-        table = ClinicalTable(clinical) if clinical is not None else None
-    ctx = PrepContext(policy, (loaded.size,), None, False, None, pediatric=pediatric, clinical=table)
+        ood = "off"
+    table = ClinicalTable(clinical) if (pediatric and clinical is not None) else None
+    engine = ScreeningEngine(models, gate=overrides, ood=ood, clinical=table)
     explainer: Any = PediatricExplainer(loaded) if pediatric else Explainer(loaded)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -246,31 +238,40 @@ def explain_paths(
         def flush() -> None:
             if not batch:
                 return
-            imgs = np.stack([b.images[loaded.size] for b in batch])
-            extra: list[dict[str, Any]] = [{} for _ in batch]
-            if pediatric:
-                from bonescreen.pediatric import predict_pediatric
-                from bonescreen.screen import clinical_raw
+            outputs = engine.infer(batch)
+            rows = engine.decide(outputs)
+            keep = [k for k, r in enumerate(rows) if r.get("reason") != "out_of_distribution" or ood == "flag"]
+            for k, (b, r) in enumerate(zip(batch, rows)):
+                if k not in keep:  # refused by the OOD check: listed with its reason, no map
+                    b.row.update(eligible=False, reason=r["reason"], message=r["message"])
+                    writer.writerow(b.row)
+                    counts["skipped"] += 1
+            sel = [batch[k] for k in keep]
+            if sel:
+                imgs = np.stack([b.images[loaded.size] for b in sel])
+                extra: list[dict[str, Any]] = [{} for _ in sel]
+                if pediatric:
+                    from bonescreen.screen import clinical_raw
 
-                clin = [b.clinical or {} for b in batch]
-                preds = predict_pediatric(loaded, imgs, _frame(clin))
-                probs = preds["prob_low_bmd"].to_numpy(dtype=float)
-                cams = explainer.cams(imgs, clinical_raw(clin))
-                extra = [{"pred_z": float(z), "pred_bmd": float(b), **c}
-                         for z, b, c in zip(preds["pred_z"], preds["pred_bmd"], clin)]
-            else:
-                probs = loaded.predict_proba(imgs)[:, cls]
-                cams = explainer.cams(imgs, cls)
-            for b, img, cam, p, ex in zip(batch, imgs, cams, probs, extra):
-                name = f"{safe_name(b.row['image_id'])}.png"
-                save_png(out / name, overlay(img, cam))
-                writer.writerow({**b.row, **ex, "class": names[cls], "probability": float(p), "overlay": name})
-                counts["explained"] += 1
+                    clin = [b.clinical or {} for b in sel]
+                    preds = outputs.pediatric.iloc[keep]
+                    probs = preds["prob_low_bmd"].to_numpy(dtype=float)
+                    cams = explainer.cams(imgs, clinical_raw(clin))
+                    extra = [{"pred_z": float(z), "pred_bmd": float(bm), **c}
+                             for z, bm, c in zip(preds["pred_z"], preds["pred_bmd"], clin)]
+                else:
+                    probs = np.asarray(outputs.probs_main)[keep][:, cls]
+                    cams = explainer.cams(imgs, cls)
+                for b, img, cam, p, ex in zip(sel, imgs, cams, probs, extra):
+                    name = f"{safe_name(b.row['image_id'])}.png"
+                    save_png(out / name, overlay(img, cam))
+                    writer.writerow({**b.row, **ex, "class": names[cls], "probability": float(p), "overlay": name})
+                    counts["explained"] += 1
             bar.update(len(batch))
             batch.clear()
 
         for item in iter_inputs(inputs, exclude=[out]):
-            prep = prepare(item, ctx)
+            prep = engine.prepare(item)
             if prep.images is None:
                 writer.writerow(prep.row)
                 counts["skipped"] += 1
@@ -282,9 +283,3 @@ def explain_paths(
         flush()
     bar.close()
     return {**counts, "csv": str(out / "explain.csv"), "class": names[cls]}
-
-
-def _frame(rows: Sequence[dict[str, Any]]) -> Any:
-    import pandas as pd
-
-    return pd.DataFrame(rows, columns=["age", "sex", "height_cm", "weight_kg"])

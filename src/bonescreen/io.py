@@ -127,6 +127,16 @@ class ImageMeta:
     photometric: str | None = None
     bits_stored: int | None = None
     transfer_syntax: str | None = None
+    # study level and per-scanner monitoring
+    accession_number: str | None = None
+    sop_class_uid: str | None = None
+    manufacturer_model_name: str | None = None
+    # anatomy: what the header says was imaged (bonescreen.screen.gate.classify_anatomy)
+    anatomic_region_code: str | None = None  # AnatomicRegionSequence[0].CodeValue
+    anatomic_region_meaning: str | None = None  # ... .CodeMeaning
+    study_description: str | None = None
+    series_description: str | None = None
+    protocol_name: str | None = None
 
     @property
     def is_frontal(self) -> bool:
@@ -277,6 +287,7 @@ def _meta_from_dataset(ds: Any, path: str) -> ImageMeta:
         except (TypeError, ValueError):
             continue
     ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    region = _anatomic_region(ds)
 
     def _int(kw: str) -> int | None:
         try:
@@ -306,7 +317,27 @@ def _meta_from_dataset(ds: Any, path: str) -> ImageMeta:
         photometric=_str_or_none(ds.get("PhotometricInterpretation")),
         bits_stored=_int("BitsStored"),
         transfer_syntax=str(ts) if ts else None,
+        accession_number=_str_or_none(ds.get("AccessionNumber")),
+        sop_class_uid=_str_or_none(ds.get("SOPClassUID")),
+        manufacturer_model_name=_str_or_none(ds.get("ManufacturerModelName")),
+        anatomic_region_code=region[0],
+        anatomic_region_meaning=region[1],
+        study_description=_str_or_none(ds.get("StudyDescription")),
+        series_description=_str_or_none(ds.get("SeriesDescription")),
+        protocol_name=_str_or_none(ds.get("ProtocolName")),
     )
+
+
+def _anatomic_region(ds: Any) -> tuple[str | None, str | None]:
+    """(code value, code meaning) of the first AnatomicRegionSequence item; (None, None) if absent."""
+    try:
+        seq = ds.get("AnatomicRegionSequence")
+        item = seq[0] if seq else None
+    except Exception:  # a malformed sequence says nothing usable about the anatomy
+        return None, None
+    if item is None:
+        return None, None
+    return _str_or_none(item.get("CodeValue")), _str_or_none(item.get("CodeMeaning"))
 
 
 # --- format sniffing --------------------------------------------------------
@@ -736,6 +767,11 @@ def _meta_from_row(path: str, source: str, row: Mapping[str, Any] | None, shape:
         photometric="MONOCHROME2",
         bits_stored=16 if mode.startswith("I") else 8,
         transfer_syntax=None,
+        accession_number=_str_or_none(row.get("accession_number")),
+        manufacturer_model_name=_str_or_none(row.get("manufacturer_model_name")),
+        study_description=_str_or_none(row.get("study_description")),
+        series_description=_str_or_none(row.get("series_description")),
+        protocol_name=_str_or_none(row.get("protocol_name")),
     )
 
 

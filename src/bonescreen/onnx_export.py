@@ -1,10 +1,13 @@
 """ONNX export and an onnxruntime predictor with the same interface as ``LoadedModel``.
 
 The exported graph takes the preprocessed image as float32 ``(N, H, W)`` in
-0..255 and returns class probabilities ``(N, C)``: normalisation and softmax
-are inside the graph, so the ONNX file plus its embedded model description
-(``metadata_props``) is all ``screen --backend onnx`` needs. The batch axis is
-dynamic.
+0..255 and returns class probabilities ``(N, C)`` and the penultimate features
+``(N, D)`` (what the out-of-distribution check scores): normalisation and
+softmax are inside the graph, so the ONNX file plus its embedded model
+description (``metadata_props``) is all ``screen --backend onnx`` needs to
+score. The OOD statistics are not embedded (a D×D matrix does not belong in
+metadata): screen the ``.pt`` with ``--backend onnx`` to keep the OOD check.
+The batch axis is dynamic.
 """
 
 from __future__ import annotations
@@ -34,16 +37,18 @@ __all__ = [
     "OnnxModel",
     "export_onnx",
     "load_onnx",
+    "onnx_format_version",
     "quantize_onnx",
 ]
 
 log = logging.getLogger(__name__)
 
 ONNX_FORMAT = "bonescreen-onnx"
-ONNX_FORMAT_VERSION = 1
+ONNX_FORMAT_VERSION = 2  # 2: a second output, the penultimate features
 QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
 INPUT_NAME = "image"
 OUTPUT_NAME = "probs"
+FEATURES_NAME = "features"
 
 
 def _scoring_module(loaded: LoadedModel) -> nn.Module:
@@ -54,15 +59,17 @@ def _scoring_module(loaded: LoadedModel) -> nn.Module:
     std = float(loaded.spec.preprocess["std"])
 
     class ScoringGraph(nn.Module):
-        """uint8-valued float (N, H, W) -> probabilities; mirrors LoadedModel.predict_proba."""
+        """uint8-valued float (N, H, W) -> (probabilities, features); mirrors LoadedModel.predict_with_features."""
 
         def __init__(self, net: nn.Module) -> None:
             super().__init__()
             self.net = net
 
-        def forward(self, image: torch.Tensor) -> torch.Tensor:
+        def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             x = (image.unsqueeze(1) / 255.0 - mean) / std
-            return torch.softmax(self.net(x).float(), dim=1)
+            feats = self.net.forward_features(x)
+            pre = self.net.forward_head(feats, pre_logits=True).float()
+            return torch.softmax(self.net.forward_head(feats).float(), dim=1), pre
 
     return ScoringGraph(loaded.model).eval()
 
@@ -99,14 +106,15 @@ def export_onnx(
                     batch = torch.export.Dim("batch", min=1, max=4096)
                     torch.onnx.export(
                         module, (example,), str(tmp), input_names=[INPUT_NAME],
-                        output_names=[OUTPUT_NAME], dynamic_shapes={"image": {0: batch}},
+                        output_names=[OUTPUT_NAME, FEATURES_NAME], dynamic_shapes={"image": {0: batch}},
                         opset_version=opset, dynamo=True, external_data=False,
                     )
                 else:
                     torch.onnx.export(
                         module, (example,), str(tmp), input_names=[INPUT_NAME],
-                        output_names=[OUTPUT_NAME],
-                        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                        output_names=[OUTPUT_NAME, FEATURES_NAME],
+                        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"},
+                                      FEATURES_NAME: {0: "batch"}},
                         opset_version=min(opset, 17), dynamo=False,
                     )
             break
@@ -121,7 +129,7 @@ def export_onnx(
         "format": ONNX_FORMAT,
         "format_version": str(ONNX_FORMAT_VERSION),
         "bonescreen_version": __version__,
-        "spec": json.dumps(asdict(loaded.spec)),
+        "spec": json.dumps({k: v for k, v in asdict(loaded.spec).items() if k != "ood"}),
         "source_model": source_id or (Path(loaded.path).name if loaded.path else ""),
     }
     del proto.metadata_props[:]
@@ -170,8 +178,30 @@ class OnnxModel:
             x = x[None]
         return self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(x)})[0]
 
+    def predict_with_features(self, images: np.ndarray, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+        x = np.asarray(images, dtype=np.float32)
+        if x.ndim == 2:
+            x = x[None]
+        probs, feats = self.session.run([OUTPUT_NAME, FEATURES_NAME], {INPUT_NAME: np.ascontiguousarray(x)})
+        return probs, feats
+
+    def features(self, images: np.ndarray) -> np.ndarray:
+        return self.predict_with_features(images)[1]
+
     def score(self, images: np.ndarray, device: str = "cpu") -> np.ndarray:
         return self.predict_proba(images)[:, self.spec.positive_class]
+
+
+def onnx_format_version(path: str | os.PathLike[str]) -> str | None:
+    """The bonescreen ONNX format version recorded in a file (None when unreadable or not ours)."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return None
+    meta = {p.key: p.value for p in proto.metadata_props}
+    return meta.get("format_version") if meta.get("format") == ONNX_FORMAT else None
 
 
 def make_session(path: str | os.PathLike[str], threads: int | None = None) -> Any:

@@ -886,6 +886,18 @@ def _fit(job: TrainJob, out_dir: str | Path, cfg: TrainConfig, env: DistEnv, *, 
     )
 
 
+def fit_artifact_ood(artifact_path: Path, preps: dict[str, PreparedImages], train_labels: np.ndarray | None,
+                     cfg: TrainConfig, env: DistEnv) -> None:
+    """The last training step: the OOD part (bonescreen.ood) fitted on the training split's
+    features with its threshold on the tuning split, written into the artifact (rank 0)."""
+    if env.is_main:
+        from bonescreen.ood import attach_ood
+
+        attach_ood(artifact_path, preps["train"].source, train_labels, preps["tune"].source,
+                   quantile=cfg.ood_quantile)
+    barrier(env)
+
+
 def _spec_with_card(spec: ModelSpec, card: dict[str, Any]) -> ModelSpec:
     from dataclasses import replace
 
@@ -1036,6 +1048,8 @@ def train_model(
         card = model_card("supervised", model_name, cfg, pretrained_desc, spec, preps, n_skipped)
         job = classifier_job(task, spec, model, train_ds, preps, supervised_loss(cfg.label_smoothing), card,
                              model_name, n_skipped)
-        return fit(job, out, cfg, env, resume=resume)
+        result = fit(job, out, cfg, env, resume=resume)
+        fit_artifact_ood(result.artifact_path, preps, train_frame["_y"].to_numpy(), cfg, env)
+        return result
     finally:
         cleanup(env)

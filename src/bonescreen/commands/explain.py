@@ -41,7 +41,7 @@ def handler(args: argparse.Namespace) -> int:
     res = explain_paths(
         args.inputs, args.model, args.out, target=args.target, gate=not args.no_gate,
         gate_overrides=gate_overrides(args), batch_size=args.batch_size, progress=not args.no_progress,
-        clinical=args.clinical,
+        clinical=args.clinical, ood=args.ood,
     )
     print(f"{res['explained']} overlay(s) for class {res['class']}, {res['skipped']} skipped; list in {res['csv']}")
     return 0 if res["explained"] else 1

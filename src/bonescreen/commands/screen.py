@@ -21,6 +21,17 @@ def add_gate_arguments(p: argparse.ArgumentParser) -> None:
         "(default: refuse images whose age/view/modality is not recorded)",
     )
     g.add_argument("--min-size", type=int, help="smallest eligible image side in pixels (default 256)")
+    g.add_argument("--require-body-part", action="store_true",
+                   help="refuse images whose header names no imaged region (body_part_unknown); by default "
+                        "they go on to the content checks. Headers naming a non-chest region are always refused "
+                        "(wrong_body_part)")
+    g.add_argument("--no-lung-check", action="store_true",
+                   help="skip the model-free lung-field check (no_lung_fields), e.g. for an archive of "
+                        "cropped or unusual but known chest images")
+    g.add_argument("--ood", choices=["refuse", "flag", "off"], default="refuse",
+                   help="out-of-distribution check on the model's features: refuse images above the model's "
+                        "threshold (default), flag them but still score, or off (explicit opt-out, recorded in "
+                        "run.json and every row; needed for models without an OOD part)")
 
 
 def gate_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -34,6 +45,8 @@ def gate_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "views": split(args.views),
         "allow_unknown": split(args.allow_unknown),
         "min_size": args.min_size,
+        "require_body_part": True if args.require_body_part else None,
+        "lung_fields": False if args.no_lung_check else None,
     }
 
 
@@ -46,7 +59,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
             "recursively; every file gets a row) or a manifest CSV with a 'path' column (and "
             "optional image_id, site, sex, age, view, modality, patient_id). Writes "
             "OUT/results.csv and OUT/results.jsonl (one row per image: score(s), category, flag, "
-            "or the reason it was skipped), OUT/predictions.csv (for `bonescreen evaluate`) and "
+            "or the reason it was skipped), OUT/studies.csv (one row per study: the highest-risk eligible "
+            "image decides), OUT/predictions.csv (for `bonescreen evaluate`) and "
             "OUT/summary.json. Re-running with the same OUT skips images that already have a row. "
             "A pediatric model (BMD Z-score from the image + age, sex, height, weight) gives "
             "category low_bmd (predicted Z <= -2.0) or normal_bmd, score = P(Z <= -2.0) and "
@@ -74,7 +88,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--always-stage2", action="store_true",
                    help="run the stage-2 model also on images stage 1 flags (gives every row a score)")
     p.add_argument("--explain", action="store_true", help="write Grad-CAM overlays to OUT/overlays/")
-    p.add_argument("--dicom-sr", action="store_true", help="write a TID 1500 SR per screened DICOM to OUT/dicom/")
+    p.add_argument("--dicom-sr", action="store_true",
+                   help="write one TID 1500 SR per screened study (referencing every image it used) to OUT/dicom/")
     p.add_argument("--dicom-sc", action="store_true",
                    help="write a secondary-capture DICOM of the Grad-CAM overlay to OUT/dicom/")
     p.add_argument("--site", help="site name recorded in every row (a manifest's site column wins)")
@@ -100,7 +115,7 @@ def handler(args: argparse.Namespace) -> int:
         explain=args.explain, dicom_sr=args.dicom_sr, dicom_sc=args.dicom_sc, site=args.site,
         include_patient_id=args.include_patient_id, pseudonym_key_file=args.pseudonym_key_file, labels=args.labels,
         progress=not args.no_progress, overwrite=args.overwrite, gate=gate_overrides(args),
-        clinical=args.clinical,
+        clinical=args.clinical, ood=args.ood,
     )
     summary = screen(args.inputs, args.model, args.out, stage1=args.stage1, backend=args.backend,
                      threads=args.threads, options=opts)

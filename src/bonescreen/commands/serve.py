@@ -78,10 +78,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--token-file", metavar="FILE", help="file holding a static API token (role token_role)")
     p.add_argument("--max-upload-mb", type=float, help="largest accepted object (default 64)")
     p.add_argument("--min-size", type=int, help="smallest eligible image side in pixels (gate; default 256)")
+    p.add_argument("--ood", choices=["refuse", "flag", "off"],
+                   help="out-of-distribution check, as `screen --ood` (default refuse; off is an explicit opt-out "
+                        "recorded in every result)")
     p.add_argument("--no-explain", dest="explain", action="store_false", default=None,
                    help="no Grad-CAM overlay (faster; the worklist then has no thumbnails)")
     p.add_argument("--no-sr", dest="write_sr", action="store_false", default=None,
-                   help="no DICOM SR per result (nothing to forward)")
+                   help="no DICOM SR per study (nothing to forward)")
     p.add_argument("--batch-size", type=int, help="images per model batch (default 8)")
     p.add_argument("--store-patient-name", action="store_true", default=None,
                    help="keep PatientName for the worklist (default: patient id only)")
@@ -99,7 +102,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 KEYS = ("model", "stage1", "backend", "threads", "data_dir", "db_url", "http_host", "http_port", "dicom_host",
         "dicom_port", "ae_title", "allowed_aes", "allow_any_ae", "dicom_enabled", "http_enabled", "worker_enabled",
         "token_file", "max_upload_mb", "batch_size", "store_patient_name", "keep_images", "forward_cstore",
-        "forward_stow_url", "instance", "debug_worker_delay", "lease_seconds", "explain", "write_sr")
+        "forward_stow_url", "instance", "debug_worker_delay", "lease_seconds", "explain", "write_sr", "ood")
 
 
 def build_config(args: argparse.Namespace) -> Any:

@@ -137,6 +137,7 @@ def train_pediatric(
     from bonescreen.data import ManifestDataset, read_manifest, split_rows
     from bonescreen.distributed import all_gather_object, cleanup, init_distributed
     from bonescreen.models import GRAY_MEAN, GRAY_STD
+    from bonescreen.ood import attach_ood
     from bonescreen.pediatric.data import (
         PediatricDataset,
         clinical_of,
@@ -350,6 +351,9 @@ def train_pediatric(
         card["test_regression"] = {k: v for k, v in regression.items() if k != "per_site"}
         spec = replace(spec, extra=_plain(extra), model_card=_plain(card))
         save_artifact(result.artifact_path, model, spec)
+        # the OOD part (one class: a regression), on the training split, threshold on tuning
+        attach_ood(result.artifact_path, preps["train"].source, None, preps["tune"].source,
+                   quantile=cfg.ood_quantile)
         (out / "model_card.json").write_text(json.dumps(_plain(card), indent=1, default=str))
         return PediatricTrainResult(
             out, result.artifact_path, test_path, tune_path, regression, float(extra["residual_sd_z"]),

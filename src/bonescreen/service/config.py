@@ -116,7 +116,8 @@ class ServiceConfig(BaseSettings):
     threshold_stage1: Probability | None = None
     gate: dict[str, GateValue] = Field(default_factory=dict)  # GatePolicy overrides (min_age, min_size, ...)
     explain: bool = True  # Grad-CAM overlay per screened image (needs the .pt artifact)
-    write_sr: bool = True  # DICOM SR per screened image (what goes back to PACS)
+    write_sr: bool = True  # DICOM SR per screened study (what goes back to PACS)
+    ood: Literal["refuse", "flag", "off"] = "refuse"  # out-of-distribution check (as `screen --ood`)
     # --- storage
     data_dir: str = "bonescreen-data"
     db_url: str | None = Field(default=None, repr=False)  # default sqlite:///<data_dir>/bonescreen.db

@@ -26,7 +26,8 @@ from bonescreen.service.forward import ForwardLoop
 from bonescreen.service.intake import Intake
 from bonescreen.service.scp import StoreSCP
 from bonescreen.service.store import Store
-from bonescreen.service.worker import ScreeningEngine, Worker
+from bonescreen.screen import ScreeningEngine
+from bonescreen.service.worker import Worker
 
 __all__ = ["Service", "quiet_phi_loggers"]
 

@@ -15,12 +15,21 @@ workers never claim the same row.
 
 What is stored about a patient is what the worklist shows: patient id (raw, or
 a keyed pseudonym when so configured), name only when configured, study date,
-sex, age, the score and category. No pixel data and no other header field.
+sex, age, the score and category; per image also the study, series and
+accession number (PACS and the worklist act per study), the SOP class (the
+study's SR references every image by it) and the scanner's manufacturer and
+model name (post-deployment monitoring per scanner). No pixel data and no
+other header field.
+
+The worklist groups results by patient study (:meth:`Store.query_studies`,
+decided by ``bonescreen.screen.decide.rollup_study``, the rule ``screen``'s
+``studies.csv`` uses).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import time
 import uuid
@@ -149,6 +158,16 @@ class Result(Base):
     sr_path: Mapped[str | None] = mapped_column(String(255), nullable=True)
     overlay_path: Mapped[str | None] = mapped_column(String(255), nullable=True)
     sc_path: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    # study level, per-scanner monitoring, the OOD check (bonescreen.schema.RESULT_COLUMNS)
+    series_instance_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    accession_number: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    sop_class_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    manufacturer: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    manufacturer_model_name: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    ood_score: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ood_check: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    # the other score columns the study SR reports per image (score_stage2, p_*, pred_z, pred_bmd)
+    scores_json: Mapped[str | None] = mapped_column(String(500), nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=_utcnow)
     review_status: Mapped[str] = mapped_column(String(16), nullable=False, default="new")
     review_updated_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
@@ -178,6 +197,12 @@ class Result(Base):
             "category": self.category,
             "flag": self.flag,
             "model": self.model,
+            "series_instance_uid": self.series_instance_uid,
+            "accession_number": self.accession_number,
+            "manufacturer": self.manufacturer,
+            "manufacturer_model_name": self.manufacturer_model_name,
+            "ood_score": self.ood_score,
+            "ood_check": self.ood_check,
             "has_sr": bool(self.sr_path),
             "has_overlay": bool(self.overlay_path),
             "created_at": self.created_at.isoformat() + "Z" if self.created_at else None,
@@ -188,6 +213,24 @@ class Result(Base):
             "forward_attempts": self.forward_attempts,
             "forward_error": self.forward_error,
         }
+
+
+    def as_row(self) -> dict[str, Any]:
+        """The result as a screening row (``schema.RESULT_COLUMNS`` names), for the study roll-up and SR."""
+        row: dict[str, Any] = {
+            "image_id": self.sop_instance_uid, "study_instance_uid": self.study_instance_uid,
+            "series_instance_uid": self.series_instance_uid, "sop_class_uid": self.sop_class_uid,
+            "accession_number": self.accession_number, "patient_id": self.patient_id,
+            "study_date": self.study_date.isoformat() if self.study_date else None, "eligible": self.eligible,
+            "reason": self.reason or "", "category": self.category, "flag": self.flag, "score": self.score,
+            "score_stage1": self.score_stage1, "ood_score": self.ood_score, "model": self.model,
+        }
+        if self.scores_json:
+            try:
+                row.update(json.loads(self.scores_json))
+            except ValueError:
+                pass
+        return row
 
 
 class User(Base):
@@ -603,6 +646,50 @@ class Store:
         with self.session() as s:
             return list(s.scalars(q.limit(limit).offset(offset)).all())
 
+    def study_results(self, study_instance_uid: str) -> list[Result]:
+        """Every result of one study, oldest first."""
+        with self.session() as s:
+            return list(s.scalars(select(Result).where(Result.study_instance_uid == study_instance_uid)
+                                  .order_by(Result.id)).all())
+
+    def set_study_sr(self, study_instance_uid: str, sr_path: str) -> None:
+        """Point every result of a study at the study's latest SR (``GET .../sr`` of any of its images)."""
+        with self.session() as s:
+            s.execute(update(Result).where(Result.study_instance_uid == study_instance_uid,
+                                           Result.eligible.is_(True))
+                      .values(sr_path=sr_path).execution_options(synchronize_session=False))
+
+    def query_studies(self, *, limit: int = 200, **filters: Any) -> list[dict[str, Any]]:
+        """One entry per patient study: its roll-up (``screen.decide.rollup_study``) and its images.
+
+        ``filters`` are :meth:`query_results`'s; a study is listed when any of its images
+        matches, and then shows all of its images. Flagged studies first, then by score.
+        """
+        from bonescreen.screen.decide import rollup_study
+
+        hits = self.query_results(limit=max(limit * 4, limit), **filters)
+        keys: list[str] = []
+        for r in hits:
+            key = r.study_instance_uid or f"image:{r.sop_instance_uid}"
+            if key not in keys:
+                keys.append(key)
+        studies = []
+        for key in keys[:limit]:
+            results = (self.study_results(key) if not key.startswith("image:")
+                       else [r for r in hits if r.sop_instance_uid == key[6:]])
+            images = sorted(results, key=lambda r: (not r.flag, -(r.score if r.score is not None else -1.0)))
+            roll = rollup_study([r.as_row() for r in results])
+            first = results[0]
+            studies.append({
+                "study_instance_uid": first.study_instance_uid, "accession_number": first.accession_number,
+                "patient_id": first.patient_id, "patient_name": first.patient_name,
+                "study_date": first.study_date.isoformat() if first.study_date else None,
+                "sex": first.sex, "age": first.age, **roll,
+                "review_status": _study_review(results), "images": [r.as_dict() for r in images],
+            })
+        studies.sort(key=lambda st: (not st["flag"], -(st["score"] if st["score"] is not None else -1.0)))
+        return studies
+
     def set_review(self, sop_instance_uid: str, status: str, who: str | None = None) -> Result | None:
         if status not in REVIEW_STATUSES:
             raise StoreError(f"review status must be one of {', '.join(REVIEW_STATUSES)}; got {status!r}")
@@ -823,3 +910,9 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _study_review(results: Sequence[Result]) -> str:
+    """A study's review status: the furthest any of its images got (dxa_ordered > acknowledged > new)."""
+    order = {k: i for i, k in enumerate(REVIEW_STATUSES)}
+    return max((r.review_status for r in results), key=lambda v: order.get(v, 0), default="new")

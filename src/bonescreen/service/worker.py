@@ -1,9 +1,14 @@
 """The worker: claims queued images, screens them with the loaded model(s), stores one result each.
 
-Screening itself is ``bonescreen.screen`` (gate, decode, preprocess,
-cascade decision), ``bonescreen.explain`` (Grad-CAM) and
-``bonescreen.dicom_out`` (SR, secondary capture); this module only runs them
-over spooled files and writes what the worklist needs.
+Screening itself is ``bonescreen.screen.ScreeningEngine``: the gate, the OOD
+check, decoding, preprocessing, the cascade and the decision are exactly
+``bonescreen screen``'s (one engine; tested to give identical decisions),
+Grad-CAM is the engine's, and the study SR is ``bonescreen.screen.outputs``'s.
+This module only runs the engine over spooled files and writes what the
+worklist needs: per image an overlay (and secondary capture when forwarding),
+per **study** one SR referencing every eligible image received so far (rebuilt
+when another image of the study arrives; a new SR instance per version, so a
+PACS keeps the latest).
 
 Pediatric models screen children the same way: height and weight come from
 the DICOM header (PatientSize in metres, PatientWeight in kg); an image
@@ -22,6 +27,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import hashlib
+import json
 import logging
 import os
 import socket
@@ -35,14 +41,17 @@ from typing import Any
 import numpy as np
 
 from bonescreen.pseudonym import Pseudonymiser
+from bonescreen.screen import ScreeningEngine
 from bonescreen.service.config import ServiceConfig
 from bonescreen.service.store import ClaimedJob, Store
 
-__all__ = ["Screened", "ScreeningEngine", "Worker", "WorkerStats", "service_pseudonymiser"]
+__all__ = ["Screened", "Worker", "WorkerStats", "engine_for", "screen_files", "service_pseudonymiser"]
 
 log = logging.getLogger(__name__)
 
 MESSAGE_MAX = 500
+#: Row columns kept in ``Result.scores_json`` (the study SR reports them per image).
+SR_SCORE_KEYS = ("score_stage2", "p_normal", "p_low_bone_mass", "p_osteoporosis", "pred_z", "pred_bmd")
 
 
 @dataclass
@@ -51,132 +60,68 @@ class Screened:
 
     row: dict[str, Any]
     overlay_rgb: np.ndarray | None = None
-    files: dict[str, str] = field(default_factory=dict)  # "sr" / "overlay" / "sc" -> relative path
+    files: dict[str, str] = field(default_factory=dict)  # "overlay" / "sc" -> relative path
 
 
-class ScreeningEngine:
-    """Loaded model(s) + gate policy + thresholds + Grad-CAM, applied to DICOM files on disk."""
+def engine_for(config: ServiceConfig) -> ScreeningEngine:
+    """The service's engine: ``screen``'s, with the configuration's models, thresholds, gate and OOD policy."""
+    return ScreeningEngine.from_paths(
+        config.model, config.stage1, backend=config.backend, threads=config.threads,
+        cache_dir=config.data_path / ".onnx", threshold=config.threshold, threshold_stage1=config.threshold_stage1,
+        gate=config.gate, ood=config.ood, explain=config.explain and config.backend != "onnx",
+        include_patient_id=True,  # the worker reads and (optionally) pseudonymises the id itself
+    )
 
-    def __init__(self, config: ServiceConfig) -> None:
-        from bonescreen.gate import GatePolicy
-        from bonescreen.screen import load_models
 
-        self.config = config
-        self.models = load_models(config.model, config.stage1, backend=config.backend, threads=config.threads,
-                                  cache_dir=config.data_path / ".onnx")
-        spec = self.models.main.spec
-        self.policy = GatePolicy.from_eligibility(spec.eligibility, **(config.gate or {}))
-        self.t2 = float(config.threshold if config.threshold is not None else spec.threshold)
-        s1 = self.models.stage1
-        self.t1 = float(config.threshold_stage1 if config.threshold_stage1 is not None else
-                        (s1.spec.threshold if s1 is not None else 0.5))
-        self.explainers: dict[str, Any] = {}
-        if config.explain and self.models.main_torch is not None:
-            from bonescreen.explain import Explainer, PediatricExplainer
+def screen_files(engine: ScreeningEngine, config: ServiceConfig, paths: list[Path], out_dir: Path,
+                 names: list[str]) -> list[Screened]:
+    """Screen a batch of DICOM files; never raises for one bad file (its row carries the reason).
 
-            self.explainers["main"] = (PediatricExplainer if self.models.pediatric else Explainer)(
-                self.models.main_torch)
-            if self.models.stage1_torch is not None:
-                self.explainers["stage1"] = Explainer(self.models.stage1_torch)
-
-    @property
-    def model_id(self) -> str:
-        return str(self.models.main_id)
-
-    def _prepare(self, path: Path) -> Any:
-        """Gate, decode, preprocess one file -> ``screen.Prepared`` (row + images, or a skip row)."""
-        from bonescreen.screen import InputItem, PrepContext, prepare
-
-        ctx = PrepContext(self.policy, tuple(self.models.sizes), None, True, None, pediatric=self.models.pediatric)
-        return prepare(InputItem(str(path)), ctx)
-
-    def screen_files(self, paths: list[Path], out_dir: Path, names: list[str]) -> list[Screened]:
-        """Screen a batch of DICOM files; never raises for one bad file (its row carries the reason).
-
-        ``names`` are file stems for the outputs (hashes; no patient data in file names).
-        """
-        from bonescreen.screen import predict_batch
-
-        preps = [self._prepare(p) for p in paths]
-        out = [Screened(dict(p.row)) for p in preps]
-        ok = [i for i, p in enumerate(preps) if p.images is not None]
-        if ok:
-            try:
-                imgs = {s: np.stack([preps[i].images[s] for i in ok]) for s in self.models.sizes}
-                clinical = [preps[i].clinical or {} for i in ok] if self.models.pediatric else None
-                decided = predict_batch(self.models, imgs, threshold=self.t2, threshold_stage1=self.t1,
-                                        clinical=clinical)
-            except Exception as exc:  # a model failure must not lose the batch: record it per image
-                log.exception("model failed on a batch of %d", len(ok))
-                for i in ok:
-                    out[i].row.update(eligible=False, reason="model_error", message=f"{type(exc).__name__}: {exc}")
-                ok = []
-            else:
-                for i, d in zip(ok, decided):
-                    out[i].row.update(d)
-                    if out[i].row.get("pred_z") is not None:
-                        _note(out[i].row, f"predicted Z-score {out[i].row['pred_z']:.2f}, "
-                                          f"BMD {out[i].row['pred_bmd']:.3f} g/cm2")
-                ok = [i for i in ok if out[i].row.get("eligible")]  # a pediatric model may refuse a row
-        for i in ok:
-            out[i].row["model"] = self.model_id
-        if ok and self.explainers:
-            self._explain([preps[i] for i in ok], [out[i] for i in ok])
-        for i in ok:
-            self._write_outputs(paths[i], out[i], out_dir, names[i])
-        return out
-
-    def _explain(self, preps: list[Any], outs: list[Screened]) -> None:
-        from bonescreen.explain import overlay
-
-        groups: dict[str, list[int]] = {}
-        for j, o in enumerate(outs):
-            key = "stage1" if o.row.get("category") == "osteoporosis" and "stage1" in self.explainers else "main"
-            groups.setdefault(key, []).append(j)
-        for key, idx in groups.items():
-            ex = self.explainers[key]
-            size = int(ex.loaded.size)
-            imgs = np.stack([preps[j].images[size] for j in idx])
-            classes: Any = None
-            if self.models.pediatric:
-                from bonescreen.screen import clinical_raw
-
-                classes = clinical_raw([preps[j].clinical or {} for j in idx])  # clinical rows held fixed
-            elif key == "main" and self.models.mode == "three_class":
-                classes = [ex.loaded.spec.class_names.index(outs[j].row["category"]) for j in idx]
-            try:
-                cams = ex.cams(imgs, classes)
-            except Exception as exc:  # the score stands without its picture
-                log.warning("Grad-CAM failed on %d image(s): %s", len(idx), type(exc).__name__)
-                continue
-            for k, j in enumerate(idx):
-                outs[j].overlay_rgb = overlay(imgs[k], cams[k])
-
-    def _write_outputs(self, src: Path, s: Screened, out_dir: Path, name: str) -> None:
-        from bonescreen.dicom_out import ScreeningResult, write_sc, write_sr
-        from bonescreen.explain import save_png
-
-        sub = Path("results") / name[:2]
-        if s.overlay_rgb is not None:
-            rel = sub / f"{name}.overlay.png"
-            save_png(out_dir / rel, s.overlay_rgb)
-            s.files["overlay"] = str(rel)
-            if self.config.forward_overlay and (self.config.forward_cstore or self.config.forward_stow_url):
-                rel = sub / f"{name}.SC.dcm"
-                try:
-                    write_sc(src, s.overlay_rgb, out_dir / rel, model_id=self.model_id)
-                    s.files["sc"] = str(rel)
-                except Exception as exc:
-                    _note(s.row, f"secondary capture not written ({type(exc).__name__})")
-        if not self.config.write_sr:
-            return
-        rel = sub / f"{name}.SR.dcm"
+    ``names`` are file stems for the outputs (hashes; no patient data in file names).
+    """
+    preps = [engine.prepare(p) for p in paths]
+    out = [Screened(p.row) for p in preps]
+    ok = [i for i, p in enumerate(preps) if p.images is not None]
+    if ok:
         try:
-            result = ScreeningResult.from_row(s.row, self.models, threshold=self.t2, threshold_stage1=self.t1)
-            write_sr(src, result, out_dir / rel)
-            s.files["sr"] = str(rel)
+            engine.run_batch([preps[i] for i in ok])
+        except Exception as exc:  # a model failure must not lose the batch: record it per image
+            log.exception("model failed on a batch of %d", len(ok))
+            for i in ok:
+                out[i].row.update(eligible=False, reason="model_error", message=f"{type(exc).__name__}: {exc}")
+            ok = []
+        else:
+            for i in ok:
+                if out[i].row.get("pred_z") is not None and out[i].row.get("eligible"):
+                    _note(out[i].row, f"predicted Z-score {out[i].row['pred_z']:.2f}, "
+                                      f"BMD {out[i].row['pred_bmd']:.3f} g/cm2")
+            ok = [i for i in ok if out[i].row.get("eligible")]  # refused by the OOD check or the model
+    if ok and engine.explainers:
+        for i, rgb in zip(ok, engine.overlays([preps[i] for i in ok])):
+            out[i].overlay_rgb = rgb
+    for i in ok:
+        _write_image_outputs(engine, config, paths[i], out[i], out_dir, names[i])
+    return out
+
+
+def _write_image_outputs(engine: ScreeningEngine, config: ServiceConfig, src: Path, s: Screened, out_dir: Path,
+                         name: str) -> None:
+    from bonescreen.dicom_out import write_sc
+    from bonescreen.explain import save_png
+
+    if s.overlay_rgb is None:
+        return
+    sub = Path("results") / name[:2]
+    rel = sub / f"{name}.overlay.png"
+    save_png(out_dir / rel, s.overlay_rgb)
+    s.files["overlay"] = str(rel)
+    if config.forward_overlay and (config.forward_cstore or config.forward_stow_url):
+        rel = sub / f"{name}.SC.dcm"
+        try:
+            write_sc(src, s.overlay_rgb, out_dir / rel, model_id=engine.model_id)
+            s.files["sc"] = str(rel)
         except Exception as exc:
-            _note(s.row, f"SR not written ({type(exc).__name__}: {exc})")
+            _note(s.row, f"secondary capture not written ({type(exc).__name__})")
 
 
 def _note(row: dict[str, Any], text: str) -> None:
@@ -225,7 +170,7 @@ class Worker:
 
     def start(self) -> None:
         if self.engine is None:
-            self.engine = ScreeningEngine(self.config)
+            self.engine = engine_for(self.config)
         n = self.store.requeue_stale(self.instance)
         if n:
             log.info("re-queued %d job(s) left in processing by an earlier run", n)
@@ -294,15 +239,42 @@ class Worker:
             return
         paths = [self.data_dir / j.spool_path for j in todo]
         names = [hashlib.sha256(j.sop_instance_uid.encode()).hexdigest()[:40] for j in todo]
-        results = self.engine.screen_files(paths, self.data_dir, names)
+        results = screen_files(self.engine, self.config, paths, self.data_dir, names)
         for job, path, res in zip(todo, paths, results):
             fields = self._result_fields(job, path, res)
-            self.store.complete(job.id, self.worker_id, fields, forward=self.forward)
+            study = fields.get("study_instance_uid")
+            if self.config.write_sr and fields["eligible"] and study:
+                fields["sr_path"] = self._study_sr(study, path, fields)
+            done = self.store.complete(job.id, self.worker_id, fields, forward=self.forward)
+            if done and fields.get("sr_path"):
+                self.store.set_study_sr(study, fields["sr_path"])
             log.info("job %d: %s", job.id, fields.get("category") or f"skipped ({fields.get('reason')})")
         self.stats.images += len(todo)
         self.stats.batches += 1
         self.stats.seconds += time.perf_counter() - t0
         self.stats.last_batch_at = time.time()
+
+    def _study_sr(self, study_uid: str, path: Path, fields: dict[str, Any]) -> str | None:
+        """The study's SR over its eligible results so far plus this one; relative path, or None."""
+        from bonescreen.screen.outputs import safe_name, sr_facts, study_result, write_study_sr
+        from bonescreen.service.store import Result
+
+        assert self.engine is not None
+        rows = [r.as_row() for r in self.store.study_results(study_uid) if r.sop_instance_uid != fields[
+            "sop_instance_uid"]]
+        rows.append(Result(**{k: v for k, v in fields.items() if k in Result.__table__.columns}).as_row())
+        study = study_result(rows)
+        if not study["eligible"]:
+            return None
+        name = hashlib.sha256(study_uid.encode()).hexdigest()[:40]
+        rel = Path("results") / name[:2] / f"{safe_name(name)}.study.SR.dcm"
+        try:
+            write_study_sr(rows, study, str(path), self.data_dir / rel, sr_facts(self.engine), self.engine.models.mode)
+        except Exception as exc:
+            _note(fields, f"SR not written ({type(exc).__name__}: {exc})")
+            fields["message"] = str(fields["message"])[:MESSAGE_MAX]
+            return None
+        return str(rel)
 
     def _result_fields(self, job: ClaimedJob, path: Path, res: Screened) -> dict[str, Any]:
         row = res.row
@@ -334,9 +306,17 @@ class Worker:
             "category": row.get("category"),
             "flag": bool(row.get("flag")),
             "model": row.get("model") or (self.engine.model_id if self.engine else None),
-            "sr_path": res.files.get("sr"),
+            "sr_path": None,
             "overlay_path": res.files.get("overlay"),
             "sc_path": res.files.get("sc"),
+            "series_instance_uid": row.get("series_instance_uid"),
+            "accession_number": _clip(row.get("accession_number"), 64),
+            "sop_class_uid": row.get("sop_class_uid"),
+            "manufacturer": _clip(row.get("manufacturer"), 64),
+            "manufacturer_model_name": _clip(row.get("manufacturer_model_name"), 64),
+            "ood_score": row.get("ood_score"),
+            "ood_check": row.get("ood_check"),
+            "scores_json": json.dumps({k: row[k] for k in SR_SCORE_KEYS if row.get(k) is not None}) or None,
         }
 
     def clean_spool(self) -> int:
@@ -351,6 +331,10 @@ class Worker:
             self.store.clear_spool_path(job_id)
             n += 1
         return n
+
+
+def _clip(value: Any, n: int) -> str | None:
+    return str(value)[:n] if value else None
 
 
 def service_pseudonymiser(config: ServiceConfig) -> Pseudonymiser:

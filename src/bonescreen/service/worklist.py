@@ -1,4 +1,11 @@
-"""The worklist page: flagged patients first, thumbnails with Grad-CAM, filters, review status; sign-in; audit.
+"""The worklist page: one row per patient study (flagged first), its images inside, filters, review status;
+sign-in; audit.
+
+A study's row shows the result of the image that decides it (the rule of
+``screen``'s studies.csv: ``bonescreen.screen.decide.rollup_study``) with that
+image's Grad-CAM thumbnail; the images of the study (screened or skipped, with
+the reason) are listed inside the row. The review status is per study: setting
+it sets every image of the study.
 
 Server-rendered (Jinja2, autoescaped) so it works without a front-end build;
 a few lines of inline JavaScript set the review status through the API,
@@ -128,8 +135,8 @@ def add_worklist_routes(app: FastAPI, service: Service) -> None:
         cat = category if category in CATEGORY_LABELS else None
         rev = review_status if review_status in REVIEW_STATUSES else None
         show = show if show in ("screened", "flagged", "all", "dead_letter") else "screened"
-        rows = await run_in_threadpool(
-            lambda: service.store.query_results(
+        studies = await run_in_threadpool(
+            lambda: service.store.query_studies(
                 category=cat, review_status=rev, date_from=d0, date_to=d1,
                 flagged=True if show == "flagged" else None,
                 eligible=None if show in ("all", "dead_letter") else True,
@@ -140,7 +147,7 @@ def add_worklist_routes(app: FastAPI, service: Service) -> None:
         pending = sum(v for k, v in counts["jobs"].items() if k in ("pending", "processing"))
         html = render(
             "worklist.html",
-            rows=[r.as_dict() for r in rows],
+            studies=studies,
             filters={"date_from": d0.isoformat() if d0 else "", "date_to": d1.isoformat() if d1 else "",
                      "category": cat or "", "review_status": rev or "", "show": show},
             categories=CATEGORY_LABELS, reviews=REVIEW_LABELS, pending=pending,
