@@ -152,8 +152,10 @@ def test_worklist_in_chromium(server: tuple[str, Service], page: Any) -> None:
     assert row.locator(".saved").inner_text() == "saved"
     stored = svc.store.get_result("1.2.826.0.1.77.3")
     assert stored is not None and stored.review_status == "dxa_ordered" and stored.reviewed_by == USER
-    assert [(e.actor, e.action, e.target) for e in svc.store.audit_events(action="review")] == [
-        (USER, "review", "1.2.826.0.1.77.3")]
+    events = [(e.actor, e.action, e.target) for e in svc.store.audit_events(action="review")]  # newest first
+    assert events[0] == (USER, "review", "1.2.826.0.1.77.3")
+    # the study review before it: one audited review per image of PAT-B's study
+    assert sorted(events[1:]) == [(USER, "review", f"1.2.826.0.1.77.{k}") for k in (2, 6, 7)]
     page.reload()
     assert page.locator('tr.row[data-sop="1.2.826.0.1.77.3"] select.review').input_value() == "dxa_ordered"
     page.goto(f"{base}/worklist?review_status=dxa_ordered")

@@ -294,7 +294,7 @@ class ServiceConfig(BaseSettings):
         if self.gate:
             import dataclasses
 
-            from bonescreen.gate import GatePolicy
+            from bonescreen.screen.gate import GatePolicy
 
             known = {f.name for f in dataclasses.fields(GatePolicy)}
             unknown = sorted(set(self.gate) - known)
