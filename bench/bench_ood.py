@@ -380,11 +380,11 @@ def run(model: Path, manifest: Path, cache: Path, phantom: Path, work: Path, qua
     loaded = load_artifact(model)
     size = loaded.size
     frame = task_labels(read_manifest(manifest), str(loaded.spec.task))
+    dev_site = frame.loc[frame["split"] == "train", "site"].astype(str).mode().iloc[0]
     if extra_train is not None:  # what a distilled student also trained on: the proxy-labelled pool
         extra = task_labels(read_manifest(extra_train), str(loaded.spec.task))
         extra["split"] = "train"
         frame = pd.concat([frame, extra], ignore_index=True, sort=False)
-    dev_site = frame.loc[frame["split"] == "train", "site"].astype(str).mode().iloc[0]
     frame_test = frame.loc[(frame["split"] != "test") | (frame["site"].astype(str) == dev_site)]
     prep = {s: prepare_images(split_rows(frame_test, s), cache, size, progress=False)
             for s in ("train", "tune", "test")}
@@ -395,6 +395,7 @@ def run(model: Path, manifest: Path, cache: Path, phantom: Path, work: Path, qua
     f_te, l_te = _features_logits(loaded, imgs["test"])
     tune_scores = cand.scores(f_tu, l_tu)
     test_scores = cand.scores(f_te, l_te)
+    ref_scores: dict[str, Any] = dict(tune_scores)  # what each candidate's threshold is a quantile of
     # the product's threshold rule (bonescreen.ood.fit_ood): the larger of the tuning quantile and the
     # aug_quantile of acquisition-augmented tuning copies; swept here to choose aug_quantile on the dev half
     from bonescreen.ood import DEFAULT_AUGMENT_COPIES, _Arrays, _Augmented
@@ -445,7 +446,7 @@ def run(model: Path, manifest: Path, cache: Path, phantom: Path, work: Path, qua
             d["product"] = stored.score(f)
     for d, f in ((b_scores, fb), (e_scores, fe), (tune_scores, f_tu), (test_scores, f_te)):
         d["mahalanobis_augthr"] = d["mahalanobis"]
-        ref_scores["product"] = None
+        ref_scores["product"] = None  # its threshold is stored: ratio 1.0
     lung_b = np.array([lung_fields_present(x) for x in b_imgs], bool)
     lung_e = np.array([lung_fields_present(x) for x in e_imgs], bool)
     lung_tune = np.array([lung_fields_present(x) for x in imgs["tune"]], bool)
@@ -468,8 +469,8 @@ def run(model: Path, manifest: Path, cache: Path, phantom: Path, work: Path, qua
         },
         "candidates": {},
     }
-    grid = [(name, q, float(np.quantile(ref_scores[name], q))) for name in tune_scores if ref_scores.get(name)
-            is not None for q in quantiles]
+    grid = [(name, q, float(np.quantile(ref_scores[name], q))) for name in tune_scores
+            if ref_scores.get(name) is not None and name != "mahalanobis_augthr" for q in quantiles]
     tune_thr = float(np.quantile(tune_scores["mahalanobis"], 0.995))
     grid += [("mahalanobis_augthr", aq, max(tune_thr, float(np.quantile(aug_ref, aq))))
              for aq in (0.8, 0.85, 0.9, 0.95, 0.97)]
