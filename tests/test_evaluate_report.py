@@ -63,10 +63,10 @@ def test_report_folder_contents(full_report: tuple) -> None:
     for name in ("report.html", "metrics.json", "table1.csv", "table2.csv", "table3.csv", "delong.csv",
                  "operating_points.csv", "severity.csv", "flow.csv", "metrics_long.csv"):
         assert (out / name).is_file(), name
-    for fig in ("roc", "pr", "calibration", "severity", "flow"):
+    for fig in ("roc", "pr", "calibration", "severity", "flow", "decision"):
         assert (out / "figures" / f"{fig}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     html = (out / "report.html").read_text(encoding="utf-8")
-    assert html.count("src=\"data:image/png;base64,") == 5  # every figure embedded
+    assert html.count("src=\"data:image/png;base64,") == len(rep.figures) == 6  # every figure embedded
     assert "src=\"http" not in html and "<script" not in html  # self-contained
     for caption in ("Table 1", "Table 2 Performance of teacher", "Table 2 Performance of student",
                     "Table 3 Performance of teacher", "Figure 1", "Figure 2", "DeLong", "Oracle AUC"):

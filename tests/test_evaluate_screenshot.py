@@ -49,4 +49,4 @@ def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
     assert _colour_pixels(img, (0xFF, 0xF4, 0xF0), tol=3) > 500
     # every figure is in the page as an image (a figure chromium cannot decode shows an icon instead)
     html = files["report.html"].read_text(encoding="utf-8")
-    assert html.count('<figure id="fig-') == 5
+    assert html.count('<figure id="fig-') == 6  # roc, pr, calibration, severity, flow, decision

@@ -479,3 +479,23 @@ def test_evaluate_cli_regression_and_classification(run: dict[str, Path]) -> Non
     assert (out / "bland_altman_z.png").is_file()
     metrics = json.loads((out / "classification" / "metrics.json").read_text())
     assert metrics  # the standard report ran on score = P(Z <= -2)
+
+
+def test_agreement_cis_resample_children_not_images() -> None:
+    """Two images per child carry one child's information: the patient bootstrap says so, the image one does not."""
+    from bonescreen.pediatric.metrics import agreement
+
+    rng = np.random.default_rng(3)
+    z = rng.normal(-1, 1.5, 60)
+    err = rng.normal(0, 0.8, 60)
+    t = np.repeat(z, 2)
+    p = np.repeat(z + err, 2) + rng.normal(0, 0.01, 120)
+    kids = np.repeat(np.arange(60), 2)
+    by_child = agreement(t, p, groups=kids, n_boot=400, seed=0)
+    by_image = agreement(t, p, n_boot=400, seed=0)
+    assert by_child["bootstrap"]["unit"] == "patient" and by_child["bootstrap"]["n_units"] == 60
+    assert by_image["bootstrap"]["unit"] == "image"
+    width = {k: a["mae"]["hi"] - a["mae"]["lo"] for k, a in (("child", by_child), ("image", by_image))}
+    assert width["child"] > 1.2 * width["image"]  # ~sqrt(2) wider: 60 children, not 120 independent images
+    assert by_child["pearson_r"]["method"] == "patient bootstrap"
+    assert by_child["mae"]["value"] == pytest.approx(np.mean(np.abs(p - t)))

@@ -253,6 +253,14 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def _score_histogram(probs: np.ndarray, task: str) -> dict[str, Any]:
+    """Histogram of the tuning split's ``score`` (as ``predictions_frame`` defines it) for the model card."""
+    from bonescreen.evaluate.metrics import score_histogram
+
+    scores = 1.0 - probs[:, 0] if task == "three_class" else probs[:, 1]
+    return {**score_histogram(scores), "split": "tune", "n": int(len(scores))}
+
+
 def predictions_frame(
     frame: pd.DataFrame,
     probs: np.ndarray,
@@ -775,6 +783,7 @@ def _fit(job: TrainJob, out_dir: str | Path, cfg: TrainConfig, env: DistEnv, *, 
             "seconds": round(seconds, 3),
             "images_per_s": seen_total / seconds if seconds > 0 else float("nan"),
         }
+        tune_hist = None
         if job.evaluate_fn is not None:
             m, score = job.evaluate_fn(model, env)
             record.update(_plain(dict(m)))
@@ -786,11 +795,13 @@ def _fit(job: TrainJob, out_dir: str | Path, cfg: TrainConfig, env: DistEnv, *, 
             m = classification_metrics(job.tune_ds.labels, logits)
             record.update({f"tune_{k}": v for k, v in m.items()})
             score = _selection_score(m)
+            tune_hist = _score_histogram(_softmax(logits), job.task)
         else:
             score = -record["train_loss"]
         improved = broadcast_object(best is None or score > best["score"], env)
         if improved:
-            best = {"score": float(score), "epoch": epoch + 1, "step": global_step, "metrics": _plain(record)}
+            best = {"score": float(score), "epoch": epoch + 1, "step": global_step, "metrics": _plain(record),
+                    "tune_score_histogram": tune_hist}
             bad_epochs = 0
             save_best(_plain(record))
         elif not partial:
@@ -851,6 +862,8 @@ def _fit(job: TrainJob, out_dir: str | Path, cfg: TrainConfig, env: DistEnv, *, 
         model.load_state_dict(payload["state_dict"])
     card = dict(job.model_card)
     card["tune_metrics"] = best["metrics"] if best else {}
+    # the reference for score drift after deployment (`bonescreen monitor`, PSI)
+    card["tune_score_histogram"] = best.get("tune_score_histogram") if best else None
     card["best_epoch"] = best["epoch"] if best else None
     card["epochs_run"] = len([h for h in history if not h["partial"]])
     card["global_step"] = global_step

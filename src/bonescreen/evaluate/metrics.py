@@ -318,12 +318,17 @@ def bootstrap_weights(
     n_boot: int = 1000,
     seed: int = 0,
     max_tries: int = 20,
+    *,
+    require_both_classes: bool = True,
 ) -> BootstrapWeights:
     """Draw ``n_boot`` resamples that each hold both classes.
 
     A resample with a single class (AUC undefined) is discarded and drawn again
     from the same seeded generator; how many were redrawn is recorded. After
     ``max_tries * n_boot`` draws we stop and record the shortfall.
+    ``require_both_classes=False`` keeps every resample: the cluster bootstrap of
+    statistics that need no two classes (MAE, ICC, r, per-class rates), where
+    ``labels`` only gives the number of rows.
     """
     y = np.asarray(labels).astype(bool)
     n = y.size
@@ -349,7 +354,7 @@ def bootstrap_weights(
         w = counts[:, unit_of_image].astype(float)
         w1 = w @ pos
         w0 = w.sum(axis=1) - w1
-        ok = (w1 > 0) & (w0 > 0)
+        ok = (w1 > 0) & (w0 > 0) if require_both_classes else np.ones(batch, dtype=bool)
         drawn += batch
         redrawn += int(batch - ok.sum())
         kept.append(w[ok])
@@ -534,3 +539,40 @@ def evaluate_binary(
         estimates=ests, average_precision=average_precision(y, s), brier=brier(y, s),
         calibration=calibration(y, s), bootstrap=binfo, notes=notes,
     )
+
+
+# --------------------------------------------------------------------------
+# Score distributions and drift (model card, monitoring)
+# --------------------------------------------------------------------------
+PSI_BINS = 10
+
+
+def score_histogram(scores: ArrayLike, n_bins: int = PSI_BINS) -> dict[str, list[float] | list[int]]:
+    """Counts of scores in ``n_bins`` equal-width bins on [0, 1] (the last bin closed).
+
+    Equal-width rather than reference-quantile bins so that a histogram stored in a
+    model card years ago and one computed today share their edges exactly.
+    """
+    s = np.asarray(scores, dtype=float)
+    s = s[np.isfinite(s)]
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    counts, _ = np.histogram(np.clip(s, 0.0, 1.0), bins=edges)
+    return {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts]}
+
+
+def population_stability_index(expected: ArrayLike, actual: ArrayLike, eps: float = 1e-4) -> float:
+    """PSI = Σ (a − e) · ln(a / e) over bins, from two count (or share) vectors on the same bins.
+
+    Empty bins get the share ``eps`` so the logarithm stays finite (the usual
+    convention). Rules of thumb: < 0.1 stable, 0.1–0.25 a moderate shift, > 0.25 a
+    major one. NaN when either side has no counts.
+    """
+    e = np.asarray(expected, dtype=float)
+    a = np.asarray(actual, dtype=float)
+    if e.shape != a.shape:
+        raise ValueError(f"PSI needs the same bins on both sides, got {e.shape} and {a.shape}")
+    if e.sum() <= 0 or a.sum() <= 0:
+        return math.nan
+    e = np.maximum(e / e.sum(), eps)
+    a = np.maximum(a / a.sum(), eps)
+    return float(np.sum((a - e) * np.log(a / e)))

@@ -199,3 +199,35 @@ def flow_figure(flows: Mapping[str, Sequence[Mapping[str, Any]]]) -> bytes:
                 ax.text(5.7, y + 0.6, txt, ha="left", va="center", fontsize=7, bbox=xbox)
     fig.suptitle("Figure 1. Cohort flow", fontsize=11)
     return _png(fig)
+
+
+def decision_figure(panels: Mapping[str, Sequence[Any]]) -> bytes:
+    """Decision curves: net benefit vs threshold probability, one panel per site.
+
+    ``panels``: site -> list of ``evaluate.decision.DecisionCurve`` (one per model); the
+    reference strategies (refer all / none / the age-sex rule) are drawn once per panel.
+    """
+    plt, fig, axes = _grid(len(panels))
+    refs = {"refer all": ("0.45", "--"), "refer none": ("0.2", ":")}
+    for ax, (site, curves) in zip(axes, panels.items()):
+        top = 0.0
+        for i, dc in enumerate(curves):
+            th = np.asarray(dc.thresholds)
+            for name, nb in dc.strategies.items():
+                if name in refs or name == dc.rule:
+                    continue
+                ax.plot(th, nb, color=f"C{i}", lw=1.6, label=name)
+                top = max(top, float(np.nanmax(nb)))
+        if curves:
+            dc = curves[0]
+            th = np.asarray(dc.thresholds)
+            for name, (color, ls) in refs.items():
+                ax.plot(th, dc.strategies[name], color=color, ls=ls, lw=1.0, label=name)
+            if dc.rule:
+                ax.plot(th, dc.strategies[dc.rule], color="C3", ls="-.", lw=1.2, label=dc.rule)
+            top = max(top, dc.prevalence if not math.isnan(dc.prevalence) else 0.0)
+        ax.set(title=site, xlabel="Threshold probability", ylabel="Net benefit", xlim=(0, float(th[-1]) if curves else 1),
+               ylim=(-0.05, max(0.05, top * 1.1)))
+        ax.legend(loc="upper right", fontsize=7, frameon=False)
+    fig.suptitle("Decision curves (net benefit of referring for DXA)", fontsize=11)
+    return _png(fig)

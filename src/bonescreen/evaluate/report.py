@@ -9,9 +9,7 @@ when nothing meaningful is left.
 
 from __future__ import annotations
 
-import base64
 import datetime as _dt
-import html
 import json
 import math
 import re
@@ -37,16 +35,30 @@ from bonescreen.evaluate.compare import (
     severity_from_t,
     subgroup_analysis,
 )
+from bonescreen.evaluate.decision import (
+    DCA_TABLE_THRESHOLDS,
+    DCA_THRESHOLDS,
+    DEFAULT_REFERRAL_AGES,
+    DecisionCurve,
+    decision_curve,
+)
 from bonescreen.evaluate.metrics import (
     BinaryResult,
+    CalibrationFit,
+    Estimate,
     bootstrap_weights,
+    calibration_slope_intercept,
     evaluate_binary,
+    expected_calibration_error,
+    proportion,
     sensitivity_threshold,
     weighted_roc_band,
     youden_threshold,
 )
 
 DEFAULT_AGE_BANDS = (50.0, 55.0, 60.0, 65.0)
+#: The category of a result the model abstained on (site calibration's abstain band).
+ABSTAIN_CATEGORY = "indeterminate"
 
 
 @dataclass
@@ -58,6 +70,9 @@ class EvaluateConfig:
     target_sensitivity: float = 0.9
     alpha: float = 0.05
     title: str = "bonescreen validation report"
+    positive_label: str = "low bone mass"  # what score >= cut-off is called (wording only)
+    # decision curves: refer women >= [0] and men >= [1] years as the comparator; None: no such rule
+    referral_rule: tuple[float, float] | None = DEFAULT_REFERRAL_AGES
 
 
 # --------------------------------------------------------------------------
@@ -85,10 +100,15 @@ def prepare_predictions(df: pd.DataFrame, source: str) -> tuple[pd.DataFrame, li
     if n0 == 0:
         raise TableError(f"{source}: the predictions table has no rows", reason="empty_table")
     df["image_id"] = df["image_id"].astype(str)
+    # Abstentions ("indeterminate: consider DXA") are a result, not bad rows: they are counted
+    # (STARD item 15) even when the model gave them no score.
+    df["_abstain"] = (df["category"].astype(str).str.strip().str.lower() == ABSTAIN_CATEGORY
+                      if "category" in df.columns else False)
     raw_score = df["score"]
     df["score"] = pd.to_numeric(raw_score, errors="coerce")
+    unscored_abstain = df["_abstain"] & raw_score.isna()
     nonnum = int((df["score"].isna() & raw_score.notna()).sum())
-    nan = int(raw_score.isna().sum())
+    nan = int((raw_score.isna() & ~unscored_abstain).sum())
     out = df["score"].notna() & ((df["score"] < 0) | (df["score"] > 1))
     if nan or nonnum:
         warnings.append(f"{source}: {nan + nonnum} row(s) with a missing or non-numeric score dropped")
@@ -99,7 +119,7 @@ def prepare_predictions(df: pd.DataFrame, source: str) -> tuple[pd.DataFrame, li
             f"(range {sc.min():.3g} to {sc.max():.3g}); 'score' must be the probability of the "
             "positive class, not a logit"
         )
-    df = df[df["score"].notna() & ~out]
+    df = df[(df["score"].notna() | df["_abstain"]) & ~out]
     lab_raw = df["label"].map(lambda v: {"true": 1, "false": 0}.get(v.strip().lower(), v) if isinstance(v, str) else v)
     lab = pd.to_numeric(lab_raw, errors="coerce")
     nolab = int(lab.isna().sum())
@@ -224,6 +244,10 @@ class SiteAnalysis:
     heterogeneity: dict[str, dict[str, Any]]
     severity: list[dict[str, Any]]
     curve: plots.Curve
+    calibration_fit: CalibrationFit | None = None
+    ece: float = math.nan
+    decision: DecisionCurve | None = None
+    abstentions: dict[str, Any] | None = None
 
 
 @dataclass
@@ -239,6 +263,7 @@ class Report:
     table1: pd.DataFrame | None = None
     flows: dict[str, list[dict[str, Any]]] | None = None
     figures: dict[str, bytes] = field(default_factory=dict)
+    cascade: dict[str, dict[str, Any]] | None = None  # site -> evaluate.cascade.cascade_table
 
     @property
     def models(self) -> list[str]:
@@ -275,6 +300,7 @@ def evaluate_predictions(
     oracle: Mapping[str, float] | None = None,
     warnings: Sequence[str] = (),
     inputs: Mapping[str, Any] | None = None,
+    cascade: Mapping[str, dict[str, Any]] | None = None,
     progress: bool = True,
 ) -> Report:
     """Compute every table and figure of the report from validated predictions."""
@@ -284,6 +310,8 @@ def evaluate_predictions(
     warns = list(warnings)
     notes: list[str] = []
     df = preds
+    if "_abstain" not in df.columns:
+        df = df.assign(_abstain=False)
 
     # tuning rows: an explicit table wins; else rows with split == "tune"
     if "split" in df.columns:
@@ -324,12 +352,18 @@ def evaluate_predictions(
     if not has["severity"]:
         notes.append("no severity or t_min column: accuracy by severity (Figure 2) skipped")
 
+    if tune is not None and "_abstain" in tune.columns:
+        tune = tune[tune["score"].notna()]
     models = list(pd.unique(df["model"]))
     sites_all = list(pd.unique(df["site"]))
     result: dict[str, dict[str, SiteAnalysis]] = {}
     jobs = [(mi, m, si, s) for mi, m in enumerate(models) for si, s in enumerate(sites_all)]
     for mi, model, si, site in tqdm(jobs, desc="evaluate", disable=not progress, unit="site"):
-        g = df[(df["model"] == model) & (df["site"] == site)].reset_index(drop=True)
+        g_all = df[(df["model"] == model) & (df["site"] == site)].reset_index(drop=True)
+        if g_all.empty:
+            continue
+        abst = abstention_summary(g_all, cfg.threshold, cfg.alpha) if g_all["_abstain"].any() else None
+        g = g_all[g_all["score"].notna()].reset_index(drop=True)  # abstentions without a score are counted only
         if g.empty:
             continue
         y = g["label"].to_numpy()
@@ -362,14 +396,22 @@ def evaluate_predictions(
             band = weighted_roc_band(y, s, boot.weights, alpha=cfg.alpha)
         auc = main.estimates["auc"]
         curve = plots.Curve(model, y, s, auc.value, auc.lo, auc.hi, main.average_precision, band, main.calibration)
-        result.setdefault(model, {})[site] = SiteAnalysis(main, ops, sub_rows, hetero, sev, curve)
+        cal_fit = calibration_slope_intercept(y, s, cfg.alpha)
+        dca = decision_curve(
+            y, s, sex=g["sex"].to_numpy() if has["sex"] else None, age=g["age"].to_numpy() if has["age"] else None,
+            referral_ages=cfg.referral_rule, model_name=model)
+        result.setdefault(model, {})[site] = SiteAnalysis(main, ops, sub_rows, hetero, sev, curve, cal_fit,
+                                                          expected_calibration_error(y, s), dca, abst)
 
-    delong_rows = _delong_all(df, models, sites_all, warns)
+    delong_rows = _delong_all(df[df["score"].notna()], models, sites_all, warns)
     if delong_rows and has["patient_id"] and df.groupby(["model", "patient_id"]).size().max() > 1:
         notes.append("DeLong's test assumes independent cases; some patients have several images, "
                      "so its p-values are somewhat optimistic")
+    dca_notes = sorted({n for ss in result.values() for a in ss.values() if a.decision for n in a.decision.notes or []})
+    notes += [f"decision curves: {n}" for n in dca_notes]
     oracle_d = dict(oracle or {})
-    rep = Report(cfg, dict(inputs or {}), warns, notes, thresholds, result, delong_rows, oracle_d)
+    rep = Report(cfg, dict(inputs or {}), warns, notes, thresholds, result, delong_rows, oracle_d,
+                 cascade=dict(cascade) if cascade else None)
     if manifest is not None:
         rep.table1 = tables.table1(manifest)
     if flows:
@@ -378,6 +420,31 @@ def evaluate_predictions(
             warns.append(f"flow counts do not add up: {msg}")
     _make_figures(rep)
     return rep
+
+
+def abstention_summary(g: pd.DataFrame, threshold: float, alpha: float = 0.05) -> dict[str, Any]:
+    """Abstentions of one model on one dataset: how many, their prevalence, and sens/spec without them.
+
+    ``g`` holds every labelled row, ``_abstain`` marking the results whose category is
+    ``indeterminate``. The main tables score every row that has a score; this is the
+    decision as deployed, where an abstention refers to DXA instead of calling a category.
+    """
+    ab = g["_abstain"].to_numpy(dtype=bool)
+    y = g["label"].to_numpy().astype(int)
+    n, k = int(len(g)), int(ab.sum())
+    rest = g[~ab]
+    called = rest["score"].to_numpy(dtype=float) >= threshold
+    yr = rest["label"].to_numpy().astype(int)
+    tp, fn = int(np.sum(called & (yr == 1))), int(np.sum(~called & (yr == 1)))
+    tn, fp = int(np.sum(~called & (yr == 0))), int(np.sum(called & (yr == 0)))
+    return {
+        "n": n,
+        "abstained": proportion(k, n, alpha).to_dict(),
+        "positive_among_abstained": proportion(int(y[ab].sum()), k, alpha).to_dict(),
+        "sensitivity_without": proportion(tp, tp + fn, alpha).to_dict(),
+        "specificity_without": proportion(tn, tn + fp, alpha).to_dict(),
+        "unscored": int(g.loc[ab, "score"].isna().sum()),
+    }
 
 
 def _delong_all(df: pd.DataFrame, models: list[str], sites: list[str], warns: list[str]) -> list[dict[str, Any]]:
@@ -427,6 +494,11 @@ def _make_figures(rep: Report) -> None:
         rep.figures["severity"] = plots.severity_figure(sev)
     if rep.flows:
         rep.figures["flow"] = plots.flow_figure(rep.flows)
+    dca = {s: [rep.sites[m][s].decision for m in rep.models if s in rep.sites[m] and rep.sites[m][s].decision]
+           for s in sites_order}
+    dca = {s: v for s, v in dca.items() if v}
+    if dca:
+        rep.figures["decision"] = plots.decision_figure(dca)
 
 
 # --------------------------------------------------------------------------
@@ -461,6 +533,8 @@ def metrics_dict(rep: Report) -> dict[str, Any]:
         "oracle_auc": rep.oracle,
         "results": {},
         "delong": rep.delong,
+        "cascade": rep.cascade,
+        "stard_2015": stard_rows(rep),
     }
     for model, sites in rep.sites.items():
         out["results"][model] = {}
@@ -474,6 +548,10 @@ def metrics_dict(rep: Report) -> dict[str, Any]:
             ]
             d["subgroup_heterogeneity"] = a.heterogeneity
             d["severity"] = a.severity
+            d["calibration_fit"] = a.calibration_fit.to_dict() if a.calibration_fit else None
+            d["ece"] = a.ece
+            d["decision_curve"] = a.decision.to_dict() if a.decision else None
+            d["abstentions"] = a.abstentions
             if site in rep.oracle:
                 d["oracle_auc"] = rep.oracle[site]
             out["results"][model][site] = d
@@ -516,6 +594,92 @@ def severity_frame(rep: Report) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def calibration_frame(rep: Report) -> pd.DataFrame:
+    """Calibration slope and intercept (logistic recalibration, Wald 95% CI), ECE and Brier per model and site."""
+    rows = []
+    for model, sites in rep.sites.items():
+        for site, a in sites.items():
+            f = a.calibration_fit
+            rows.append({"Model": model, "Dataset": site, "n": a.main.n,
+                         "Calibration slope (95% CI)": f.slope.fmt() if f else "NA",
+                         "Calibration intercept (95% CI)": f.intercept.fmt() if f else "NA",
+                         "ECE": "NA" if math.isnan(a.ece) else f"{a.ece:.3f}",
+                         "Brier score": "NA" if math.isnan(a.main.brier) else f"{a.main.brier:.3f}"})
+    return pd.DataFrame(rows)
+
+
+def decision_frame(rep: Report, thresholds: Sequence[float] = DCA_TABLE_THRESHOLDS) -> pd.DataFrame:
+    """Net benefit per strategy at a few threshold probabilities (the figure has the whole curve)."""
+    rows = []
+    for model, sites in rep.sites.items():
+        for site, a in sites.items():
+            if a.decision is None:
+                continue
+            for pt in thresholds:
+                nb = a.decision.at(pt)
+                rows.append({"Model": model, "Dataset": site, "Threshold probability": f"{pt:.2f}",
+                             "Model (refer if score ≥ threshold)": f"{nb[model]:.3f}",
+                             **{k.capitalize(): f"{v:.3f}" for k, v in nb.items() if k != model}})
+    return pd.DataFrame(rows)
+
+
+def abstention_frame(rep: Report) -> pd.DataFrame:
+    rows = []
+    for model, sites in rep.sites.items():
+        for site, a in sites.items():
+            ab = a.abstentions
+            if not ab:
+                continue
+
+            def fmt(d: dict[str, Any]) -> str:
+                return Estimate(**{k: (math.nan if v is None else v) for k, v in d.items()}).fmt()
+
+            rows.append({"Model": model, "Dataset": site, "n": ab["n"],
+                         "Indeterminate, n": ab["abstained"]["num"],
+                         "Indeterminate, share (95% CI)": fmt(ab["abstained"]),
+                         f"{rep.config.positive_label.capitalize()} among them (95% CI)":
+                             fmt(ab["positive_among_abstained"]),
+                         "Sensitivity without them (95% CI)": fmt(ab["sensitivity_without"]),
+                         "Specificity without them (95% CI)": fmt(ab["specificity_without"])})
+    return pd.DataFrame(rows)
+
+
+def cascade_frames(rep: Report) -> dict[str, pd.DataFrame]:
+    from bonescreen.evaluate.cascade import cascade_frame
+
+    return {site: cascade_frame(t) for site, t in (rep.cascade or {}).items()}
+
+
+def stard_rows(rep: Report) -> list[dict[str, Any]]:
+    """The STARD 2015 checklist for this report (``evaluate.stard``)."""
+    from bonescreen.evaluate.stard import stard_checklist
+
+    return stard_checklist(available_sections(rep))
+
+
+def available_sections(rep: Report) -> set[str]:
+    have = {"table2", "methods", "calibration"}
+    if rep.table1 is not None:
+        have.add("table1")
+        if tables.DAYS_ROW in rep.table1.index:
+            have.add("interval")
+    if rep.flows:
+        have.add("flow")
+    if any(not f.empty for f in table3_frames(rep).values()):
+        have.add("table3")
+    if "severity" in rep.figures:
+        have.add("severity")
+    if rep.cascade:
+        have.add("cascade")
+    if any(a.abstentions for ss in rep.sites.values() for a in ss.values()):
+        have.add("abstentions")
+    if "decision" in rep.figures:
+        have.add("decision")
+    if any("dropped" in w for w in rep.warnings):
+        have.add("warnings")
+    return have
+
+
 def write_report(rep: Report, out_dir: str | Path) -> dict[str, Path]:
     """Write report.html, metrics.json, CSV tables and figures/*.png."""
     out = Path(out_dir)
@@ -539,6 +703,13 @@ def write_report(rep: Report, out_dir: str | Path) -> dict[str, Path]:
     put("operating_points.csv", operating_point_frame(rep))
     put("severity.csv", severity_frame(rep))
     put("delong.csv", pd.DataFrame(rep.delong))
+    put("calibration.csv", calibration_frame(rep))
+    put("decision_curve.csv", decision_frame(rep, DCA_THRESHOLDS))
+    put("abstentions.csv", abstention_frame(rep))
+    put("stard.csv", pd.DataFrame(stard_rows(rep)))
+    if rep.cascade:
+        put("cascade.csv", pd.concat({s: f for s, f in cascade_frames(rep).items()}, names=["site", "true"]),
+            index=True)
     if rep.table1 is not None:
         put("table1.csv", tables.flatten_columns(rep.table1), index=True)
     if rep.flows:
@@ -557,130 +728,56 @@ def write_report(rep: Report, out_dir: str | Path) -> dict[str, Path]:
 
 
 # --------------------------------------------------------------------------
-# HTML
+# HTML (templates/report.html.j2)
 # --------------------------------------------------------------------------
-CSS = """
-body{font-family:"Times New Roman",Georgia,serif;max-width:1500px;margin:24px auto;padding:0 18px;color:#111}
-h1{font-size:1.6em;margin-bottom:.2em} h2{font-size:1.2em;margin-top:1.8em;border-bottom:1px solid #999}
-.meta{color:#444;font-size:.9em}
-.tw{overflow-x:auto}
-table.j{border-collapse:collapse;margin:.6em 0 .3em;font-size:.82em}
-table.j caption{caption-side:top;text-align:left;font-weight:bold;padding-bottom:.4em}
-table.j thead tr:first-child th{border-top:2px solid #000}
-table.j thead tr:last-child th{border-bottom:1px solid #000}
-table.j tbody tr:last-child td,table.j tbody tr:last-child th{border-bottom:2px solid #000}
-table.j th,table.j td{padding:3px 8px;text-align:left;vertical-align:bottom;white-space:nowrap}
-table.j thead th{white-space:normal;min-width:4em}
-table.j td{text-align:center} table.j tbody th{font-weight:normal}
-.fn{font-size:.8em;color:#333;max-width:1100px}
-.warn{background:#fff6e5;border-left:4px solid #e0a000;padding:.5em 1em;font-size:.88em}
-.note{background:#f0f4f8;border-left:4px solid #6a8caf;padding:.5em 1em;font-size:.88em}
-figure{margin:1em 0} figure img{max-width:100%;border:1px solid #ddd}
-figcaption{font-size:.85em;color:#333}
-"""
+def _table1_blocks(t1: pd.DataFrame) -> list[tuple[pd.DataFrame, str]]:
+    """As in the paper: at most three datasets side by side, further ones in a block below."""
+    ds = list(dict.fromkeys(c[0] for c in t1.columns))
+    out = []
+    for i in range(0, len(ds), 3):
+        block = t1.loc[:, [c for c in t1.columns if c[0] in ds[i:i + 3]]]
+        out.append((block, "Table 1 Characteristics of the datasets" + (" (continued)" if i else "")))
+    return out
 
 
-def _table_html(df: pd.DataFrame, caption: str, index: bool = True) -> str:
-    body = df.to_html(classes="j", border=0, index=index, escape=True, na_rep="NA")
-    body = re.sub(r'<table[^>]*class="dataframe j"[^>]*>',
-                  f'<table class="j"><caption>{html.escape(caption)}</caption>', body, count=1)
-    return f"<div class='tw'>{body}</div>"
+def _delong_frame(rep: Report) -> pd.DataFrame:
+    return pd.DataFrame([{
+        "Dataset": r["site"], "Model 1": r["model_1"], "Model 2": r["model_2"], "n": r["n"],
+        "AUC 1": f"{r['auc1']:.3f}", "AUC 2": f"{r['auc2']:.3f}",
+        "Difference (95% CI)": f"{r['diff']:.3f} ({r['ci_lo']:.3f} to {r['ci_hi']:.3f})",
+        "Z": f"{r['z']:.3f}", "p": tables._p(r["p"])} for r in rep.delong])
 
 
-def _img(rep: Report, key: str, caption: str, alt: str) -> str:
-    png = rep.figures.get(key)
-    if not png:
-        return ""
-    b64 = base64.b64encode(png).decode("ascii")
-    return (f'<figure id="fig-{key}"><img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">'
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
-
-
-def _methods(rep: Report) -> str:
-    c = rep.config
+def _methods_context(rep: Report) -> dict[str, Any]:
     units = sorted({a.main.bootstrap.get("unit", "image") for s in rep.sites.values() for a in s.values()
                     if a.main.bootstrap.get("n_boot")})
     redrawn = sum(a.main.bootstrap.get("redrawn_single_class", 0) for s in rep.sites.values() for a in s.values())
-    return f"""
-<p>Cut-off {c.threshold:g} (score ≥ cut-off is called low bone mass). Sensitivity, specificity, PPV, NPV
-and accuracy have Wilson score 95% confidence intervals computed as R's <code>Hmisc::binconf</code>
-(method "wilson", including its corrections for x = 1 and x = n − 1). AUC and F1 have percentile bootstrap
-95% CIs from {c.n_boot:,} resamples (seed {c.seed}); the resampling unit is the
-{' / '.join(units) or 'image'} (patients are resampled with all their images when a patient has several).
-A resample holding a single class is discarded and drawn again ({redrawn} redrawn for the main table).
-Average precision, Brier score and the calibration curve are from scikit-learn.
-Tuned operating points (Youden's J and the highest cut-off reaching sensitivity ≥ {c.target_sensitivity:g})
-are chosen on the tuning set only and applied unchanged to every test set.</p>
-<p>Subgroups: sex, and age bands with edges {', '.join(f'{e:g}' for e in c.age_bands)}. The p-value per
-subgroup tests H0 “AUC = 0.5” with the two-sided Mann–Whitney U test, Bonferroni-adjusted over all subgroups
-of one model on one dataset. The separate column tests whether accuracy differs between the subgroups of a
-family (chi-square; Fisher's exact test for a 2×2 table with an expected count below 5), Bonferroni-adjusted
-over the families. Two models scoring the same images are compared with DeLong's test for correlated AUCs
-(fast algorithm of Sun &amp; Xu 2014).</p>"""
+    return {"units": " / ".join(units) or "image", "redrawn": redrawn,
+            "age_edges": ", ".join(f"{e:g}" for e in rep.config.age_bands),
+            "dca_table": ", ".join(f"{t:g}" for t in DCA_TABLE_THRESHOLDS),
+            "dca_range": f"{DCA_THRESHOLDS[0]:g}–{DCA_THRESHOLDS[-1]:g}"}
 
 
 def render_html(rep: Report) -> str:
     from bonescreen import __version__
+    from bonescreen.render import render
 
-    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(rep.config.title)}"
-             f"</title><style>{CSS}</style></head><body>",
-             f"<h1>{html.escape(rep.config.title)}</h1>",
-             f"<p class='meta'>bonescreen {__version__} · generated "
-             f"{_dt.datetime.now().strftime('%Y-%m-%d %H:%M')} · models: {html.escape(', '.join(rep.models))}"
-             f" · inputs: {html.escape(', '.join(rep.inputs.get('predictions', [])))}</p>"]
-    if rep.warnings:
-        parts.append("<div class='warn'><b>Warnings</b><ul>" + "".join(
-            f"<li>{html.escape(w)}</li>" for w in rep.warnings) + "</ul></div>")
-    if rep.notes:
-        parts.append("<div class='note'><b>Notes</b><ul>" + "".join(
-            f"<li>{html.escape(n)}</li>" for n in rep.notes) + "</ul></div>")
-    if rep.table1 is not None or rep.flows:
-        parts.append("<h2>Cohort</h2>")
-    if rep.table1 is not None:
-        # as in the paper: at most three datasets side by side, further ones in a block below
-        ds = list(dict.fromkeys(c[0] for c in rep.table1.columns))
-        for i in range(0, len(ds), 3):
-            block = rep.table1.loc[:, [c for c in rep.table1.columns if c[0] in ds[i:i + 3]]]
-            cap = "Table 1 Characteristics of the datasets" + (" (continued)" if i else "")
-            parts.append(_table_html(block, cap))
-    parts.append(_img(rep, "flow", "Figure 1 Construction of the datasets (remaining after each step; exclusions "
-                      "with reasons to the right)", "Figure 1 cohort flow"))
-    parts.append("<h2>Performance per dataset</h2>")
-    for model, t2 in table2_frames(rep).items():
-        parts.append(_table_html(t2, f"Table 2 Performance of {model} in the validation datasets"))
-    parts.append(f"<p class='fn'>TP/TN/FP/FN at cut-off {rep.config.threshold:g}; percentages of all images of "
-                 "the dataset. Proportions: Wilson 95% CI. AUC and F1: bootstrap 95% CI."
-                 + (" Oracle AUC: the best AUC achievable on the phantom, from its known latent bone density; "
-                    "every phantom accuracy figure should be read next to it." if rep.oracle else "") + "</p>")
+    thresholds = None
     if rep.thresholds:
-        tt = pd.DataFrame(rep.thresholds).T
-        parts.append(_table_html(tt.map(lambda v: f"{v:.4f}"), "Operating points chosen on the tuning set"))
-        parts.append(_table_html(operating_point_frame(rep), "Performance at each operating point", index=False))
-    if rep.delong:
-        dl = pd.DataFrame([{
-            "Dataset": r["site"], "Model 1": r["model_1"], "Model 2": r["model_2"], "n": r["n"],
-            "AUC 1": f"{r['auc1']:.3f}", "AUC 2": f"{r['auc2']:.3f}",
-            "Difference (95% CI)": f"{r['diff']:.3f} ({r['ci_lo']:.3f} to {r['ci_hi']:.3f})",
-            "Z": f"{r['z']:.3f}", "p": tables._p(r["p"])} for r in rep.delong])
-        parts.append("<h2>Model comparison</h2>")
-        parts.append(_table_html(dl, "DeLong test for two correlated ROC curves (same images)", index=False))
-    t3 = table3_frames(rep)
-    if any(not f.empty for f in t3.values()):
-        parts.append("<h2>Subgroups</h2>")
-        for model, f in t3.items():
-            if not f.empty:
-                parts.append(_table_html(f, f"Table 3 Performance of {model} by sex and age subgroups", index=False))
-        parts.append("<p class='fn'>p (AUC = 0.5): two-sided Mann–Whitney U test, Bonferroni-adjusted over the "
-                     "subgroups of the dataset. NA: undefined (a subgroup with a single class).</p>")
-    parts.append(_img(rep, "severity", "Figure 2 Accuracy by severity of low bone mass (Wilson 95% CI)",
-                      "Figure 2 accuracy by severity"))
-    parts.append("<h2>Curves</h2>")
-    parts.append(_img(rep, "roc", "ROC curves with 95% bootstrap band", "ROC curves"))
-    parts.append(_img(rep, "pr", "Precision–recall curves with average precision", "PR curves"))
-    parts.append(_img(rep, "calibration", "Calibration curves", "Calibration curves"))
-    parts.append("<h2>Statistical methods</h2>" + _methods(rep))
-    parts.append("</body></html>")
-    return "\n".join(p for p in parts if p)
+        thresholds = pd.DataFrame(rep.thresholds).T.map(lambda v: f"{v:.4f}")
+    t3 = {m: f for m, f in table3_frames(rep).items() if not f.empty}
+    return render(
+        "report.html.j2",
+        rep=rep, cfg=rep.config, version=__version__,
+        generated=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        inputs=", ".join(rep.inputs.get("predictions", [])),
+        table1_blocks=_table1_blocks(rep.table1) if rep.table1 is not None else [],
+        table2=table2_frames(rep), thresholds=thresholds,
+        operating_points=operating_point_frame(rep) if rep.thresholds else None,
+        delong=_delong_frame(rep) if rep.delong else None, table3=t3,
+        calibration=calibration_frame(rep), decision=decision_frame(rep), abstentions=abstention_frame(rep),
+        cascade=cascade_frames(rep), figures=rep.figures, methods=_methods_context(rep), stard=stard_rows(rep),
+    )
 
 
 # --------------------------------------------------------------------------
@@ -695,9 +792,14 @@ def run_evaluation(
     manifest: str | Path | None = None,
     flow: str | Path | None = None,
     oracle: str | Path | None = None,
+    cascade: Mapping[str, dict[str, Any]] | None = None,
     progress: bool = True,
 ) -> tuple[Report, dict[str, Path]]:
-    """Read inputs, evaluate, write the report folder."""
+    """Read inputs, evaluate, write the report folder.
+
+    ``cascade``: per site, the two-stage cascade's 3×3 table (``evaluate.cascade.cascade_table``),
+    shown as its own section.
+    """
     preds, warns = read_predictions(predictions)
     tune_df = None
     if tune:
@@ -713,7 +815,7 @@ def run_evaluation(
               "oracle": Path(oracle).name if oracle else None,
               "rows": int(len(preds))}
     rep = evaluate_predictions(preds, config=config, tune=tune_df, manifest=man, flows=flows, oracle=orc,
-                               warnings=warns, inputs=inputs, progress=progress)
+                               warnings=warns, inputs=inputs, cascade=cascade, progress=progress)
     files = write_report(rep, out_dir)
     return rep, files
 

@@ -24,6 +24,7 @@ METRIC_LABELS = {
     "f1": "F1 score (95% CI)",
 }
 SEX_NAMES = {"F": "Female", "M": "Male", "O": "Other"}
+DAYS_ROW = "Days between CXR and DXA, median (IQR)"
 
 
 def _pct(k: int, n: int) -> str:
@@ -129,8 +130,9 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
 
 
 def _norm_sex(s: pd.Series) -> pd.Series:
-    m = {"f": "F", "female": "F", "w": "F", "m": "M", "male": "M", "o": "O", "other": "O"}
-    return s.astype(str).str.strip().str.lower().map(m)
+    from bonescreen.labels import normalize_sex
+
+    return s.map(normalize_sex)
 
 
 def table1(manifest: pd.DataFrame) -> pd.DataFrame:
@@ -147,6 +149,9 @@ def table1(manifest: pd.DataFrame) -> pd.DataFrame:
     rows_index = ["n", "Age, years (mean ± SD)", "BMD categories", "Normal, n (%)", "Low bone mass, n (%)",
                   "Osteoporosis, n (%)", "Mild (−1.5 < T < −1.0)", "Moderate (−2.0 < T ≤ −1.5)",
                   "Advanced (−2.5 < T ≤ −2.0)", "CXR manufacturer"]
+    has_days = "days_apart" in df.columns and pd.to_numeric(df["days_apart"], errors="coerce").notna().any()
+    if has_days:  # STARD item 22: the interval between index test and reference standard
+        rows_index.append(DAYS_ROW)
     cols: dict[tuple[str, str], list[str]] = {}
     for ds, g in df.groupby("_dataset", sort=False):
         sexes = [x for x in ("F", "M", "O") if (g["_sex"] == x).any()]
@@ -173,6 +178,9 @@ def table1(manifest: pd.DataFrame) -> pd.DataFrame:
                             + ("; others" if len(vc) > 3 else ""))
             else:
                 vals.append("NA")
+            if has_days:
+                d = pd.to_numeric(h["days_apart"], errors="coerce").dropna()
+                vals.append(f"{d.median():g} ({d.quantile(0.25):g}–{d.quantile(0.75):g})" if len(d) else "NA")
             label = SEX_NAMES.get(sx, sx)
             cols[(f"{ds} (n = {len(g):,})", f"{label} (n = {n:,})")] = vals
     out = pd.DataFrame(cols, index=rows_index)

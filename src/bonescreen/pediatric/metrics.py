@@ -4,6 +4,9 @@ The low-BMD classification metrics (AUC, sensitivity, specificity, ...) go
 through the project's validation report (:func:`bonescreen.evaluate.report.run_evaluation`)
 from the same predictions table; this module adds what a regression needs.
 
+Confidence intervals resample children, not images (a child has 1–3 images):
+the cluster bootstrap of the adult report, ``evaluate.metrics.bootstrap_weights``.
+
 ICC is ICC(2,1) (Shrout & Fleiss; McGraw & Wong's ICC(A,1)): two-way random
 effects, absolute agreement, single measurement, which penalises a constant
 bias as well as scatter, the right question for "does the model give the DXA
@@ -60,11 +63,22 @@ def _boot_ci(values: np.ndarray, alpha: float) -> tuple[float, float]:
     return float(np.quantile(v, alpha / 2)), float(np.quantile(v, 1 - alpha / 2))
 
 
-def agreement(true: np.ndarray, pred: np.ndarray, *, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> dict[str, Any]:
-    """r (Fisher CI), ICC(2,1) and MAE (percentile bootstrap CIs), bias and 95 % limits of agreement."""
+def agreement(true: np.ndarray, pred: np.ndarray, *, groups: np.ndarray | None = None, n_boot: int = 1000,
+              seed: int = 0, alpha: float = 0.05) -> dict[str, Any]:
+    """r, ICC(2,1) and MAE with CIs, bias and 95 % limits of agreement.
+
+    CIs resample **patients** (``groups``: one id per row; a child's 1–3 images come
+    along together) through :func:`bonescreen.evaluate.metrics.bootstrap_weights`, the
+    same cluster bootstrap as the adult report: percentile intervals for ICC, MAE and,
+    when some patient has several images, r. With one image per patient (or no
+    ``groups``) r keeps its Fisher-z interval, which assumes independent rows.
+    """
+    from bonescreen.evaluate.metrics import bootstrap_weights
+
     t = np.asarray(true, float)
     p = np.asarray(pred, float)
     ok = np.isfinite(t) & np.isfinite(p)
+    g = None if groups is None else np.asarray(groups).astype(str)[ok]
     t, p = t[ok], p[ok]
     n = int(t.size)
     out: dict[str, Any] = {"n": n}
@@ -72,13 +86,22 @@ def agreement(true: np.ndarray, pred: np.ndarray, *, n_boot: int = 1000, seed: i
         out.update({"pearson_r": None, "icc_2_1": None, "mae": None, "bias": None, "loa": None})
         return out
     diff = p - t
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, size=(n_boot, n)) if n_boot else np.zeros((0, n), int)
+    boot = bootstrap_weights(np.zeros(n), g, n_boot=n_boot, seed=seed, require_both_classes=False)
+    w = boot.weights
+    # a resample as row indices (weights are integer counts): ICC and r need the rows themselves
+    idx = [np.repeat(np.arange(n), row.astype(int)) for row in w]
     iccs = np.array([icc_2_1(t[i], p[i]) for i in idx])
-    maes = np.abs(diff)[idx].mean(axis=1) if n_boot else np.array([])
+    maes = (w @ np.abs(diff)) / w.sum(axis=1) if len(w) else np.array([])
     sd = float(np.std(diff, ddof=1))
     bias = float(diff.mean())
     out["pearson_r"] = pearson(t, p, alpha)
+    if boot.unit == "patient":
+        rs = np.array([np.corrcoef(t[i], p[i])[0, 1] if np.std(t[i]) > 0 and np.std(p[i]) > 0 else np.nan
+                       for i in idx])
+        lo, hi = _boot_ci(rs, alpha)
+        out["pearson_r"].update({"lo": lo, "hi": hi, "method": "patient bootstrap"})
+    else:
+        out["pearson_r"]["method"] = "fisher z"
     icc = icc_2_1(t, p)
     lo, hi = _boot_ci(iccs, alpha)
     out["icc_2_1"] = {"value": icc, "lo": lo, "hi": hi}
@@ -87,6 +110,7 @@ def agreement(true: np.ndarray, pred: np.ndarray, *, n_boot: int = 1000, seed: i
     out["bias"] = bias
     out["sd_diff"] = sd
     out["loa"] = [bias - 1.96 * sd, bias + 1.96 * sd]
+    out["bootstrap"] = {"unit": boot.unit, "n_units": boot.n_units, "n_boot": int(len(w)), "seed": seed}
     return out
 
 
@@ -97,14 +121,23 @@ def regression_metrics(preds: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0
             "a pediatric predictions table needs z_true and z_pred (written by `bonescreen pediatric train`)",
             reason="missing_columns",
         )
+    def groups(frame: pd.DataFrame) -> np.ndarray | None:
+        if "patient_id" not in frame.columns:
+            return None
+        pid = frame["patient_id"].astype(object)
+        # an unknown patient is its own resampling unit
+        return np.where(pid.notna(), pid.astype(str), "__img__" + pd.Series(range(len(frame))).astype(str)).astype(str)
+
     out: dict[str, Any] = {}
     for name, (tc, pc) in PAIRS.items():
         if tc in preds.columns and pc in preds.columns:
-            out[name] = agreement(preds[tc].to_numpy(float), preds[pc].to_numpy(float), n_boot=n_boot, seed=seed)
+            out[name] = agreement(preds[tc].to_numpy(float), preds[pc].to_numpy(float), groups=groups(preds),
+                                  n_boot=n_boot, seed=seed)
     if "site" in preds.columns and preds["site"].nunique() > 1:
         out["per_site"] = {
             str(site): {
-                name: agreement(g[tc].to_numpy(float), g[pc].to_numpy(float), n_boot=n_boot, seed=seed)
+                name: agreement(g[tc].to_numpy(float), g[pc].to_numpy(float), groups=groups(g), n_boot=n_boot,
+                                seed=seed)
                 for name, (tc, pc) in PAIRS.items()
                 if tc in g.columns and pc in g.columns
             }
@@ -215,7 +248,8 @@ def run_pediatric_evaluation(
     if {"bmd_true", "bmd_pred"} <= set(preds.columns) and preds["bmd_true"].notna().any():
         figures.append(bland_altman_png(preds, out / "bland_altman_bmd.png", what="bmd"))
     cfg = EvaluateConfig(n_boot=n_boot, seed=seed, age_bands=PEDIATRIC_AGE_BANDS,
-                         title="bonescreen pediatric validation report (low BMD: Z ≤ −2.0)")
+                         title="bonescreen pediatric validation report (low BMD: Z ≤ −2.0)",
+                         positive_label="low BMD (Z ≤ −2.0)", referral_rule=None)
     rep, files = run_evaluation(predictions, out / "classification", config=cfg, tune=tune or None,
                                 oracle=oracle, progress=progress)
     lines = summary_lines(reg)
