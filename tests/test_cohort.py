@@ -1,6 +1,7 @@
 """Cohort builder: DXA validation, pairing windows, exclusions, leakage-free splits."""
 
 from datetime import date
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -227,3 +228,110 @@ def test_external_site_all_test_and_unique_names():
     assert list(build(dxa, imgs, role="external").manifest["split"]) == ["test"]
     with pytest.raises(TableError, match="unique"):
         build_cohort([SiteInput("S", [], dxa), SiteInput("S", [], dxa)], image_table=lambda _: imgs)
+
+
+# --- DXA export presets (--columns lunar|hologic|osteosys|generic) ------------------------
+
+
+def _export(preset: str) -> pd.DataFrame:
+    """A small export under the preset's first header name for each column, the way workstations write it."""
+    from bonescreen.cohort import load_preset
+
+    names = {ours: cands[0] for ours, cands in load_preset(preset)["columns"].items()}
+    rows = [
+        # patient, exam (US), birth (US), sex, height, weight, spine BMD, spine T, neck T, hip T
+        ["007", "03/15/2021", "06/01/1950", "Female", "158,5", "61,2", "0,801", "-2,6", "-1,9", "-1,2"],
+        ["008", "11/02/2020", "01/20/1948", "Male", "171", "80", "1.010", "-0.4", "-1.1", "-0.8"],
+        ["008", "11/02/2020", "01/20/1948", "Male", "171", "80", "1.010", "-0.4", "-1.1", "-0.8"],  # duplicate
+        ["009", "01/05/2021", "02/02/1952", "F", "", "", "", "", "", ""],  # blanks: no label
+    ]
+    cols = ["patient_id", "exam_date", "birth_date", "sex", "height_cm", "weight_kg", "bmd_lumbar_spine",
+            "t_lumbar_spine", "t_femoral_neck", "t_total_hip"]
+    df = pd.DataFrame(rows, columns=cols)
+    return df.rename(columns={c: names.get(c, c) for c in cols})
+
+
+@pytest.mark.parametrize("preset", ["lunar", "hologic", "osteosys", "generic"])
+def test_dxa_presets_map_a_workstation_export(preset: str, tmp_path: Path) -> None:
+    from bonescreen.cohort import load_column_map, load_preset
+
+    df = _export(preset)
+    if preset != "generic":
+        assert "patient_id" not in df.columns  # their names, not ours
+    path = tmp_path / "export.csv"
+    df.to_csv(path, index=False)
+    table = read_dxa(path, site="S", column_map=load_column_map(preset), date_format="%m/%d/%Y")
+    ex = table.exams.set_index("patient_id")
+    assert sorted(ex.index) == ["007", "008"]  # leading zeros kept
+    assert ex.loc["007", "dxa_date"] == date(2021, 3, 15)
+    assert ex.loc["007", "age"] == pytest.approx((date(2021, 3, 15) - date(1950, 6, 1)).days / 365.25)
+    assert ex.loc["007", "t_lumbar_spine"] == -2.6 and ex.loc["007", "height_cm"] == 158.5  # decimal commas
+    assert ex.loc["007", "bmd_lumbar_spine"] == pytest.approx(0.801)
+    assert ex.loc["007", "sex"] == "F" and ex.loc["007", "category"] == "osteoporosis"
+    assert ex.loc["008", "category"] == "low_bone_mass"
+    assert sorted(table.rejected["reason"]) == ["duplicate_row", "no_label"]
+    assert load_preset(preset)["description"]
+
+
+def test_preset_matching_ignores_case_and_spacing_and_takes_overrides(tmp_path: Path) -> None:
+    from bonescreen.cohort import load_column_map
+
+    df = _export("lunar").rename(columns={"Patient ID": "PATIENT  id", "Measure Date": "Exam Date"})
+    df["Ht"] = df.pop("Height")
+    path = tmp_path / "lunar.csv"
+    df.to_csv(path, index=False)
+    cmap = load_column_map("lunar,Ht=height_cm")
+    table = read_dxa(path, column_map=cmap, date_format="%m/%d/%Y")
+    ex = table.exams.set_index("patient_id")
+    assert ex.loc["007", "height_cm"] == 158.5 and ex.loc["007", "dxa_date"] == date(2021, 3, 15)
+    with pytest.raises(TableError, match="unknown DXA export preset|THEIR=OURS"):
+        load_column_map("encore")
+    with pytest.raises(TableError, match="not in the table"):
+        read_dxa(path, column_map=load_column_map("lunar,Nope=height_cm"), date_format="%m/%d/%Y")
+
+
+def test_hologic_preset_prefers_the_mrn_over_the_internal_key(tmp_path: Path) -> None:
+    from bonescreen.cohort import load_column_map
+
+    df = pd.DataFrame({"PATIENT_KEY": ["K1"], "IDENTIFIER1": ["MRN1"], "SCAN_DATE": ["2021-03-15"],
+                       "SEX": ["F"], "AGE": ["70"], "TOT_T": ["-1.5"], "NECK_T": ["-2.0"], "HTOT_T": ["-1.0"]})
+    path = tmp_path / "apex.csv"
+    df.to_csv(path, index=False)
+    table = read_dxa(path, column_map=load_column_map("hologic"))
+    assert table.exams["patient_id"].tolist() == ["MRN1"]
+    assert table.exams["severity"].tolist() == ["advanced"]
+
+
+def test_pediatric_population_ignores_t_scores_and_refuses_bad_body_size() -> None:
+    df = pd.DataFrame({
+        "patient_id": ["a", "b", "c", "d", "e"], "exam_date": ["2020-01-01"] * 5, "sex": ["F", "M", "F", "M", "F"],
+        "birth_date": ["2010-01-01", "2008-06-01", "2012-01-01", "2009-01-01", "2011-01-01"],
+        "z_lumbar_spine": ["-2.3", "0.1", "abc", "-1.0", "9.5"], "z_total_body_less_head": ["-2.0", "", "", "", ""],
+        "t_lumbar_spine": ["-4.0", "-2.0", "-3.0", "-3.0", "-3.0"],
+        "height_cm": ["120", "150", "140", "1.45", "130"], "weight_kg": ["22", "40", "35", "38", "30"],
+    })
+    table = read_dxa(df, site="S", population="pediatric")
+    ex = table.exams.set_index("patient_id")
+    assert sorted(ex.index) == ["a", "b"]
+    assert ex.loc["a", "age"] == pytest.approx(10.0, abs=0.01)
+    assert "t_lumbar_spine" not in ex.columns and ex["category"].isna().all()
+    assert ex.loc["a", "z_total_body_less_head"] == -2.0
+    assert sorted(table.rejected["reason"]) == ["implausible_height", "implausible_z_score", "non_numeric_z_score"]
+    # adults keep the row and blank the implausible height (not a model input there)
+    adult = read_dxa(df.assign(t_lumbar_spine="-1.2", z_lumbar_spine="0"), site="S")
+    assert np.isnan(adult.exams.set_index("patient_id").loc["d", "height_cm"])
+
+
+def test_pediatric_splits_are_by_child_and_stratified_by_low_bmd() -> None:
+    from bonescreen.cohort import assign_splits
+
+    rng = np.random.default_rng(0)
+    kids = [f"k{i}" for i in range(200) for _ in range(1 + i % 3)]  # 1-3 images per child
+    z = {k: (-3.0 if int(k[1:]) % 4 == 0 else 0.0) for k in set(kids)}
+    df = pd.DataFrame({"patient_id": kids, "z_lumbar_spine": [z[k] + rng.normal(0, 0.05) for k in kids],
+                       "label_3class": pd.array([None] * len(kids), dtype="Int64")})
+    split = assign_splits(df, (0.7, 0.1, 0.2), seed=0)
+    assert (df.assign(s=split).groupby("patient_id")["s"].nunique() == 1).all()
+    low = df.assign(s=split).groupby("patient_id").agg(s=("s", "first"), low=("z_lumbar_spine", "min"))
+    share = low.assign(low=low["low"] <= -2).groupby("s")["low"].mean()
+    assert share.between(0.2, 0.3).all()  # a quarter of the children have low BMD in every split

@@ -499,3 +499,84 @@ def test_agreement_cis_resample_children_not_images() -> None:
     assert width["child"] > 1.2 * width["image"]  # ~sqrt(2) wider: 60 children, not 120 independent images
     assert by_child["pearson_r"]["method"] == "patient bootstrap"
     assert by_child["mae"]["value"] == pytest.approx(np.mean(np.abs(p - t)))
+
+
+# --- a pediatric cohort from a DICOM folder and a workstation export (not a phantom folder) ----
+
+
+def _phantom_as_export():  # scripts/phantom_as_export.py, the helper the README uses too
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "phantom_as_export.py"
+    spec = importlib.util.spec_from_file_location("phantom_as_export", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return mod
+
+
+@pytest.fixture(scope="module")
+def real(run: dict[str, Path]) -> dict[str, Path]:
+    from bonescreen.cli import main
+
+    root = run["root"] / "real"
+    export = _phantom_as_export()
+    paths = {s: export.export_site(run["phantom"] / s, root / s, "lunar", seed=k) for k, s in enumerate(("PED", "PED_EXT"))}
+    assert not (root / "PED" / "dxa.csv").exists() and not (root / "phantom.json").exists()
+    args = ["pediatric", "cohort", str(root / "co"), "--columns", "lunar", "--date-format", "%m/%d/%Y"]
+    for s, p in paths.items():
+        args += ["--site", s, str(p["dicom"]), str(p["dxa"])]
+    assert main(args) == 0
+    return {"root": root, "manifest": root / "co" / "manifest.csv", "exclusions": root / "co" / "exclusions.csv",
+            "flow": root / "co" / "flow.json", **{f"dxa_{s}": p["dxa"] for s, p in paths.items()}}
+
+
+def test_cohort_from_dicom_folder_and_lunar_export(real: dict[str, Path], run: dict[str, Path]) -> None:
+    m = pd.read_csv(real["manifest"], dtype={"patient_id": str})
+    raw = pd.read_csv(real["dxa_PED"], dtype=str)
+    assert "Patient ID" in raw.columns and "L1-L4 Z-Score" in raw.columns  # the workstation's names
+    assert set(m["site"]) == {"PED", "PED_EXT"}
+    assert m["age"].between(0, 17.99).all()
+    # Z-scores are the labels; the export's (adult) T-scores are ignored for children
+    assert m["z_lumbar_spine"].notna().all() and m["t_lumbar_spine"].isna().all()
+    assert "z_total_body_less_head" in m.columns and m["z_total_body_less_head"].notna().any()
+    # decimal commas read as numbers; ages from the birth dates
+    assert m["height_cm"].between(30, 250).all() and m["weight_kg"].gt(0).all()
+    # several pairs per child, never a child in two splits
+    per_child = m.groupby("patient_id").size()
+    assert per_child.max() >= 2
+    assert (m.groupby("patient_id")["split"].nunique() == 1).all()
+    assert set(m.loc[m["site"] == "PED", "split"]) == {"train", "tune", "test"}
+    assert set(m.loc[m["site"] == "PED_EXT", "split"]) == {"test"}
+    # every bad row is an exclusion with its reason, and the flow adds up
+    ex = pd.read_csv(real["exclusions"])
+    reasons = ex["reason"].value_counts().to_dict()
+    assert reasons.get("duplicate_row") == 2 and reasons.get("no_label") == 2
+    assert reasons.get("implausible_height") == 2  # a height in metres: a model input is refused, not guessed
+    steps = json.loads(real["flow"].read_text())["steps"]
+    n_export = sum(len(pd.read_csv(real[f"dxa_{s}"])) for s in ("PED", "PED_EXT"))
+    assert steps[0]["remaining"] == n_export
+    assert steps[-1]["remaining"] == len(m)
+    for a, b in zip(steps, steps[1:]):
+        assert a["remaining"] - b["excluded"] == b["remaining"]
+
+
+def test_real_pediatric_cohort_trains_and_evaluates(real: dict[str, Path]) -> None:
+    """`pediatric train` and `pediatric evaluate` read the manifest unchanged."""
+    from bonescreen.cli import main
+
+    out = real["root"] / "run"
+    assert main(["pediatric", "train", str(real["manifest"]), "--out", str(out), "--cache", str(real["root"] / "cache"),
+                 "--set", f"arch={ARCH}", "--set", "pretrained=none", "--set", "image_size=48", "--set", "epochs=1",
+                 "--set", "batch_size=8", "--set", "progress=false", "--set", "tensorboard=false",
+                 "--set", "device=cpu"]) == 0
+    preds = pd.read_csv(out / "predictions.csv", dtype={"patient_id": str})
+    assert {"PED", "PED_EXT"} <= set(preds["site"]) and preds["z_pred"].notna().all()
+    rep = real["root"] / "report"
+    assert main(["pediatric", "evaluate", str(out / "predictions.csv"), "--tune", str(out / "tune_predictions.csv"),
+                 "--out", str(rep), "--bootstrap", "50", "--no-progress"]) == 0
+    reg = json.loads((rep / "regression.json").read_text())
+    assert reg["z"]["n"] == len(preds)
+    # children with several images: the CIs resample children
+    if preds["patient_id"].duplicated().any():
+        assert reg["z"]["bootstrap"]["unit"] == "patient"
+    assert (rep / "classification" / "report.html").is_file()

@@ -24,10 +24,14 @@ import numpy as np
 import pandas as pd
 
 from bonescreen.errors import ImageReadError, TableError
-from bonescreen.labels import add_labels, normalize_category, normalize_sex
+from bonescreen.labels import add_labels, normalize_category, normalize_sex, pediatric_low_bmd
 from bonescreen.schema import (
+    BIRTH_DATE_COLUMN,
     BMD_COLUMNS,
     DXA_OPTIONAL,
+    HEIGHT_CM_RANGE,
+    POPULATIONS,
+    WEIGHT_KG_RANGE,
     EXCLUSION_COLUMNS,
     MANIFEST_COLUMNS,
     T_SCORE_COLUMNS,
@@ -38,6 +42,8 @@ log = logging.getLogger(__name__)
 
 # Plausible DXA value ranges; outside them a value is a data-entry error, not a patient.
 T_SCORE_RANGE = (-7.0, 7.0)
+Z_SCORE_RANGE = (-7.0, 7.0)
+PEDIATRIC_MAX_AGE = 17.99  # "younger than 18 years"
 AGE_RANGE = (0.0, 120.0)
 NUMERIC_OPTIONAL = [*Z_SCORE_COLUMNS, *BMD_COLUMNS, "height_cm", "weight_kg"]
 
@@ -98,12 +104,85 @@ def parse_date(value: object, fmt: str | None = None) -> date:
 
 
 # --------------------------------------------------------------------------- DXA table
-def load_column_map(spec: str | Path | dict[str, str] | None) -> dict[str, str]:
-    """Column mapping {their_name: our_name} from a dict, a YAML/JSON file, or 'a=b,c=d'."""
+PRESET_DIR = Path(__file__).resolve().parent / "dxa_presets"
+
+
+class ColumnMap(dict):  # type: ignore[type-arg]
+    """{their_name: our_name}. A preset's map is lenient: it lists several possible names per
+    column (workstation software versions differ) and only those present in the export apply.
+
+    A user's explicit ``THEIR=OURS`` entries stay strict: a name not in the table is an error.
+    """
+
+    def __init__(self, mapping: dict[str, str] | None = None, *, preset: str | None = None,
+                 aliases: dict[str, list[str]] | None = None) -> None:
+        super().__init__(mapping or {})
+        self.preset = preset
+        self.aliases = aliases or {}  # ours -> [their candidates], tried in order
+
+    def __bool__(self) -> bool:  # a preset with no explicit entries still maps columns
+        return bool(len(self) or self.aliases)
+
+    def resolve(self, columns: Sequence[str]) -> tuple[dict[str, str], list[str]]:
+        """The rename for a table with these ``columns``, and notes (which candidate won, duplicates)."""
+        notes: list[str] = []
+        missing = [c for c in self if c not in columns]
+        if missing:
+            raise TableError(f"column mapping names columns not in the table: {missing}")
+        rename = dict(self)
+        taken = set(rename.values())
+        norm = {_norm_header(c): c for c in reversed(list(columns))}  # first spelling wins
+        for ours, cands in self.aliases.items():
+            if ours in taken:
+                continue  # an explicit THEIR=OURS entry overrides the preset
+            present = [norm[_norm_header(c)] for c in cands if _norm_header(c) in norm]
+            present = [c for c in dict.fromkeys(present) if c not in rename]
+            if not present:
+                continue
+            rename[present[0]] = ours
+            if len(present) > 1:
+                notes.append(f"{ours}: {present[0]!r} used, {present[1:]} ignored (preset {self.preset})")
+        return rename, notes
+
+
+def _norm_header(name: str) -> str:
+    return " ".join(str(name).split()).lower()
+
+
+def dxa_presets() -> list[str]:
+    """Names of the shipped DXA export presets (``bonescreen/dxa_presets/*.yaml``)."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """A preset's YAML: ``name``, ``description``, ``columns`` {ours: [their names]}, ``confirmed``."""
+    import yaml
+
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise TableError(f"unknown DXA export preset {name!r}; choose from {dxa_presets()}")
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    cols = data.get("columns") or {}
+    known = {"patient_id", "exam_date", "sex", "age", BIRTH_DATE_COLUMN, *T_SCORE_COLUMNS, *DXA_OPTIONAL}
+    bad = sorted(set(cols) - known)
+    if bad:  # a preset may only name columns of the documented schema
+        raise TableError(f"preset {name}: unknown target column(s) {bad}")
+    data["columns"] = {k: [str(v) for v in (vs if isinstance(vs, list) else [vs])] for k, vs in cols.items()}
+    return data
+
+
+def load_column_map(spec: str | Path | dict[str, str] | None) -> ColumnMap:
+    """Column mapping from a dict, a YAML/JSON file, 'a=b,c=d', a preset name, or 'PRESET,a=b'.
+
+    Presets: ``generic`` (the documented schema), ``lunar`` (GE Lunar enCORE), ``hologic``
+    (Hologic APEX), ``osteosys`` (OsteoSys); see the README for their header lines.
+    """
     if spec is None:
-        return {}
+        return ColumnMap()
+    if isinstance(spec, ColumnMap):
+        return spec
     if isinstance(spec, dict):
-        return dict(spec)
+        return ColumnMap(dict(spec))
     path = Path(spec)
     if path.is_file():
         import yaml
@@ -111,15 +190,22 @@ def load_column_map(spec: str | Path | dict[str, str] | None) -> dict[str, str]:
         data = yaml.safe_load(path.read_text())
         if not isinstance(data, dict):
             raise TableError(f"{path}: a column mapping must be a mapping of their_name: our_name")
-        return {str(k): str(v) for k, v in data.items()}
-    pairs = [p for p in str(spec).split(",") if p.strip()]
-    out = {}
-    for p in pairs:
+        return ColumnMap({str(k): str(v) for k, v in data.items()})
+    pairs = [p.strip() for p in str(spec).split(",") if p.strip()]
+    out: dict[str, str] = {}
+    preset: str | None = None
+    for i, p in enumerate(pairs):
         if "=" not in p:
-            raise TableError(f"bad column mapping {p!r}; expected THEIR=OURS")
+            if i == 0 and p.lower() in dxa_presets():
+                preset = p.lower()
+                continue
+            raise TableError(f"bad column mapping {p!r}; expected THEIR=OURS or a preset first "
+                             f"({', '.join(dxa_presets())})")
         k, v = p.split("=", 1)
         out[k.strip()] = v.strip()
-    return out
+    if preset is None:
+        return ColumnMap(out)
+    return ColumnMap(out, preset=preset, aliases=load_preset(preset)["columns"])
 
 
 def _to_float(text: object) -> float:
@@ -147,8 +233,16 @@ def read_dxa(
     site: str = "",
     column_map: dict[str, str] | None = None,
     date_format: str | None = None,
+    population: str = "adult",
 ) -> DxaTable:
-    """Read and validate a DXA export; each bad row is refused with a specific reason."""
+    """Read and validate a DXA export; each bad row is refused with a specific reason.
+
+    ``population="pediatric"``: the labels are Z-scores (lumbar spine, total body less
+    head, ...); T-score and category columns are ignored (meaningless in children), and
+    height and weight, which the pediatric model takes as inputs, must be plausible.
+    """
+    if population not in POPULATIONS:
+        raise TableError(f"unknown population {population!r}; expected one of {POPULATIONS}")
     if isinstance(source, pd.DataFrame):
         raw = source.astype(str).where(source.notna(), "")
     else:
@@ -158,21 +252,28 @@ def read_dxa(
         try:
             # Everything as text: patient IDs keep leading zeros and a T-score
             # typed as text is detected instead of silently becoming NaN.
-            raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+            raw = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
         except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
             raise TableError(f"{path}: not a readable CSV table ({exc})") from exc
-    raw = raw.rename(columns={c: c.strip() for c in raw.columns})
+    raw = raw.rename(columns={c: str(c).strip() for c in raw.columns})
     if column_map:
-        missing = [c for c in column_map if c not in raw.columns]
-        if missing:
-            raise TableError(f"column mapping names columns not in the table: {missing}")
-        raw = raw.rename(columns=column_map)
+        rename, notes = load_column_map(column_map).resolve(list(raw.columns))
+        for n in notes:
+            log.warning("%s: %s", site or "DXA export", n)
+        clash = [c for c in set(rename.values()) if c in raw.columns and c not in rename]
+        raw = raw.drop(columns=clash).rename(columns=rename)
     for col in ("patient_id", "exam_date"):
         if col not in raw.columns:
             raise TableError(
                 f"DXA export lacks required column {col!r} (has {list(raw.columns)}); "
-                "map your export's names with --columns THEIR=OURS,..."
+                "map your export's names with --columns THEIR=OURS,... or a preset (--columns lunar)"
             )
+    pediatric = population == "pediatric"
+    if pediatric:
+        ignored = [c for c in (*T_SCORE_COLUMNS, "category") if c in raw.columns]
+        if ignored:
+            log.info("%s: pediatric cohort: %s ignored (children are labelled by Z-score)", site or "DXA", ignored)
+            raw = raw.drop(columns=ignored)
     t_cols = [c for c in T_SCORE_COLUMNS if c in raw.columns]
     # Pediatric exports carry Z-scores only (T-scores are meaningless in children).
     z_only = [c for c in Z_SCORE_COLUMNS if c in raw.columns] if not t_cols and "category" not in raw.columns else []
@@ -180,6 +281,7 @@ def read_dxa(
         raise TableError(
             f"DXA export has neither T-score columns {T_SCORE_COLUMNS}, a 'category' column "
             f"nor Z-score columns {Z_SCORE_COLUMNS}"
+            + (" (a pediatric cohort needs Z-scores)" if pediatric else "")
         )
 
     n_rows = len(raw)
@@ -187,6 +289,7 @@ def read_dxa(
     raw["_row"] = np.arange(n_rows) + 2  # CSV line number (header is line 1)
     records: list[dict[str, Any]] = []
     rejected: list[dict[str, Any]] = []
+    blanked: Counter[str] = Counter()
 
     def reject(row: pd.Series, reason: str, detail: str = "") -> None:
         rejected.append(
@@ -202,6 +305,18 @@ def read_dxa(
             }
         )
 
+    def scores(row: pd.Series, cols: list[str], kind: str, rng: tuple[float, float]) -> tuple[dict[str, float], tuple[str, str] | None]:
+        vals: dict[str, float] = {}
+        for col in cols:
+            try:
+                v = _to_float(row[col])
+            except ValueError:
+                return vals, (f"non_numeric_{kind}_score", f"{col}={row[col]!r}")
+            if not math.isnan(v) and not (rng[0] <= v <= rng[1]):
+                return vals, (f"implausible_{kind}_score", f"{col}={v}")
+            vals[col] = v
+        return vals, None
+
     for _, row in raw.iterrows():
         pid = str(row.get("patient_id", "")).strip()
         if not pid:
@@ -213,27 +328,30 @@ def read_dxa(
             reject(row, exc.reason, str(exc))
             continue
         rec: dict[str, Any] = {"patient_id": pid, "site": site, "dxa_date": exam}
-        bad = None
-        for col in t_cols:
-            try:
-                v = _to_float(row[col])
-            except ValueError:
-                bad = ("non_numeric_t_score", f"{col}={row[col]!r}")
-                break
-            if not math.isnan(v) and not (T_SCORE_RANGE[0] <= v <= T_SCORE_RANGE[1]):
-                bad = ("implausible_t_score", f"{col}={v}")
-                break
-            rec[col] = v
+        t_vals, bad = scores(row, t_cols, "t", T_SCORE_RANGE)
         if bad:
             reject(row, *bad)
             continue
+        rec.update(t_vals)
+        if z_only:
+            z_vals, bad = scores(row, z_only, "z", Z_SCORE_RANGE)
+            if bad:
+                reject(row, *bad)
+                continue
         try:
             age = _to_float(row["age"]) if "age" in raw.columns else math.nan
         except ValueError:
             reject(row, "implausible_age", f"age={row['age']!r}")
             continue
+        if math.isnan(age) and BIRTH_DATE_COLUMN in raw.columns and str(row[BIRTH_DATE_COLUMN]).strip():
+            try:
+                birth = parse_date(row[BIRTH_DATE_COLUMN], date_format)
+            except DateError as exc:
+                reject(row, "bad_birth_date", str(exc))
+                continue
+            age = (exam - birth).days / 365.25
         if not math.isnan(age) and not (AGE_RANGE[0] <= age <= AGE_RANGE[1]):
-            reject(row, "implausible_age", f"age={age}")
+            reject(row, "implausible_age", f"age={age:.2f}")
             continue
         rec["age"] = age
         rec["sex"] = normalize_sex(row["sex"]) if "sex" in raw.columns else None
@@ -242,12 +360,25 @@ def read_dxa(
         except ValueError as exc:
             reject(row, "unknown_category", str(exc))
             continue
+        bad = None
         for col in NUMERIC_OPTIONAL:
-            if col in raw.columns:
-                try:
-                    rec[col] = _to_float(row[col])
-                except ValueError:
-                    rec[col] = math.nan
+            if col not in raw.columns:
+                continue
+            try:
+                v = _to_float(row[col])
+            except ValueError:
+                v = math.inf  # not a number: implausible below
+            rng = {"height_cm": HEIGHT_CM_RANGE, "weight_kg": WEIGHT_KG_RANGE}.get(col)
+            if rng is not None and not math.isnan(v) and not (rng[0] <= v <= rng[1]):
+                if pediatric:  # a model input: refuse the row rather than guess
+                    bad = (f"implausible_{col.split('_')[0]}", f"{col}={row[col]!r}")
+                    break
+                blanked[col] += 1
+                v = math.nan
+            rec[col] = math.nan if math.isinf(v) else v
+        if bad:
+            reject(row, *bad)
+            continue
         if all(math.isnan(rec.get(c, math.nan)) for c in t_cols) and rec["category"] is None:
             if not z_only:
                 reject(row, "no_label", "no T-score and no category")
@@ -260,6 +391,9 @@ def read_dxa(
         rec["_key"] = tuple(str(row[c]).strip() for c in raw.columns if c != "_row")
         rec["_row"] = row["_row"]
         records.append(rec)
+    for col, k in blanked.items():
+        log.warning("%s: %d implausible %s value(s) left blank (outside %s)", site or "DXA export", k, col,
+                    HEIGHT_CM_RANGE if col == "height_cm" else WEIGHT_KG_RANGE)
 
     exams = pd.DataFrame(records)
     if len(exams):
@@ -367,6 +501,13 @@ class CohortConfig:
     split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)
     seed: int = 0
     date_format: str | None = None
+    population: str = "adult"  # or "pediatric": Z-score labels, T-scores ignored (see read_dxa)
+
+    @classmethod
+    def pediatric(cls, **kw: Any) -> CohortConfig:
+        """The pediatric study's rules: ages 0-17 (< 18 years), CXR and DXA within 3 months (90 days)."""
+        return cls(**{"window_days": 90, "min_age": 0.0, "max_age": PEDIATRIC_MAX_AGE, "population": "pediatric",
+                      **kw})
 
 
 @dataclass
@@ -518,8 +659,14 @@ def assign_splits(
     if not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
         raise ValueError(f"split fractions must sum to 1, got {fractions}")
     rng = np.random.default_rng(seed)
-    # A patient's stratum: their most severe category (3-class label).
-    strat = df.groupby("patient_id")["label_3class"].max().fillna(-1)
+    # A patient's stratum: their most severe category (3-class label); children (Z-scores, no
+    # WHO category): whether any of their exams has low BMD (Z <= -2.0).
+    stratum = df["label_3class"].astype("Float64") if "label_3class" in df.columns else pd.Series(np.nan, index=df.index)
+    if stratum.isna().all():
+        z = next((c for c in Z_SCORE_COLUMNS if c in df.columns and df[c].notna().any()), None)
+        if z is not None:
+            stratum = pd.Series([float(bool(pediatric_low_bmd(v))) for v in df[z]], index=df.index)
+    strat = stratum.groupby(df["patient_id"]).max().fillna(-1)
     split_of: dict[str, str] = {}
     for _, pids in sorted(strat.groupby(strat), key=lambda kv: kv[0]):
         ids = np.array(sorted(pids.index))
@@ -556,7 +703,8 @@ def build_cohort(
     counts: dict[str, Counter[str]] = {k: Counter() for k in ("dxa", "pair", "age", "dup", "op")}
 
     for site in sites:
-        table = read_dxa(site.dxa, site=site.name, column_map=site.column_map, date_format=cfg.date_format)
+        table = read_dxa(site.dxa, site=site.name, column_map=site.column_map, date_format=cfg.date_format,
+                         population=cfg.population)
         n_rows += table.n_rows
         exclusions.append(table.rejected)
         counts["dxa"].update(table.rejected["reason"])

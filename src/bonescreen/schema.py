@@ -9,9 +9,17 @@ from __future__ import annotations
 # --- DXA export (input) -----------------------------------------------------
 DXA_REQUIRED = ["patient_id", "exam_date", "sex", "age"]
 T_SCORE_COLUMNS = ["t_lumbar_spine", "t_femoral_neck", "t_total_hip"]
-Z_SCORE_COLUMNS = ["z_lumbar_spine", "z_femoral_neck", "z_total_hip"]
-BMD_COLUMNS = ["bmd_lumbar_spine", "bmd_femoral_neck", "bmd_total_hip"]
+# Children: lumbar spine and total body less head (TBLH) are the sites that count (ISCD).
+Z_SCORE_COLUMNS = ["z_lumbar_spine", "z_femoral_neck", "z_total_hip", "z_total_body_less_head"]
+BMD_COLUMNS = ["bmd_lumbar_spine", "bmd_femoral_neck", "bmd_total_hip", "bmd_total_body_less_head"]
 DXA_OPTIONAL = [*Z_SCORE_COLUMNS, *BMD_COLUMNS, "height_cm", "weight_kg", "category", "device"]
+#: Accepted in a DXA export instead of ``age``: the age at the exam is computed from it.
+BIRTH_DATE_COLUMN = "birth_date"
+#: Plausible body size; outside it a value is a unit or entry error (PatientSize in metres, pounds).
+HEIGHT_CM_RANGE = (30.0, 250.0)
+WEIGHT_KG_RANGE = (0.5, 350.0)
+#: Cohort populations: the adult OsPenScreen study (T-scores) and the pediatric one (Z-scores).
+POPULATIONS = ("adult", "pediatric")
 
 # --- Vocabularies -----------------------------------------------------------
 CATEGORIES = ["normal", "low_bone_mass", "osteoporosis"]

@@ -1,7 +1,8 @@
 """``bonescreen pediatric``: the pediatric variant (BMD Z-score from CXR + age, sex, height, weight).
 
 Subcommands: ``phantom`` (children's phantom with Z-scores), ``cohort``
-(pair it, ages 0-17.99), ``train`` (fusion model on the training stack),
+(your DICOM folders + DXA export, or the phantom: the adult builder with the
+pediatric rules, ages 0-17.99), ``train`` (fusion model on the training stack),
 ``evaluate`` (r, ICC, MAE, Bland-Altman + the low-BMD report), ``explain``
 (SHAP + Grad-CAM per-patient figures).
 """
@@ -12,6 +13,8 @@ import argparse
 import json
 from pathlib import Path
 from typing import Any
+
+from bonescreen.commands.cohort import add_cohort_arguments
 
 
 def register(sub: Any) -> None:
@@ -33,12 +36,18 @@ def register(sub: Any) -> None:
     ph.add_argument("--quiet", action="store_true", help="no progress bar")
     ph.set_defaults(func=_phantom)
 
-    co = ps.add_parser("cohort", help="pair a pediatric phantom's CXRs and DXA exams (ages 0-17.99)")
-    co.add_argument("phantom", type=Path, help="folder written by `bonescreen pediatric phantom`")
-    co.add_argument("out", type=Path, help="output folder (manifest.csv, exclusions.csv, flow.json)")
-    co.add_argument("--window", type=int, default=90, help="max days between CXR and DXA (default 90)")
-    co.add_argument("--seed", type=int, default=0)
-    co.add_argument("--workers", type=int, default=1)
+    co = ps.add_parser(
+        "cohort",
+        help="pair children's CXRs with DXA exams (Z-scores, ages 0-17.99): your sites or a pediatric phantom",
+        usage="%(prog)s [PHANTOM] OUT [--site NAME IMAGES DXA_CSV ...] [--columns PRESET] [options]",
+        description="`bonescreen cohort --population pediatric`: the same builder as adults with the pediatric "
+        "study's rules (ages 0-17.99, CXR within 90 days of the DXA, Z-score labels, T-scores ignored). "
+        "Usage: `pediatric cohort OUT --site NAME DICOM_DIR DXA_CSV [--columns lunar]` for your data, or "
+        "`pediatric cohort PHANTOM OUT` for a `pediatric phantom` folder.",
+    )
+    co.add_argument("paths", nargs="+", type=Path, metavar="PATH",
+                    help="output folder, preceded by a `pediatric phantom` folder when building from one")
+    add_cohort_arguments(co, pediatric=True)
     co.set_defaults(func=_cohort)
 
     tr = ps.add_parser("train", help="train the fusion model (image backbone + clinical variables)")
@@ -102,19 +111,13 @@ def _phantom(args: argparse.Namespace) -> int:
 
 
 def _cohort(args: argparse.Namespace) -> int:
-    from bonescreen.cohort import (
-        CohortConfig,
-        build_cohort,
-        flow_text,
-        sites_from_phantom,
-    )
+    from bonescreen.commands.cohort import run_cohort
+    from bonescreen.errors import TableError
 
-    cfg = CohortConfig(window_days=args.window, min_age=0.0, max_age=17.99, seed=args.seed)
-    res = build_cohort(sites_from_phantom(args.phantom), cfg, workers=args.workers)
-    paths = res.write(args.out)
-    print(flow_text(res.flow))
-    print(f"manifest: {paths['manifest']} ({len(res.manifest)} images)")
-    return 0
+    if len(args.paths) > 2:
+        raise TableError(f"pediatric cohort takes [PHANTOM] OUT, got {len(args.paths)} paths")
+    phantom, args.out = (args.paths[0], args.paths[1]) if len(args.paths) == 2 else (None, args.paths[0])
+    return run_cohort(args, population="pediatric", phantom=phantom)
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from bonescreen import schema
 from bonescreen.errors import TableError
 from bonescreen.screen.models import model_id
 
@@ -47,9 +48,10 @@ LABEL_COLUMNS = ("label", "label_stage1", "label_3class", "t_min", "severity", "
 PEDIATRIC_Z_COLUMN = "z_lumbar_spine"  # what the pediatric model regresses (bonescreen.pediatric.data)
 PEDIATRIC_LABEL_COLUMNS = (PEDIATRIC_Z_COLUMN, "bmd_lumbar_spine")
 MANIFEST_SUFFIXES = (".csv", ".tsv")
-# Plausible ranges; a value outside is treated as not recorded (e.g. PatientSize written in cm).
-HEIGHT_CM_RANGE = (30.0, 250.0)
-WEIGHT_KG_RANGE = (0.5, 350.0)
+# Plausible ranges (bonescreen.schema, shared with the cohort's DXA checks); a value outside is
+# treated as not recorded (e.g. PatientSize written in cm).
+HEIGHT_CM_RANGE = schema.HEIGHT_CM_RANGE
+WEIGHT_KG_RANGE = schema.WEIGHT_KG_RANGE
 
 
 @dataclass
