@@ -34,6 +34,7 @@ COMMANDS = [
     "serve",
     "users",
     "db",
+    "monitor",
     "pediatric",
 ]
 
