@@ -33,6 +33,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from bonescreen.errors import BonescreenError, TableError
+from bonescreen.evaluate.report import json_clean
 from bonescreen.labels import normalize_sex, pediatric_low_bmd
 from bonescreen.pseudonym import PREFIX as PSEUDONYM_PREFIX
 
@@ -350,19 +351,7 @@ def group_metrics(g: pd.DataFrame, cfg: MonitorConfig, seed: int) -> dict[str, A
     out["sensitivity"] = proportion(int((fl & yr).sum()), int(yr.sum())).to_dict()
     out["specificity"] = proportion(int((~fl & ~yr).sum()), int((~yr).sum())).to_dict()
     out["abstained"] = int((g["category"] == ABSTAIN).sum())
-    return _clean(out)
-
-
-def _clean(o: Any) -> Any:
-    if isinstance(o, dict):
-        return {k: _clean(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_clean(v) for v in o]
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (float, np.floating)):
-        return None if not np.isfinite(o) else float(o)
-    return o
+    return json_clean(out)
 
 
 def _months(dates: pd.Series) -> pd.Series:
@@ -408,7 +397,7 @@ class MonitorResult:
     figures: dict[str, bytes] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return _clean({"format": "bonescreen-monitor", "config": json.loads(self.config.model_dump_json()),
+        return json_clean({"format": "bonescreen-monitor", "config": json.loads(self.config.model_dump_json()),
                        "counts": self.counts, "overall": self.overall, "by": self.by, "rolling": self.rolling,
                        "drift": self.drift, "reference": self.reference, "alerts": self.alerts,
                        "notes": self.notes})
@@ -532,7 +521,7 @@ def run_monitor(
                                "lo": None, "hi": None})
     reference = {"description": ref_desc, "histogram": ref_counts,
                  "edges": score_histogram([])["edges"]}
-    res = MonitorResult(cfg, counts, overall, by, rolling, drift, reference, _clean(alerts), notes,
+    res = MonitorResult(cfg, counts, overall, by, rolling, drift, reference, json_clean(alerts), notes,
                         j.drop(columns=["sex_group"], errors="ignore") if len(j) else j)
     if figures:
         res.figures = _figures(res)
@@ -601,11 +590,12 @@ def _figures(res: MonitorResult) -> dict[str, bytes]:
 
 
 def _fmt(d: Any, digits: int = 2) -> str:
-    if not isinstance(d, dict) or d.get("value") is None:
-        return "NA" if not isinstance(d, (int, float)) or d is None else f"{d:.{digits}f}"
-    if d.get("lo") is None or d.get("hi") is None:
-        return f"{d['value']:.{digits}f}"
-    return f"{d['value']:.{digits}f} ({d['lo']:.{digits}f}–{d['hi']:.{digits}f})"
+    """An estimate dict (``Estimate.to_dict``) or a bare number, journal style."""
+    from bonescreen.evaluate.metrics import Estimate
+
+    if isinstance(d, (int, float)):
+        return f"{d:.{digits}f}"
+    return Estimate.from_dict(d if isinstance(d, dict) else None).fmt(digits)
 
 
 def group_frame(groups: dict[str, dict[str, Any]], label: str) -> pd.DataFrame:

@@ -77,6 +77,14 @@ class Estimate:
             d[k] = None if math.isnan(d[k]) else float(d[k])
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> Estimate:
+        """The inverse of :meth:`to_dict` (``None`` values back to NaN; unknown keys ignored)."""
+        d = d or {}
+        kw = {k: d[k] for k in ("num", "den", "method", "note") if d.get(k) is not None}
+        nan = [math.nan if d.get(k) is None else float(d[k]) for k in ("value", "lo", "hi")]
+        return cls(*nan, **kw)
+
 
 def proportion(x: int, n: int, alpha: float = 0.05) -> Estimate:
     if n == 0:

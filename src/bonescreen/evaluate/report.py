@@ -504,18 +504,19 @@ def _make_figures(rep: Report) -> None:
 # --------------------------------------------------------------------------
 # Output
 # --------------------------------------------------------------------------
-def _json_clean(o: Any) -> Any:
+def json_clean(o: Any) -> Any:
+    """JSON-ready: numpy scalars to Python, NaN and infinities to None, keys to str."""
     if isinstance(o, dict):
-        return {str(k): _json_clean(v) for k, v in o.items()}
+        return {str(k): json_clean(v) for k, v in o.items()}
     if isinstance(o, (list, tuple)):
-        return [_json_clean(v) for v in o]
+        return [json_clean(v) for v in o]
     if isinstance(o, (np.integer,)):
         return int(o)
     if isinstance(o, (np.floating, float)):
         f = float(o)
         return None if math.isnan(f) or math.isinf(f) else f
     if isinstance(o, np.ndarray):
-        return _json_clean(o.tolist())
+        return json_clean(o.tolist())
     return o
 
 
@@ -555,7 +556,7 @@ def metrics_dict(rep: Report) -> dict[str, Any]:
             if site in rep.oracle:
                 d["oracle_auc"] = rep.oracle[site]
             out["results"][model][site] = d
-    return _json_clean(out)
+    return json_clean(out)
 
 
 def _safe(name: str) -> str:
@@ -632,7 +633,7 @@ def abstention_frame(rep: Report) -> pd.DataFrame:
                 continue
 
             def fmt(d: dict[str, Any]) -> str:
-                return Estimate(**{k: (math.nan if v is None else v) for k, v in d.items()}).fmt()
+                return Estimate.from_dict(d).fmt()
 
             rows.append({"Model": model, "Dataset": site, "n": ab["n"],
                          "Indeterminate, n": ab["abstained"]["num"],
