@@ -262,3 +262,25 @@ def test_write_monitor_with_nothing_joined(tmp_path: Path) -> None:
     files = write_monitor(r, tmp_path / "o")
     assert r.overall == {"n": 0} and "nothing to score yet" in " ".join(r.notes)
     assert files["html"].read_text().count("No alert") == 1
+
+
+def test_store_with_scanner_columns_reads_them(tmp_path: Path) -> None:
+    """A store whose results table has the scanner columns (the engine's newer schema) groups by scanner."""
+    import sqlite3
+
+    db = tmp_path / "new.db"
+    con = sqlite3.connect(db)
+    con.execute("CREATE TABLE results (id INTEGER PRIMARY KEY, sop_instance_uid TEXT, patient_id TEXT, "
+                "study_date DATE, sex TEXT, age REAL, eligible BOOLEAN, score REAL, category TEXT, flag BOOLEAN, "
+                "manufacturer TEXT, manufacturer_model_name TEXT, accession_number TEXT)")
+    con.executemany("INSERT INTO results (sop_instance_uid, patient_id, study_date, sex, age, eligible, score, category,"
+                    " flag, manufacturer, manufacturer_model_name, accession_number) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                    [("1.1", "A", "2024-01-02", "F", 70, 1, 0.8, "low_bone_mass", 1, "ACME", "X1", "ACC1"),
+                     ("1.2", "B", "2024-01-03", "M", 71, 1, 0.2, "normal", 0, None, None, "ACC2")])
+    con.commit()
+    con.close()
+    table = read_results_store(f"sqlite:///{db}")
+    assert table["accession_number"].tolist() == ["ACC1", "ACC2"]
+    from bonescreen.monitor import scanner_of
+
+    assert [scanner_of(r) for r in table.itertuples()] == ["ACME X1", "scanner unknown"]
