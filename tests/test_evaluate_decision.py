@@ -158,3 +158,18 @@ def test_report_calibration_and_decision_numbers(abstain_report: tuple) -> None:
     cal = pd.read_csv(files["calibration.csv"])
     assert cal.loc[0, "Calibration slope (95% CI)"].startswith(f"{fit.slope.value:.2f}")
     assert Path(files["figures/decision.png"]).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_referral_ages(abstain_report: tuple, tmp_path: Path) -> None:
+    from bonescreen.cli import main
+
+    _, files, df, _ = abstain_report
+    src = tmp_path / "p.csv"
+    df.to_csv(src, index=False)
+    assert main(["evaluate", str(src), "--out", str(tmp_path / "a"), "--bootstrap", "0", "--no-progress",
+                 "--referral-ages", "60,65"]) == 0
+    assert "Women ≥ 60, men ≥ 65" in (tmp_path / "a" / "decision_curve.csv").read_text()
+    assert main(["evaluate", str(src), "--out", str(tmp_path / "b"), "--bootstrap", "0", "--no-progress",
+                 "--referral-ages", "none"]) == 0
+    assert "Women" not in (tmp_path / "b" / "decision_curve.csv").read_text()
+    assert main(["evaluate", str(src), "--out", str(tmp_path / "c"), "--referral-ages", "65"]) == 1

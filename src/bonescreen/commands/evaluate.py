@@ -31,6 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--age-bands", default="50,55,60,65",
                    help="age band edges (default 50,55,60,65 -> 50-54, 55-59, 60-64, >=65)")
+    p.add_argument("--referral-ages", default="65,70", metavar="WOMEN,MEN",
+                   help="decision curves compare with referring women >= WOMEN and men >= MEN years "
+                        "(default 65,70; 'none': no such rule)")
     p.add_argument("--title", default="bonescreen validation report")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -52,8 +55,15 @@ def run(args: argparse.Namespace) -> int:
         raise TableError(f"--target-sensitivity must be in (0, 1], got {args.target_sensitivity}")
     if args.bootstrap < 0:
         raise TableError("--bootstrap must be >= 0")
+    rule = None
+    if args.referral_ages.strip().lower() != "none":
+        try:
+            women, men = (float(x) for x in args.referral_ages.split(","))
+        except ValueError as exc:
+            raise TableError(f"--referral-ages must be WOMEN,MEN (e.g. 65,70) or none, got {args.referral_ages!r}") from exc
+        rule = (women, men)
     cfg = EvaluateConfig(threshold=args.threshold, n_boot=args.bootstrap, seed=args.seed, age_bands=bands,
-                         target_sensitivity=args.target_sensitivity, title=args.title)
+                         target_sensitivity=args.target_sensitivity, title=args.title, referral_rule=rule)
     rep, files = run_evaluation(args.predictions, args.out, config=cfg, tune=args.tune, manifest=args.manifest,
                                 flow=args.flow, oracle=args.oracle, progress=not args.no_progress)
     print(summary_text(rep))
