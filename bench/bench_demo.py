@@ -72,6 +72,16 @@ def collect(out: Path) -> dict[str, Any]:
     }
 
 
+def training_seconds(out: Path) -> dict[str, float]:
+    """Per training, the sum of its epochs' seconds (metrics.csv): the training cost even of a resumed run."""
+    t = {}
+    for stage in ("teacher", "student", "stage1"):
+        f = out / stage / "metrics.csv"
+        if f.is_file():
+            t[stage] = round(float(pd.read_csv(f)["seconds"].sum()), 1)
+    return t
+
+
 def markdown(res: dict[str, Any]) -> str:
     """The README tables: AUC (CI) · headroom per model and site, oracle rows, then the cascade per site."""
     rows = {(r["model"], r["site"]): r for r in res["summary"]}
@@ -124,6 +134,9 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "demo.json")
     ap.add_argument("--from-run", type=Path, help="only re-read a finished demo folder and print the tables")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--resume", action="store_true",
+                    help="continue interrupted trainings in --out (the JSON then says resumed: true; its timings "
+                         "are those of the resumed run, the per-epoch training seconds are in <stage>/metrics.csv)")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
 
@@ -137,10 +150,12 @@ def main() -> int:
 
     before = {"loadavg": os.getloadavg(), **commit()}
     t0 = time.perf_counter()
-    run_demo(args.out, DemoConfig(workers=args.workers), progress=False)
+    run_demo(args.out, DemoConfig(workers=args.workers, resume=args.resume), progress=False)
     wall = time.perf_counter() - t0
     res = {
-        "command": "python bench/bench_demo.py",
+        "command": "python bench/bench_demo.py" + (" --resume" if args.resume else ""),
+        "resumed": bool(args.resume),
+        "training_seconds": training_seconds(args.out),
         "demo_command": f"bonescreen demo --out {args.out} --no-progress",
         **before,
         "loadavg_after": os.getloadavg(),
@@ -152,7 +167,7 @@ def main() -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(res, indent=1, default=str) + "\n")
     print(markdown(res))
-    print(f"\nwall {wall / 60:.1f} min; stages (s): {res['timings']}; commit {res['commit'][:10]}"
+    print(f"\nwall {wall / 60:.1f} min; stages (s): {res['timings']}; training (s): {res['training_seconds']}; commit {res['commit'][:10]}"
           f"{' (dirty tree)' if res['dirty'] else ''}; CPU {res['machine'].get('cpu')}, "
           f"{res['machine'].get('cores')} cores, {' '.join(res['machine'].get('isa') or []) or 'no AVX-512/AMX'}; "
           f"load {before['loadavg'][0]:.1f} before, {res['loadavg_after'][0]:.1f} after")

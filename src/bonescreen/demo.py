@@ -39,6 +39,9 @@ class DemoConfig:
     # Stage 1 sees ~8 % osteoporosis in the phantom's training split: class-weighted
     # cross-entropy keeps it from calling everyone "not osteoporosis" at the 0.5 cut-off.
     stage1_overrides: dict[str, Any] = field(default_factory=lambda: {"balance": "loss"})
+    # continue each training from its checkpoint in the output folder (an interrupted run; a finished
+    # training is not repeated: resuming is bit-identical on CPU, README "Resume")
+    resume: bool = False
 
 
 @dataclass
@@ -106,7 +109,11 @@ def run_demo(out_dir: str | Path, config: DemoConfig | None = None, *, progress:
     )
     lap("preprocess")
 
-    teacher = train_model(paths["manifest"], out / "teacher", tcfg, cache_root=cache, model_name="teacher")
+    def resume(stage: str) -> bool:
+        return cfg.resume and (out / stage / "checkpoint.pt").is_file()
+
+    teacher = train_model(paths["manifest"], out / "teacher", tcfg, cache_root=cache, model_name="teacher",
+                          resume=resume("teacher"))
     lap("teacher")
     proxy = pseudolabel(
         teacher.artifact_path,
@@ -119,14 +126,14 @@ def run_demo(out_dir: str | Path, config: DemoConfig | None = None, *, progress:
     lap("pseudolabel")
     student = distill(
         paths["manifest"], out / "student", tcfg, teacher=teacher.artifact_path, cache_root=cache,
-        proxy=proxy.out_csv, model_name="student",
+        proxy=proxy.out_csv, model_name="student", resume=resume("student"),
     )
     lap("student")
 
     s1cfg = load_config(cfg.preset, overrides={"seed": cfg.seed, "progress": progress, **cfg.overrides,
                                                  **cfg.stage1_overrides})
     stage1 = train_model(paths["manifest"], out / "stage1", s1cfg, cache_root=cache, task="stage1",
-                         model_name="stage1")
+                         model_name="stage1", resume=resume("stage1"))
     lap("stage1")
 
     pred_dir = out / "predictions"

@@ -28,6 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for AUC/F1 CIs")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="training config override")
+    p.add_argument("--resume", action="store_true",
+                   help="continue each training from its checkpoint in --out (an interrupted run)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -37,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from bonescreen.demo import DemoConfig, run_demo
 
     cfg = DemoConfig(preset=args.preset, seed=args.seed, workers=args.workers, bootstrap=args.bootstrap,
-                     overrides=parse_overrides(args.set))
+                     overrides=parse_overrides(args.set), resume=args.resume)
     for key in ("n_dev", "n_external", "pool"):
         if getattr(args, key) is not None:
             setattr(cfg, key, getattr(args, key))
