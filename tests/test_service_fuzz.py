@@ -26,7 +26,7 @@ from bonescreen.service.runtime import Service
 from bonescreen.service.testing import free_port, make_cxr_dataset
 
 SOP = "1.2.826.0.1.66.1"
-PAGES = {"/worklist", "/admin/audit"}  # HTML: no principal -> redirect to the sign-in page
+PAGES = {"/worklist", "/admin/audit", "/monitor"}  # HTML: no principal -> redirect to the sign-in page
 
 
 @pytest.fixture(scope="module")

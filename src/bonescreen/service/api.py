@@ -345,9 +345,11 @@ def create_app(service: Service, *, manage: bool = True, stop_on_shutdown: bool 
         """The serve processes sharing this database, their parts and heartbeat age."""
         return {"instances": service.store.instances(), "screened_by": service.store.job_workers()}
 
+    from bonescreen.service.monitoring import add_monitor_routes
     from bonescreen.service.worklist import add_worklist_routes
 
     add_worklist_routes(app, service)
+    add_monitor_routes(app, service)
     if service.config.oidc_issuer:
         from bonescreen.service.oidc import add_oidc_routes
 

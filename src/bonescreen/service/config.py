@@ -181,6 +181,11 @@ class ServiceConfig(BaseSettings):
     forward_tls_ca_file: str | None = None  # DICOM TLS when forwarding by C-STORE: the peer's CA ...
     forward_tls_cert_file: str | None = None  # ... and our client certificate / key, if the peer asks
     forward_tls_key_file: str | None = None
+    # --- monitoring (/monitor: DXA results that arrived later, joined to this store's results)
+    monitor_dxa: list[str] = Field(default_factory=list)  # DXA export file(s), read at each page view
+    monitor_columns: str | None = None  # their column map or preset (lunar, hologic, osteosys), as `cohort --columns`
+    monitor_date_format: str | None = None  # strptime format of non-ISO DXA dates, e.g. %m/%d/%Y
+    monitor_config: str | None = None  # monitor.yaml: window, grouping, reference, alert floors
 
     @field_validator("forward_cstore")
     @classmethod
