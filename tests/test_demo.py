@@ -55,7 +55,7 @@ def test_summary_puts_every_site_next_to_its_oracle(demo):
     s = demo.summary
     oracle = json.loads((demo.out_dir / "phantom" / "oracle.json").read_text())
     assert set(s["model"]) == {"teacher", "student", "stage1"}
-    assert set(s["site"]) == {"DEV", "EXT_A", "EXT_B", "EXT_C"}
+    assert set(s["site"]) == {"DEV", "EXT_A", "EXT_B", "EXT_C", "FAR"}
     for row in s.itertuples():
         key = "auc_stage1" if row.model == "stage1" else "auc"
         assert row.oracle_auc == pytest.approx(oracle[row.site][key], abs=1e-3)

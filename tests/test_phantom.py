@@ -23,6 +23,8 @@ from bonescreen.phantom import (
     SiteSpec,
     VendorProfile,
     default_sites,
+    far_site,
+    far_vendor,
     generate_phantom,
     render_patient_image,
 )
@@ -105,8 +107,8 @@ def test_dicoms_carry_required_tags(cohort: Path) -> None:
         assert ds.pixel_array.shape == (64, 64)
         view = ds.ViewPosition or ""
         if view:
-            assert view in ("PA", "AP", "LL", "LAT")
-            assert (view in ("LL", "LAT")) == (row["view"] == "LAT")
+            assert view in ("PA", "AP", "LL", "LAT", "LATERAL")
+            assert (view in ("LL", "LAT", "LATERAL")) == (row["view"] == "LAT")
         else:
             assert row["view"] in ds.SeriesDescription  # vendor that names the view only there
         seen_ts.add(str(ds.file_meta.TransferSyntaxUID))
@@ -268,7 +270,7 @@ def test_truth_matches_exports_and_pairing_windows(cohort: Path) -> None:
 
 def test_oracle_and_prevalence(cohort: Path) -> None:
     oracle = json.loads((cohort / "oracle.json").read_text())
-    assert set(oracle) == {"DEV", "EXT_A", "EXT_B", "EXT_C"}
+    assert set(oracle) == {"DEV", "EXT_A", "EXT_B", "EXT_C", "FAR"}
     for name, o in oracle.items():
         assert o["n"] == o["n_normal"] + o["n_low_bone_mass"]
         assert o["prevalence"] == pytest.approx(o["n_low_bone_mass"] / o["n"], abs=1e-4)
@@ -296,6 +298,52 @@ def test_cli_prints_sites(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert "oracle AUC" in text and "EXT_C" in text and "EXT_A" not in text
     assert (out / "DEV" / "dxa.csv").is_file() and (out / "pool" / "images").is_dir()
     assert main(["phantom", str(out), "--sites", "NOPE", "--quiet"]) == 1
+
+
+def test_far_site_differs_from_dev_on_every_axis_and_keeps_the_others() -> None:
+    """FAR's system differs from DEV's in encoding, response, processing, dose and geometry."""
+    dev = next(s for s in default_sites() if s.name == "DEV").vendors[0]
+    far = far_vendor()
+    assert far_site() in default_sites()
+    differ = ("modality", "bits_stored", "photometric", "response", "exposure", "electronic_noise",
+              "scatter", "blur_mm", "detail_gain", "range_compression", "fov_mm", "collimation",
+              "collimation_fill", "marker", "voi_window", "rescale", "annotation")
+    assert [k for k in differ if getattr(dev, k) == getattr(far, k)] == []
+    # a different population too: older, more women, more inpatient (AP) views, higher prevalence
+    spec, dspec = far_site(), next(s for s in default_sites() if s.name == "DEV")
+    assert spec.age_mean > dspec.age_mean + 15 and spec.female_frac > dspec.female_frac
+    assert spec.prevalence > dspec.prevalence and spec.ap_frac > 10 * dspec.ap_frac
+
+
+def test_adding_far_leaves_other_sites_byte_identical(tmp_path: Path) -> None:
+    dev = [s for s in default_sites() if s.name == "DEV"]
+    kw: dict = {"n_per_site": 6, "pool_size": 2, "size": 48, "seed": 4, "progress": False}
+    generate_phantom(tmp_path / "a", sites=dev, **kw)
+    generate_phantom(tmp_path / "b", sites=[*dev, far_site()], **kw)
+    a, b = _all_files(tmp_path / "a"), _all_files(tmp_path / "b")
+    shared = [k for k in a if k.endswith((".dcm", "dxa.csv"))]
+    assert shared and all(a[k] == b[k] for k in shared)
+    assert any(k.startswith("FAR/images/") for k in b)
+
+
+def test_far_burned_in_text_is_independent_of_density_and_off_centre() -> None:
+    """The text line is burned in white near the bottom edge, the same whatever the bone density,
+    and never inside the central region whose min/max set the grayscale truncation."""
+    base = PatientRecord("FAR-00003", "FAR", 3, "F", 80.0, 155.0, 58.0, 0.5)
+    plain = dataclasses.replace(far_vendor(), annotation=None)
+    for k in range(3):
+        inks = []
+        for latent in (0.5, -2.5):
+            p = dataclasses.replace(base, latent=latent)
+            hi = render_patient_image(p, vendor=far_vendor(), size=256, k=k)
+            bare = render_patient_image(p, vendor=plain, size=256, k=k)
+            inks.append((hi.display == 1.0) & (bare.display < 1.0))
+        ink = inks[0]
+        assert ink.sum() > 30  # the text is there
+        assert np.array_equal(inks[0], inks[1])
+        rows, _ = np.nonzero(ink)
+        assert rows.min() > 0.75 * 256  # below the central region (rows 64..191)
+        assert np.array_equal(hi.display[64:192, 64:192], bare.display[64:192, 64:192])
 
 
 def test_bad_requests_fail_clearly(tmp_path: Path) -> None:

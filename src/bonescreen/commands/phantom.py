@@ -12,8 +12,8 @@ def register(sub: Any) -> None:
         help="generate the synthetic CXR-DXA cohort (known truth, oracle AUC)",
         description=(
             "Write DICOM radiographs, DXA exports, truth.csv, oracle.json and phantom.json for "
-            "a development site, three external sites (one with category labels only) and an "
-            "unlabelled pool. Same seed, same bytes."
+            "a development site, four external sites (one with category labels only, one (FAR) "
+            "with the vendor look farthest from the development site's) and an unlabelled pool. Same seed, same bytes."
         ),
     )
     p.add_argument("out", help="output folder (created; a previous phantom there is replaced)")
@@ -25,7 +25,7 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--sites",
         default=None,
-        help="comma-separated subset of the default sites (DEV,EXT_A,EXT_B,EXT_C)",
+        help="comma-separated subset of the default sites (DEV,EXT_A,EXT_B,EXT_C,FAR)",
     )
     p.add_argument("--no-messy", action="store_true", help="leave the DEV DXA export clean")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -27,6 +27,8 @@ from bonescreen.phantom.generate import (
     SiteSpec,
     default_pool,
     default_sites,
+    far_site,
+    far_vendor,
     generate_phantom,
     render_patient_image,
 )
@@ -49,6 +51,8 @@ __all__ = [
     "anatomy_from_patient",
     "default_pool",
     "default_sites",
+    "far_site",
+    "far_vendor",
     "generate_phantom",
     "render_attenuation",
     "render_patient_image",

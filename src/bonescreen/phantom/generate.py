@@ -167,12 +167,15 @@ def _dev_vendor() -> VendorProfile:
 
 
 def default_sites() -> list[SiteSpec]:
-    """Development site plus three external sites, as in the paper's design.
+    """Development site plus four external sites: the paper's three and a far one.
 
     DEV: health-screening population (50-65), same-day CXR and DXA, messy export.
     EXT_A: similar ages, another vendor (CR, 10-bit, MONOCHROME1, linear, RLE).
     EXT_B: older veterans-like population, two systems, laterals and AP views.
     EXT_C: older, category labels only (no T-scores), JPEG 2000, 180-day pairing.
+    FAR: the vendor look farthest from DEV's, an old inpatient population
+    (:func:`far_site`). Sites are generated independently (every draw is keyed
+    by the site's name), so adding FAR left the other sites' files unchanged.
     """
     return [
         SiteSpec(
@@ -312,7 +315,73 @@ def default_sites() -> list[SiteSpec]:
             dxa_device="unknown",
             dxa_noise=0.15,
         ),
+        far_site(),
     ]
+
+
+def far_vendor() -> VendorProfile:
+    """The radiography system that differs most from DEV's (``_dev_vendor``) on every axis.
+
+    A bedside CR reader without a grid: MONOCHROME1 at 10 bits, a strongly
+    curved linear (dose) response instead of DEV's log one, heavy multi-scale
+    processing (detail gain 2.8 and range compression 0.45 against DEV's 1.6
+    and 0.7), a third of the fluence and three times the electronic noise,
+    more scatter, a blurrier plate over a larger field (the chest fills less
+    of the image; coarser pixels), wide black collimation, both lead markers
+    always and a burned-in text line, no VOI window and no rescale.
+    """
+    return VendorProfile(
+        name="far_cr",
+        manufacturer="Farland Medical",
+        model="FL-CR 8 Bedside",
+        modality="CR",
+        bits_stored=10,
+        photometric="MONOCHROME1",
+        response="linear",
+        linear_k=1.2,
+        exposure=0.35,
+        electronic_noise=0.006,
+        scatter=0.15,
+        blur_mm=1.2,
+        detail_gain=2.8,
+        range_compression=0.45,
+        fov_mm=480.0,
+        range_percentiles=(0.5, 85.0),
+        collimation=0.11,
+        collimation_fill="black",
+        marker="both",
+        marker_prob=1.0,
+        annotation="FARLAND GENERAL CR",
+        lateral_label="LATERAL",
+    )
+
+
+def far_site() -> SiteSpec:
+    """FAR: the external site farthest from DEV (vendor look, population, DXA device).
+
+    Inpatient-heavy, old and mostly female (76 +- 8, 80 % women), higher
+    prevalence (0.48), many AP and lateral views and devices, pairing up to
+    180 days and more, another DXA device with a calibration offset.
+    """
+    return SiteSpec(
+        name="FAR",
+        age_mean=76.0,
+        age_sd=8.0,
+        age_min=55.0,
+        age_max=99.0,
+        female_frac=0.8,
+        prevalence=0.48,
+        vendors=(far_vendor(),),
+        ap_frac=0.30,
+        lateral_frac=0.20,
+        device_frac=0.08,
+        window_probs=(0.2, 0.4, 0.3, 0.1),
+        date_start="2016-01-01",
+        date_end="2024-06-30",
+        dxa_device="Hologic Discovery",
+        dxa_offset=0.15,
+        dxa_noise=0.15,
+    )
 
 
 def default_pool() -> PoolSpec:

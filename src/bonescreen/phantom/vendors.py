@@ -50,6 +50,9 @@ class VendorProfile:
     collimation_fill: str = "white"  # "white" (unexposed) or "black" (masked)
     marker: str | None = "R"  # burned-in letter ("R", "L", "both") or None
     marker_prob: float = 0.85
+    # burned-in text line (institution / device / exposure index), as CR readers and
+    # some DR consoles print into the pixels; None = no text
+    annotation: str | None = None
     voi_window: bool = False  # write WindowCenter / WindowWidth
     rescale: tuple[float, float] | None = None  # (slope, intercept) written when given
     transfer_syntax: str = "explicit"  # "explicit" | "rle" | "j2k"
@@ -99,6 +102,29 @@ def _glyph(letter: str, height_px: int) -> np.ndarray:
     ri = np.minimum((np.arange(h) * 7) // h, 6)
     ci = np.minimum((np.arange(w) * 5) // w, 4)
     return g[ri][:, ci]
+
+
+def _burn_text(val: np.ndarray, text: str, rng: np.random.Generator, spacing: float,
+               box: tuple[int, int, int, int]) -> None:
+    """Burn ``text`` plus a per-image exposure index, white, into the lower left of the field.
+
+    Letters are ~7 mm tall (OpenCV's Hershey font, deterministic); the line is
+    clipped to the image and never reaches the central region that sets the
+    grayscale truncation on a typical field.
+    """
+    import cv2
+
+    n = val.shape[0]
+    r0, r1, c0, c1 = box
+    line = f"{text} EI {int(rng.integers(200, 2400))}"
+    height_px = max(5.0, 7.0 / spacing)
+    scale = height_px / 22.0  # FONT_HERSHEY_SIMPLEX capitals are ~22 px tall at scale 1
+    thick = max(1, int(round(height_px / 8)))
+    x = min(max(c0 + max(2, n // 40), 0), n - 1)
+    y = min(max(r1 - max(3, n // 30), int(height_px) + 1), n - 1)
+    ink = np.zeros(val.shape, dtype=np.uint8)  # OpenCV draws text on 8-bit images only
+    cv2.putText(ink, line, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, 255, thick, cv2.LINE_8)
+    val[ink > 0] = 1.0
 
 
 def _lowpass(img: np.ndarray, sigma_px: float) -> np.ndarray:
@@ -228,6 +254,8 @@ def detect(
             left = min(max(left, 0), n - gw)
             val[top : top + gh, left : left + gw][g] = 1.0
         marker = "".join(letters)
+    if vendor.annotation:
+        _burn_text(val, vendor.annotation, rng, spacing, (r0, r1, c0, c1))
 
     display = val.astype(np.float32)
     ival = np.rint(val * maxv).astype(np.int64)
