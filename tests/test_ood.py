@@ -1,4 +1,5 @@
-"""The OOD part: fit, storage in the artifact (format 2), the v1 upgrade path, refusal, flag, opt-out."""
+"""The OOD part: multi-block fit, storage in the artifact (format 3), the v1/v2 upgrade paths, refusal, flag band,
+flag, opt-out."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def test_fit_ood_scores_and_round_trip() -> None:
     labels = np.arange(200) % 2
     tune = centre + 0.1 * rng.normal(size=(60, 32))
     ood = fit_ood(train, labels, tune, weights_fingerprint="abc", quantile=0.99)
-    assert ood.means.shape == (2, 32) and ood.n_fit == 200 and ood.n_tune == 60
+    assert len(ood.blocks) == 1 and ood.blocks[0].means.shape == (2, 32) and ood.n_fit == 200 and ood.n_tune == 60
     # the threshold is the tuning quantile: about 1 % of tuning images lie above it
     assert (ood.score(tune) > 1).mean() <= 0.02
     far = -centre + 0.1 * rng.normal(size=(20, 32))
@@ -47,12 +48,70 @@ def test_fit_ood_scores_and_round_trip() -> None:
         OODModel.from_dict({**ood.to_dict(), "method": "magic"})
     with pytest.raises(OODError):
         fit_ood(train, labels, tune, weights_fingerprint="abc", quantile=0.3)
-    # augmented tuning copies (another scanner's look) raise the threshold to their aug_quantile
-    shifted = tune + 0.05 * rng.normal(size=tune.shape)
+    # augmented tuning copies (another scanner's look) raise the refusal threshold to their aug_quantile
+    # and the flag threshold to their flag_quantile: a band between them
+    shifted = tune + 0.15 * rng.normal(size=tune.shape)
     wide = fit_ood(train, labels, tune, weights_fingerprint="abc", quantile=0.99, aug_tune_features=shifted,
-                   aug_quantile=0.9)
-    assert wide.threshold == pytest.approx(max(ood.threshold, float(np.quantile(wide.distance(shifted), 0.9))))
-    assert wide.threshold > ood.threshold
+                   aug_quantile=0.99, flag_quantile=0.8)
+    d_aug = wide.distance(shifted)
+    assert wide.threshold == pytest.approx(max(ood.threshold, float(np.quantile(d_aug, 0.99))))
+    assert wide.flag_threshold == pytest.approx(max(ood.threshold, float(np.quantile(d_aug, 0.8))))
+    assert wide.threshold > wide.flag_threshold > ood.threshold and 0 < wide.flag_ratio < 1
+    assert ood.flag_ratio == 1.0  # no augmented copies: no band
+    back = OODModel.from_dict(wide.to_dict())
+    assert back.flag_ratio == pytest.approx(wide.flag_ratio) and back.flag_quantile == pytest.approx(0.8)
+
+
+def test_multi_block_catches_what_the_penultimate_block_misses() -> None:
+    """A shift only in a deep stage's statistics is caught by that stage's block; early stages are left out."""
+    rng = np.random.default_rng(1)
+    layout = [{"name": "penultimate", "start": 0, "stop": 16}]
+    start = 16
+    for k in range(1, 5):
+        for kind in ("mean", "std"):
+            layout.append({"name": f"stage{k}_{kind}", "start": start, "stop": start + 8})
+            start += 8
+    train, tune = rng.normal(size=(300, start)), rng.normal(size=(80, start))
+    ood = fit_ood(train, None, tune, weights_fingerprint="abc", layout=layout, quantile=0.99)
+    # the deeper half of 4 stages: 3 and 4, means and standard deviations
+    assert [b.name for b in ood.blocks] == ["penultimate", "stage3_mean", "stage3_std", "stage4_mean", "stage4_std"]
+    assert all(np.median(b.distance(tune)) == pytest.approx(1.0) for b in ood.blocks)  # tuning-median units
+    odd = rng.normal(size=(20, start))
+    odd[:, 64:72] += 6.0  # stage4_mean far off, the penultimate block as usual
+    assert (ood.score(odd) > 1).all()
+    assert (ood.blocks[0].distance(odd) < ood.blocks[0].distance(tune).max() * 1.5).all()
+    early = rng.normal(size=(20, start))
+    early[:, 16:24] += 6.0  # stage1_mean: not modelled (follows the detector's look, not content)
+    assert (ood.score(early) <= 1).mean() > 0.8
+    back = OODModel.from_dict(ood.to_dict())
+    np.testing.assert_allclose(back.score(odd), ood.score(odd), rtol=1e-5)
+    with pytest.raises(OODError, match="needs"):
+        ood.score(odd[:, :40])  # features of another model: too few columns
+
+
+def test_format2_ood_part_still_scores(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    """A format-2 artifact's penultimate-only OOD part scores the penultimate columns, with a warning."""
+    path = make_artifact(tmp_path / "v3.pt", size=48)
+    loaded = load_artifact(path)
+    x = ood_images(48, 6)
+    feats = loaded.features(x)
+    pen = next(b for b in loaded.feature_layout() if b["name"] == "penultimate")
+    assert pen["start"] == 0 and feats.shape[1] > pen["stop"]  # stage statistics follow the embedding
+    new = OODModel.from_dict(loaded.spec.ood)  # type: ignore[arg-type]
+    old = fit_ood(feats[:, :pen["stop"]], None, feats[:3, :pen["stop"]], weights_fingerprint=loaded.fingerprint)
+    payload = torch.load(path, weights_only=True)
+    payload["format_version"] = 2
+    payload["ood"] = {"method": "mahalanobis", "means": torch.as_tensor(old.blocks[0].means),
+                      "precision": torch.as_tensor(old.blocks[0].precision),
+                      "threshold": old.threshold * old.blocks[0].scale,  # format 2: unscaled distances
+                      "quantile": 0.995, "feature_dim": pen["stop"], "weights_fingerprint": loaded.fingerprint}
+    torch.save(payload, tmp_path / "v2.pt")
+    caplog.set_level("WARNING")
+    v2 = load_artifact(tmp_path / "v2.pt")
+    assert v2.format_version == 2 and "bonescreen ood fit" in caplog.text and "version 2" in caplog.text
+    part = OODModel.from_dict(v2.spec.ood)  # type: ignore[arg-type]
+    assert part.legacy and part.flag_ratio == 1.0 and not new.legacy
+    np.testing.assert_allclose(part.score(v2.features(x)), old.score(feats[:, :pen["stop"]]), rtol=1e-5)
 
 
 def _v1_copy(src: Path, dest: Path) -> Path:
@@ -85,11 +144,13 @@ def test_v1_artifact_message_fit_command_and_v2(tmp_path: Path, write_dicom, cap
                  "--out", str(new), "--no-progress"]) == 0
     assert hashlib.sha256(v1.read_bytes()).hexdigest() == before  # the input is never changed
     up = load_artifact(new)
-    assert up.format_version == FORMAT_VERSION == 2
+    assert up.format_version == FORMAT_VERSION == 3
     ood = OODModel.from_dict(up.spec.ood)  # type: ignore[arg-type]
     assert ood.weights_fingerprint == up.fingerprint and ood.n_fit == 24 and ood.n_tune == 12
-    assert ood.means.shape[0] == 2  # class-conditional on the stage-2 labels
-    assert ood.augment_copies == 4 and ood.aug_quantile == pytest.approx(0.9)
+    assert ood.blocks[0].name == "penultimate" and ood.blocks[0].means.shape[0] == 2  # class-conditional
+    assert len(ood.blocks) > 1 and all(b.means.shape[0] == 1 for b in ood.blocks[1:])  # stage blocks: one class
+    assert ood.augment_copies == 4 and ood.aug_quantile == pytest.approx(0.99)
+    assert ood.flag_quantile == pytest.approx(0.9) and ood.flag_threshold <= ood.threshold
     # the same weights: probabilities unchanged
     x = ood_images(48, 4)
     np.testing.assert_allclose(up.predict_proba(x), loaded.predict_proba(x), atol=1e-6)

@@ -188,7 +188,9 @@ def test_artifact_round_trip_and_predict_pediatric(run: dict[str, Path]) -> None
     assert loaded.spec.extra["residual_sd_z"] > 0
     # `pediatric train` ends by fitting the OOD part (one class) on the image embedding
     assert loaded.spec.ood and loaded.spec.ood["weights_fingerprint"] == loaded.fingerprint
-    assert loaded.spec.ood["means"].shape[0] == 1 and loaded.features(np.zeros((2, loaded.size, loaded.size),
+    blocks = loaded.spec.ood["blocks"]
+    assert blocks[0]["name"] == "penultimate" and all(b["means"].shape[0] == 1 for b in blocks)
+    assert loaded.features(np.zeros((2, loaded.size, loaded.size),
                                                                                 np.uint8)).shape[0] == 2
     rng = np.random.default_rng(0)
     imgs = rng.integers(0, 256, (3, loaded.size, loaded.size), dtype=np.uint8)

@@ -6,9 +6,13 @@ pickled code (artifacts travel between sites).
 
 Format version 2 adds ``ood``: the out-of-distribution model fitted on the
 training split's features (bonescreen.ood), with the fingerprint of the
-weights it was fitted for. Version-1 artifacts still load (``ood`` is None,
-with a warning naming the command that adds one: ``bonescreen ood fit``);
-screening refuses them unless told ``--ood off``. Optional fields that an
+weights it was fitted for. Version 3 makes it multi-layer (per-block
+Gaussians on the penultimate embedding and the deeper stages' channel
+statistics, :mod:`bonescreen.features`) with a flag band below the refusal
+threshold. Version-1 artifacts still load (``ood`` is None, with a warning
+naming the command that adds one: ``bonescreen ood fit``); screening refuses
+them unless told ``--ood off``. Version-2 artifacts load and their
+penultimate-only OOD part still scores, with a warning naming the same command. Optional fields that an
 artifact lacks take their defaults, so later optional fields stay readable.
 """
 
@@ -33,9 +37,9 @@ from bonescreen.models import GRAY_MEAN, GRAY_STD, create_model
 log = logging.getLogger(__name__)
 
 FORMAT = "bonescreen-model"
-FORMAT_VERSION = 2
-#: Versions load_artifact reads; 1 has no ``ood`` part.
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+#: Versions load_artifact reads; 1 has no ``ood`` part, 2 a penultimate-only one (still scored).
+READABLE_VERSIONS = (1, 2, 3)
 OOD_FIT_HINT = ("fit one with `bonescreen ood fit MODEL --manifest MANIFEST --cache DIR --out NEW.pt` "
                 "(a new file; the input is never changed)")
 
@@ -144,6 +148,7 @@ class LoadedModel:
         self.path = path
         self.format_version = format_version
         self._fingerprint: str | None = None
+        self._layout: list[dict[str, Any]] | None = None
 
     @property
     def fingerprint(self) -> str:
@@ -154,25 +159,31 @@ class LoadedModel:
 
     @torch.inference_mode()
     def features(self, images: np.ndarray, device: str | torch.device = "cpu") -> np.ndarray:
-        """Penultimate features ``(N, D)`` float32: the pooled embedding the classifier reads.
+        """Features ``(N, D)`` float32 (:mod:`bonescreen.features`): penultimate + per-stage statistics.
 
-        Classifiers: timm's ``forward_head(pre_logits=True)``; pediatric models: the image
-        branch's embedding (before the clinical variables join). The OOD model lives here.
+        What the OOD model scores; :meth:`feature_layout` names the blocks.
         """
         return self.predict_with_features(images, device)[1]
+
+    def feature_layout(self) -> list[dict[str, Any]]:
+        """The blocks of :meth:`features` (``bonescreen.features.feature_layout``), computed once."""
+        if self._layout is None:
+            from bonescreen.features import feature_layout
+
+            self._layout = feature_layout(self.model, self.size, int(self.spec.in_chans))
+        return self._layout
 
     @torch.inference_mode()
     def predict_with_features(self, images: np.ndarray, device: str | torch.device = "cpu"
                               ) -> tuple[np.ndarray | None, np.ndarray]:
         """(probabilities or None for pediatric models, features) from one forward pass."""
+        from bonescreen.features import forward_with_features
+
         x = self.to_tensor(images).to(device)
-        net = self.model.to(device)
-        if self.spec.task == "pediatric":
-            return None, net.image_embedding(x).float().cpu().numpy()  # type: ignore[operator]
-        feats = net.forward_features(x)  # type: ignore[operator]
-        pre = net.forward_head(feats, pre_logits=True).float()  # type: ignore[operator]
-        logits = net.forward_head(feats).float()  # type: ignore[operator]
-        return torch.softmax(logits, dim=1).cpu().numpy(), pre.cpu().numpy()
+        pediatric = self.spec.task == "pediatric"
+        logits, feats = forward_with_features(self.model.to(device), x, logits=not pediatric)
+        probs = None if logits is None else torch.softmax(logits, dim=1).cpu().numpy()
+        return probs, feats.cpu().numpy()
 
     @property
     def size(self) -> int:
@@ -246,6 +257,10 @@ def load_artifact(
         log.warning("%s is artifact format version 1: it has no out-of-distribution model, so `screen` "
                     "refuses it unless told --ood off; %s", path.name, OOD_FIT_HINT)
         payload.pop("ood", None)
+    elif version == 2 and payload.get("ood"):
+        log.warning("%s is artifact format version 2: its out-of-distribution model reads the penultimate "
+                    "features only and has no flag band (it let non-chest images through in the benchmark); "
+                    "for the multi-layer check %s", path.name, OOD_FIT_HINT)
     fields = {k: payload[k] for k in ModelSpec.__dataclass_fields__ if k in payload}
     try:
         spec = ModelSpec(**fields)

@@ -44,7 +44,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ONNX_FORMAT = "bonescreen-onnx"
-ONNX_FORMAT_VERSION = 2  # 2: a second output, the penultimate features
+ONNX_FORMAT_VERSION = 3  # 2: a second output, the penultimate features; 3: + stage statistics (features.py)
 QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
 INPUT_NAME = "image"
 OUTPUT_NAME = "probs"
@@ -54,6 +54,8 @@ FEATURES_NAME = "features"
 def _scoring_module(loaded: LoadedModel) -> nn.Module:
     import torch
     from torch import nn
+
+    from bonescreen.features import forward_with_features
 
     mean = float(loaded.spec.preprocess["mean"])
     std = float(loaded.spec.preprocess["std"])
@@ -67,9 +69,8 @@ def _scoring_module(loaded: LoadedModel) -> nn.Module:
 
         def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             x = (image.unsqueeze(1) / 255.0 - mean) / std
-            feats = self.net.forward_features(x)
-            pre = self.net.forward_head(feats, pre_logits=True).float()
-            return torch.softmax(self.net.forward_head(feats).float(), dim=1), pre
+            logits, feats = forward_with_features(self.net, x)
+            return torch.softmax(logits, dim=1), feats  # type: ignore[arg-type]
 
     return ScoringGraph(loaded.model).eval()
 

@@ -167,7 +167,11 @@ GATE_REASONS = (
     "low_dynamic_range",
     "no_lung_fields",
     "out_of_distribution",
+    "ood_borderline",
 )
+#: Reasons of eligible, scored rows the OOD check marked for review: above the refusal
+#: threshold under ``--ood flag``, or in the flag band below it (any policy but ``off``).
+OOD_FLAG_REASONS = ("out_of_distribution", "ood_borderline")
 #: ``ood_check`` values: refuse images above the threshold (default), flag them but still score,
 #: or off (no check; an explicit opt-out, recorded in run.json and every row).
 OOD_POLICIES = ("refuse", "flag", "off")

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from bonescreen.schema import OOD_POLICIES
+from bonescreen.schema import OOD_FLAG_REASONS, OOD_POLICIES
 
 __all__ = [
     "PEDIATRIC_CATEGORIES",
@@ -73,6 +73,7 @@ class ModelOutputs:
     probs_stage1: np.ndarray | None = None
     pediatric: Any = None  # DataFrame from bonescreen.pediatric.predict_pediatric
     ood_scores: np.ndarray | None = None  # (N,) distance / threshold, NaN where not computed
+    ood_band: np.ndarray | None = None  # (N,) bool: above a model's flag threshold (OODModel.flag_ratio)
 
 
 def decide_outputs(policy: DecisionPolicy, outputs: ModelOutputs) -> list[dict[str, Any]]:
@@ -83,7 +84,7 @@ def decide_outputs(policy: DecisionPolicy, outputs: ModelOutputs) -> list[dict[s
         rows = decide(policy.mode, outputs.probs_main, outputs.probs_stage1, threshold=policy.threshold,
                       threshold_stage1=policy.threshold_stage1, positive=policy.positive,
                       positive_stage1=policy.positive_stage1, class_names=policy.class_names)
-    apply_ood(rows, outputs.ood_scores, policy.ood)
+    apply_ood(rows, outputs.ood_scores, policy.ood, outputs.ood_band)
     return rows
 
 
@@ -184,20 +185,31 @@ def decide_pediatric(preds: Any, *, threshold: float | None = None) -> list[dict
     return out
 
 
-def apply_ood(rows: Sequence[dict[str, Any]], scores: np.ndarray | None, policy: str) -> None:
-    """Record ``ood_score``/``ood_check``; above 1.0 (the threshold) refuse or flag the row.
+def apply_ood(rows: Sequence[dict[str, Any]], scores: np.ndarray | None, policy: str,
+              band: np.ndarray | None = None) -> None:
+    """Record ``ood_score``/``ood_check``; above 1.0 (the refusal threshold) refuse or flag the row.
 
     ``refuse``: the row becomes ``eligible`` False with reason ``out_of_distribution``
     and no score or category (the model does not know this kind of image).
     ``flag``: the row keeps its score and category, with reason
     ``out_of_distribution`` and a message saying it was flagged, not refused.
+    Either way, a row at or below 1.0 but in the model's **flag band** (``band``: above
+    its flag threshold, ``OODModel.flag_ratio``) keeps its score and category and gets
+    reason ``ood_borderline``: scored, marked for a reader's review.
     ``off``: no check (an explicit opt-out); the rows say so in ``ood_check``.
     """
     for i, row in enumerate(rows):
         row["ood_check"] = policy
         s = None if scores is None or policy == "off" else float(scores[i])
         row["ood_score"] = None if s is None or not np.isfinite(s) else round(s, 4)
-        if row["ood_score"] is None or row["ood_score"] <= 1.0 or row.get("eligible") is False:
+        if row["ood_score"] is None or row.get("eligible") is False:
+            continue
+        if s <= 1.0:  # type: ignore[operator]
+            if band is not None and bool(band[i]) and not row.get("reason"):
+                row.update(reason="ood_borderline",
+                           message=(f"image features lie near the edge of what the model was trained on (OOD "
+                                    f"score {s:.2f}: in the flag band below the refusal threshold 1.00); "
+                                    "scored, review the image"))
             continue
         text = (f"image features lie outside what the model was trained on (OOD score {s:.2f}, "
                 "threshold 1.00)")
@@ -224,12 +236,13 @@ def rollup_study(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     Policy: the **highest-risk eligible image decides** (category order
     osteoporosis > low bone mass > normal, then the higher score); every
     eligible image is listed in ``image_ids``. Images flagged out-of-distribution
-    (``--ood flag``) decide only when no other eligible image exists. A study with
+    (``--ood flag``) or in the flag band (``ood_borderline``) decide only when no
+    other eligible image exists. A study with
     no eligible image is ``eligible`` False, reason ``no_eligible_image``, and a
     message counting its images' reasons.
     """
     eligible = [r for r in rows if r.get("eligible") and r.get("category")]
-    clean = [r for r in eligible if r.get("reason") != "out_of_distribution"]
+    clean = [r for r in eligible if r.get("reason") not in OOD_FLAG_REASONS]
     pool = clean or eligible
     base: dict[str, Any] = {
         "n_images": len(rows), "n_eligible": len(eligible),

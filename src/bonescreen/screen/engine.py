@@ -255,6 +255,7 @@ class ScreeningEngine:
             "gate": self.policy.as_dict(),
             "ood": self.decision.ood,
             "ood_thresholds": {k: v.threshold for k, v in self.ood.items()} or None,
+            "ood_flag_ratios": {k: round(v.flag_ratio, 6) for k, v in self.ood.items()} or None,
             "include_patient_id": self.ctx.include_patient_id,
             "clinical": self.ctx.clinical.id if self.ctx.clinical is not None else None,
         }
@@ -277,11 +278,14 @@ class ScreeningEngine:
         n = len(main_x)
         want = bool(self.ood)
         ood = np.full(n, np.nan)
+        band = np.zeros(n, bool)  # in a model's flag band (ood_borderline) or above
 
         def score(key: str, feats: np.ndarray, rows: np.ndarray) -> None:
             if key in self.ood:
-                s = self.ood[key].score(feats)
+                part = self.ood[key]
+                s = part.score(feats)
                 ood[rows] = np.fmax(ood[rows], s)
+                band[rows] |= s > part.flag_ratio
 
         if m.pediatric:
             import pandas as pd
@@ -294,14 +298,16 @@ class ScreeningEngine:
             preds = predict_pediatric(m.main, main_x, frame)
             if want:
                 score("main", m.main.predict_with_features(main_x)[1], np.arange(n))
-            return ModelOutputs(pediatric=preds, ood_scores=ood if want else None)
+            return ModelOutputs(pediatric=preds, ood_scores=ood if want else None,
+                                ood_band=band if want else None)
         if m.stage1 is None:
             if want:
                 probs, feats = m.main.predict_with_features(main_x)
                 score("main", feats, np.arange(n))
             else:
                 probs = m.main.predict_proba(main_x)
-            return ModelOutputs(probs_main=np.asarray(probs), ood_scores=ood if want else None)
+            return ModelOutputs(probs_main=np.asarray(probs), ood_scores=ood if want else None,
+                                ood_band=band if want else None)
         x1 = imgs[m.stage1.size]
         if want:
             p1, f1 = m.stage1.predict_with_features(x1)
@@ -324,7 +330,8 @@ class ScreeningEngine:
         if want and self.decision.ood == "refuse":
             # a row refused before stage 2 still needs a value for decide(); apply_ood clears it
             p2[~run & (ood > 1.0)] = 0.0
-        return ModelOutputs(probs_main=p2, probs_stage1=p1, ood_scores=ood if want else None)
+        return ModelOutputs(probs_main=p2, probs_stage1=p1, ood_scores=ood if want else None,
+                                ood_band=band if want else None)
 
     def decide(self, outputs: ModelOutputs) -> list[dict[str, Any]]:
         return decide_outputs(self.decision, outputs)

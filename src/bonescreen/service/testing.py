@@ -167,7 +167,9 @@ def widen_ood_threshold(path: Path, factor: float) -> None:
     from bonescreen.artifact import atomic_torch_save
 
     payload = torch.load(path, map_location="cpu", weights_only=True)
-    payload["ood"]["threshold"] = float(payload["ood"]["threshold"]) * factor
+    for key in ("threshold", "flag_threshold"):  # the flag band too: the same images stay unflagged
+        if payload["ood"].get(key) is not None:
+            payload["ood"][key] = float(payload["ood"][key]) * factor
     atomic_torch_save(payload, path)
 
 
