@@ -30,7 +30,15 @@ scores:
 
 The battery is split, by source (both encodings of one pydicom-data image land on
 the same side; synthetic items by seed), into a **dev** half (used to choose the
-method and the quantile) and a **held-out** half reported separately.
+method and the quantile) and a **held-out** half reported separately, plus a
+**fresh** set (``ood_fresh_battery.py``: other files, other generators) added after
+the method was chosen and used for no choice.
+
+``product`` is the artifact's own OOD part (the shipped method: per-block Mahalanobis
+on the penultimate embedding and the deeper stages' channel statistics, max of the
+scaled block distances; ``bonescreen.ood``) with its stored thresholds, on the full
+feature vector (``LoadedModel.features``): rows ``refused`` (score > 1) and
+``refused or flagged`` (score above the flag band's start).
 
     python bench/bench_ood.py --demo demo-out --out bench/results/ood_demo_student.json
     python bench/bench_ood.py --model M.pt --manifest cohort/manifest.csv --cache cache --phantom phantom/
@@ -259,7 +267,7 @@ SYNTHETIC = ("noise_uniform", "noise_gaussian", "gradient_linear", "gradient_rad
 
 
 def build_battery(work: Path, per_kind: int = 4) -> list[Item]:
-    """Write every battery image as a chest CR DICOM under ``work``; dev / held-out halves by source."""
+    """Write every battery image as a chest CR DICOM under ``work``; dev / held-out halves by source, + fresh."""
     items: list[Item] = []
     data = _data_store()
     keys: dict[str, list[str]] = {}
@@ -299,7 +307,9 @@ def build_battery(work: Path, per_kind: int = 4) -> list[Item]:
                               chest_header_dicom(_to_12bit(_synthetic(kind, 1000 + j)),
                                                  work / "battery" / f"syn_{seed:03d}.dcm", seed),
                               "dev" if j % 2 == 0 else "holdout"))
-    return items
+    from ood_fresh_battery import build_fresh
+
+    return items + build_fresh(work, per_kind=3)
 
 
 # --------------------------------------------------------------------------- scoring
@@ -441,9 +451,12 @@ def run(model: Path, manifest: Path, cache: Path, phantom: Path, work: Path, qua
     fe, le = _features_logits(loaded, e_imgs)
     b_scores = cand.scores(fb, lb)
     e_scores = cand.scores(fe, le)
-    if stored is not None:  # the artifact's own OOD part, with its stored threshold (ratio > 1 refuses)
-        for d, f in ((b_scores, fb), (e_scores, fe), (tune_scores, f_tu), (test_scores, f_te)):
-            d["product"] = stored.score(f)
+    flag_ratio = 1.0
+    if stored is not None:  # the artifact's own OOD part, stored thresholds (ratio > 1 refuses), full features
+        flag_ratio = stored.flag_ratio
+        for d, x in ((b_scores, b_imgs), (e_scores, e_imgs), (tune_scores, imgs["tune"]), (test_scores, imgs["test"])):
+            d["product"] = stored.score(loaded.features(x)) if len(x) else np.zeros(0)
+            d["product_flag"] = d["product"] / flag_ratio  # > 1: refused or in the flag band
     for d, f in ((b_scores, fb), (e_scores, fe), (tune_scores, f_tu), (test_scores, f_te)):
         d["mahalanobis_augthr"] = d["mahalanobis"]
         ref_scores["product"] = None  # its threshold is stored: ratio 1.0
@@ -452,7 +465,7 @@ def run(model: Path, manifest: Path, cache: Path, phantom: Path, work: Path, qua
     lung_tune = np.array([lung_fields_present(x) for x in imgs["tune"]], bool)
     lung_test = np.array([lung_fields_present(x) for x in imgs["test"]], bool)
 
-    halves = {h: np.array([r["half"] == h for r in b_rows]) for h in ("dev", "holdout")}
+    halves = {h: np.array([r["half"] == h for r in b_rows]) for h in ("dev", "holdout", "fresh")}
     result: dict[str, Any] = {
         "model": f"{model.name}", "arch": loaded.spec.arch, "size": size, "task": loaded.spec.task,
         "n_train": len(imgs["train"]), "n_tune": len(imgs["tune"]), "n_test_internal": len(imgs["test"]),
@@ -464,18 +477,25 @@ def run(model: Path, manifest: Path, cache: Path, phantom: Path, work: Path, qua
         "lung_fields": {
             "battery_missing_dev": int((~lung_b & halves["dev"][b_ok]).sum()),
             "battery_missing_holdout": int((~lung_b & halves["holdout"][b_ok]).sum()),
+            "battery_missing_fresh": int((~lung_b & halves["fresh"][b_ok]).sum()),
             "external_missing": int((~lung_e).sum()), "tune_missing": int((~lung_tune).sum()),
             "test_missing": int((~lung_test).sum()),
         },
         "candidates": {},
     }
     grid = [(name, q, float(np.quantile(ref_scores[name], q))) for name in tune_scores
-            if ref_scores.get(name) is not None and name != "mahalanobis_augthr" for q in quantiles]
+            if ref_scores.get(name) is not None and name not in ("mahalanobis_augthr", "product_flag")
+            for q in quantiles]
     tune_thr = float(np.quantile(tune_scores["mahalanobis"], 0.995))
     grid += [("mahalanobis_augthr", aq, max(tune_thr, float(np.quantile(aug_ref, aq))))
              for aq in (0.8, 0.85, 0.9, 0.95, 0.97)]
     if stored is not None:
         grid.append(("product", stored.aug_quantile or stored.quantile, 1.0))
+        if flag_ratio < 1.0:
+            grid.append(("product_flag", stored.flag_quantile, 1.0))
+        result["product"] = {"method": stored.method, "blocks": [b.name for b in stored.blocks],
+                             "threshold": stored.threshold, "flag_threshold": stored.flag_threshold,
+                             "flag_ratio": flag_ratio}
     for name, q, thr in grid:
         res: dict[str, Any] = {"threshold": thr}
         for h, m in halves.items():
@@ -534,13 +554,15 @@ def main() -> int:
     res = run(args.model, args.manifest, args.cache, args.phantom, args.work, args.quantiles, args.per_kind,
               args.extra_train)
     print(f"model {res['model']} ({res['arch']}, {res['size']} px); battery dev {res['battery']['dev']}, "
-          f"held-out {res['battery']['holdout']}; external chest {res['external']['gate_eligible']} eligible")
+          f"held-out {res['battery']['holdout']}, fresh {res['battery']['fresh']}; external chest "
+          f"{res['external']['gate_eligible']} eligible")
     print(f"lung fields missing: {res['lung_fields']}")
-    print(f"{'candidate':28s} {'dev':>7s} {'dev+lung':>9s} {'held-out':>9s} {'ho+lung':>8s} {'ext':>7s} "
-          f"{'ext+lung':>9s} {'int.test':>9s}")
+    print(f"{'candidate':28s} {'dev':>7s} {'dev+lung':>9s} {'held-out':>9s} {'ho+lung':>8s} {'fr+lung':>8s} "
+          f"{'ext':>7s} {'ext+lung':>9s} {'int.test':>9s}")
     for name, r in res["candidates"].items():
         print(f"{name:28s} {r['battery_dev_refused']:7.1%} {r['battery_dev_refused_with_lung_check']:9.1%} "
               f"{r['battery_holdout_refused']:9.1%} {r['battery_holdout_refused_with_lung_check']:8.1%} "
+              f"{r['battery_fresh_refused_with_lung_check']:8.1%} "
               f"{r['external_refused']:7.1%} {r['external_refused_with_lung_check']:9.1%} "
               f"{r['internal_test_refused']:9.1%}")
     if args.out:

@@ -54,12 +54,31 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_artifact(tmp_path_factory.mktemp("m") / "m.pt", size=64, min_size=32)
 
 
-def test_screen_and_service_give_identical_decisions(folder: Path, model: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def band_model(folder: Path, model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same model with its OOD flag band moved so that exactly one eligible image lies in it."""
+    import torch
+
+    d = tmp_path_factory.mktemp("band")
+    screen([folder / "in"], model, d / "probe", options=ScreenOptions(progress=False))
+    scores = sorted(float(r["ood_score"]) for r in _rows(d / "probe" / "results.csv") if r["eligible"] == "True")
+    assert len(scores) >= 2 and scores[-1] > scores[-2] and scores[-1] <= 1.0
+    payload = torch.load(model, weights_only=True)
+    ratio = (scores[-1] + scores[-2]) / 2
+    payload["ood"]["flag_threshold"] = float(payload["ood"]["threshold"]) * ratio
+    torch.save(payload, d / "band.pt")
+    return d / "band.pt"
+
+
+@pytest.mark.parametrize("kind", ["plain", "flag_band"])
+def test_screen_and_service_give_identical_decisions(folder: Path, model: Path, band_model: Path, tmp_path: Path,
+                                                     kind: str) -> None:
     from bonescreen.service.config import ServiceConfig
     from bonescreen.service.intake import Intake
     from bonescreen.service.store import Store
     from bonescreen.service.worker import Worker, engine_for
 
+    model = band_model if kind == "flag_band" else model
     screen([folder / "in"], model, tmp_path / "screen", options=ScreenOptions(progress=False, dicom_sr=True))
     by_sop = {r["image_id"]: r for r in _rows(tmp_path / "screen" / "results.csv")}
 
@@ -91,6 +110,18 @@ def test_screen_and_service_give_identical_decisions(folder: Path, model: Path, 
         assert res.manufacturer == row["manufacturer"] == "bonescreen-test"
     reasons = {row["reason"] for row in by_sop.values()}
     assert {"lateral_view", "age_out_of_range"} <= reasons
+    borderline = [row for row in by_sop.values() if row["reason"] == "ood_borderline"]
+    assert len(borderline) == (1 if kind == "flag_band" else 0)
+    for row in borderline:  # in the flag band: scored, eligible, and the message says why
+        assert row["eligible"] == "True" and row["category"] and "flag band" in row["message"]
+        assert float(row["ood_score"]) <= 1.0
+        # the study's SR says so in the image's group
+        st = {r["study_instance_uid"]: r for r in _rows(tmp_path / "screen" / "studies.csv")}[row["study_instance_uid"]]
+        sr = pydicom.dcmread(tmp_path / "screen" / st["sr"])
+        texts = [str(c.TextValue) for g in sr.ContentSequence if g.ValueType == "CONTAINER"
+                 for gg in g.ContentSequence if gg.ValueType == "CONTAINER"
+                 for c in gg.ContentSequence if c.ValueType == "TEXT"]
+        assert sum("[OOD review]" in t for t in texts) == 1
     # the study roll-up is the same function on both sides
     studies = {s["study_instance_uid"]: s for s in store.query_studies(limit=50)}
     for st in _rows(tmp_path / "screen" / "studies.csv"):
@@ -162,5 +193,10 @@ def test_rollup_policy() -> None:
     r = rollup_study([rows[0], flagged])
     assert r["decided_by"] == "a" and r["ood_score"] == 1.7
     assert rollup_study([flagged])["decided_by"] == "f"
+    # so does an image in the flag band below the refusal threshold (ood_borderline)
+    border = {**flagged, "reason": "ood_borderline", "ood_score": 0.8}
+    assert rollup_study([rows[0], border])["decided_by"] == "a"
+    r = rollup_study([border])
+    assert r["decided_by"] == "f" and r["reason"] == "ood_borderline"
     r = rollup_study([rows[3]])
     assert r["eligible"] is False and r["reason"] == "no_eligible_image" and r["decided_by"] is None

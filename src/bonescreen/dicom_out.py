@@ -129,6 +129,7 @@ class ScreeningResult:
     thresholds: dict[str, float]
     model_stage1_id: str = ""
     arch: str = ""
+    ood_review: bool = False  # the OOD check flagged the image for review (schema.OOD_FLAG_REASONS)
 
     @classmethod
     def from_row(cls, row: dict[str, Any], models: Any, *, threshold: float, threshold_stage1: float
@@ -140,6 +141,7 @@ class ScreeningResult:
             if missing:
                 raise DicomOutputError(f"pediatric result lacks {', '.join(missing)}")
             return cls(
+                ood_review=_ood_review(row),
                 category=str(row["category"]),
                 scores={k: float(row[col]) for k, col in PEDIATRIC_MEASUREMENTS.items()},
                 model_id=models.main_id, task="pediatric",
@@ -158,7 +160,15 @@ class ScreeningResult:
         return cls(
             category=str(row["category"]), scores=scores, model_id=models.main_id, task=models.mode,
             thresholds=thresholds, model_stage1_id=models.stage1_id, arch=str(models.main.spec.arch),
+            ood_review=_ood_review(row),
         )
+
+
+def _ood_review(row: dict[str, Any]) -> bool:
+    """The row is scored but the OOD check flagged it for review (--ood flag, or the flag band)."""
+    from bonescreen.schema import OOD_FLAG_REASONS
+
+    return str(row.get("reason") or "") in OOD_FLAG_REASONS
 
 
 def read_source(path: str | os.PathLike[str]) -> Dataset:
@@ -244,6 +254,8 @@ def _image_group(ref: ImageReference, result: ScreeningResult, label: str) -> An
     from pydicom.sr.codedict import codes
 
     algo = _algorithm(result)
+    if result.ood_review:  # scored, but the OOD check asks a reader to look (--ood flag, or the flag band)
+        label = f"{label} [OOD review]"
     src = hd.sr.SourceImageForMeasurement(ref.sop_class_uid, ref.sop_instance_uid)
     measurements = [
         hd.sr.Measurement(

@@ -177,7 +177,8 @@ def study_result(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 def _sr_result(row: Mapping[str, Any], run: Mapping[str, Any], mode: str) -> Any:
     """A ``dicom_out.ScreeningResult`` from a journal row and the run's facts."""
-    from bonescreen.dicom_out import PEDIATRIC_MEASUREMENTS, SCORE_CONCEPTS, DicomOutputError, ScreeningResult
+    from bonescreen.dicom_out import (PEDIATRIC_MEASUREMENTS, SCORE_CONCEPTS, DicomOutputError, ScreeningResult,
+                                      _ood_review)
 
     if mode == "pediatric":
         missing = [col for col in PEDIATRIC_MEASUREMENTS.values() if row.get(col) is None]
@@ -187,7 +188,7 @@ def _sr_result(row: Mapping[str, Any], run: Mapping[str, Any], mode: str) -> Any
             category=str(row["category"]), scores={k: float(row[c]) for k, c in PEDIATRIC_MEASUREMENTS.items()},
             model_id=str(run["model"]), task="pediatric",
             thresholds={"probability": float(run["threshold"]), "z": float(run["z_threshold"])},
-            arch=str(run.get("arch", "")),
+            arch=str(run.get("arch", "")), ood_review=_ood_review(dict(row)),
         )
     thresholds: dict[str, float] = {}
     if mode in ("stage2", "cascade"):
@@ -200,6 +201,7 @@ def _sr_result(row: Mapping[str, Any], run: Mapping[str, Any], mode: str) -> Any
         category=str(row["category"]), scores={k: float(row[k]) for k in SCORE_CONCEPTS if row.get(k) is not None},
         model_id=str(run["model"]), task=mode, thresholds=thresholds,
         model_stage1_id=str(run.get("model_stage1") or ""), arch=str(run.get("arch", "")),
+        ood_review=_ood_review(dict(row)),
     )
 
 

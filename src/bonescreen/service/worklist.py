@@ -26,6 +26,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from bonescreen import __version__
+from bonescreen.schema import OOD_FLAG_REASONS
 from bonescreen.service.auth import LOGIN_CSRF_COOKIE, SESSION_COOKIE, Principal, role_at_least
 from bonescreen.service.runtime import Service
 from bonescreen.service.store import AUDIT_ACTIONS, CATEGORY_LABELS, REVIEW_STATUSES
@@ -150,7 +151,7 @@ def add_worklist_routes(app: FastAPI, service: Service) -> None:
             studies=studies,
             filters={"date_from": d0.isoformat() if d0 else "", "date_to": d1.isoformat() if d1 else "",
                      "category": cat or "", "review_status": rev or "", "show": show},
-            categories=CATEGORY_LABELS, reviews=REVIEW_LABELS, pending=pending,
+            categories=CATEGORY_LABELS, reviews=REVIEW_LABELS, pending=pending, ood_flag_reasons=OOD_FLAG_REASONS,
             dead_letters=counts["forward"].get("dead_letter", 0),
             show_names=service.config.store_patient_name, disclaimer=DISCLAIMER, version=__version__,
             user=p, csrf=p.csrf or "", can_review=role_at_least(p.role, "reviewer"),
