@@ -131,38 +131,6 @@ class ScreeningResult:
     arch: str = ""
     ood_review: bool = False  # the OOD check flagged the image for review (schema.OOD_FLAG_REASONS)
 
-    @classmethod
-    def from_row(cls, row: dict[str, Any], models: Any, *, threshold: float, threshold_stage1: float
-                 ) -> ScreeningResult:
-        if models.mode == "pediatric":
-            from bonescreen.labels import PEDIATRIC_LOW_Z
-
-            missing = [col for col in PEDIATRIC_MEASUREMENTS.values() if row.get(col) is None]
-            if missing:
-                raise DicomOutputError(f"pediatric result lacks {', '.join(missing)}")
-            return cls(
-                ood_review=_ood_review(row),
-                category=str(row["category"]),
-                scores={k: float(row[col]) for k, col in PEDIATRIC_MEASUREMENTS.items()},
-                model_id=models.main_id, task="pediatric",
-                thresholds={"probability": threshold,
-                            "z": float(models.main.spec.extra.get("z_threshold", PEDIATRIC_LOW_Z))},
-                arch=str(models.main.spec.arch),
-            )
-        scores = {k: float(row[k]) for k in SCORE_CONCEPTS if row.get(k) is not None}
-        thresholds: dict[str, float] = {}
-        if models.mode in ("stage2", "cascade"):
-            thresholds["stage2"] = threshold
-        if models.mode == "cascade":
-            thresholds["stage1"] = threshold_stage1
-        if models.mode == "stage1":
-            thresholds["stage1"] = threshold
-        return cls(
-            category=str(row["category"]), scores=scores, model_id=models.main_id, task=models.mode,
-            thresholds=thresholds, model_stage1_id=models.stage1_id, arch=str(models.main.spec.arch),
-            ood_review=_ood_review(row),
-        )
-
 
 def _ood_review(row: dict[str, Any]) -> bool:
     """The row is scored but the OOD check flagged it for review (--ood flag, or the flag band)."""
