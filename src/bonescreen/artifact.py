@@ -189,6 +189,18 @@ class LoadedModel:
     def size(self) -> int:
         return int(self.spec.preprocess["size"])
 
+    def scoring_module(self) -> nn.Module:
+        """The classifier as one module: float ``(N, H, W)`` in 0..255 -> (probabilities, features).
+
+        Mirrors :meth:`predict_with_features` (normalisation and softmax inside), so the ONNX
+        export, the OpenVINO graph and the torch backends (bf16, channels_last, ``torch.compile``,
+        CUDA) all run the same computation as the eager reference.
+        """
+        if self.spec.task == "pediatric":
+            raise ModelArtifactError("a pediatric model takes the image and the clinical variables; "
+                                     "it has no single-input scoring graph")
+        return ScoringGraph(self.model, float(self.spec.preprocess["mean"]), float(self.spec.preprocess["std"]))
+
     def to_tensor(self, images: np.ndarray) -> torch.Tensor:
         """uint8 (N, H, W) in 0..255 -> normalised float (N, 1, H, W)."""
         x = torch.as_tensor(np.asarray(images), dtype=torch.float32)
@@ -232,6 +244,23 @@ class LoadedModel:
     def score(self, images: np.ndarray, device: str | torch.device = "cpu") -> np.ndarray:
         """Probability of the positive class (binary tasks)."""
         return self.predict_proba(images, device)[:, self.spec.positive_class]
+
+
+class ScoringGraph(nn.Module):
+    """uint8-valued float (N, H, W) -> (probabilities, multi-layer features); see LoadedModel.scoring_module."""
+
+    def __init__(self, net: nn.Module, mean: float, std: float) -> None:
+        super().__init__()
+        self.net = net
+        self.mean = mean
+        self.std = std
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from bonescreen.features import forward_with_features
+
+        x = (image.unsqueeze(1) / 255.0 - self.mean) / self.std
+        logits, feats = forward_with_features(self.net, x)
+        return torch.softmax(logits.float(), dim=1), feats  # type: ignore[union-attr]
 
 
 def load_artifact(

@@ -27,8 +27,6 @@ from bonescreen import __version__
 from bonescreen.errors import ModelArtifactError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from torch import nn
-
     from bonescreen.artifact import LoadedModel, ModelSpec
 
 __all__ = [
@@ -38,6 +36,8 @@ __all__ = [
     "export_onnx",
     "load_onnx",
     "onnx_format_version",
+    "onnx_providers",
+    "read_onnx_spec",
     "quantize_onnx",
 ]
 
@@ -49,30 +49,6 @@ QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
 INPUT_NAME = "image"
 OUTPUT_NAME = "probs"
 FEATURES_NAME = "features"
-
-
-def _scoring_module(loaded: LoadedModel) -> nn.Module:
-    import torch
-    from torch import nn
-
-    from bonescreen.features import forward_with_features
-
-    mean = float(loaded.spec.preprocess["mean"])
-    std = float(loaded.spec.preprocess["std"])
-
-    class ScoringGraph(nn.Module):
-        """uint8-valued float (N, H, W) -> (probabilities, features); mirrors LoadedModel.predict_with_features."""
-
-        def __init__(self, net: nn.Module) -> None:
-            super().__init__()
-            self.net = net
-
-        def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            x = (image.unsqueeze(1) / 255.0 - mean) / std
-            logits, feats = forward_with_features(self.net, x)
-            return torch.softmax(logits, dim=1), feats  # type: ignore[arg-type]
-
-    return ScoringGraph(loaded.model).eval()
 
 
 def export_onnx(
@@ -93,7 +69,7 @@ def export_onnx(
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    module = _scoring_module(loaded).cpu()
+    module = loaded.scoring_module().eval().cpu()
     size = loaded.size
     example = (torch.rand(2, size, size) * 255).round()
     tmp = path.with_name(f".{path.name}.tmp")
@@ -205,8 +181,30 @@ def onnx_format_version(path: str | os.PathLike[str]) -> str | None:
     return meta.get("format_version") if meta.get("format") == ONNX_FORMAT else None
 
 
-def make_session(path: str | os.PathLike[str], threads: int | None = None) -> Any:
-    """An onnxruntime CPU session using every core for one batch at a time."""
+def onnx_providers(device: str, available: list[str] | None = None) -> list[str]:
+    """Execution providers for ``device``: TensorRT, then CUDA, then CPU on ``cuda``; CPU alone on ``cpu``.
+
+    ``available`` defaults to ``onnxruntime.get_available_providers()`` (the installed build:
+    ``onnxruntime-gpu`` has CUDA and TensorRT, the default wheel only CPU). ``cuda`` without a GPU
+    provider is an error, never a silent CPU run.
+    """
+    if available is None:
+        import onnxruntime as ort
+
+        available = list(ort.get_available_providers())
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device != "cuda":
+        raise ModelArtifactError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    gpu = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available]
+    if not gpu:
+        raise ModelArtifactError("--device cuda with onnxruntime needs the onnxruntime-gpu build (CUDA or TensorRT "
+                                 f"execution provider); this one has {', '.join(available) or 'none'}")
+    return [*gpu, "CPUExecutionProvider"]
+
+
+def make_session(path: str | os.PathLike[str], threads: int | None = None, providers: list[str] | None = None) -> Any:
+    """An onnxruntime session using every core for one batch at a time (CPU unless ``providers`` say so)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -215,13 +213,11 @@ def make_session(path: str | os.PathLike[str], threads: int | None = None) -> An
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), sess_options=opts, providers=providers or ["CPUExecutionProvider"])
 
 
-def load_onnx(
-    path: str | os.PathLike[str], *, expected_task: str | None = None, threads: int | None = None
-) -> OnnxModel:
-    """Open an ONNX file written by :func:`export_onnx`; refuse anything else with a clear error."""
+def read_onnx_spec(path: str | os.PathLike[str], expected_task: str | None = None) -> tuple[ModelSpec, dict[str, str]]:
+    """The embedded model description of a file written by :func:`export_onnx` (clear errors otherwise)."""
     import onnx
 
     from bonescreen.artifact import ModelSpec
@@ -249,8 +245,18 @@ def load_onnx(
         raise ModelArtifactError(f"{path}: embedded model description unreadable: {exc}") from exc
     if expected_task is not None and spec.task != expected_task:
         raise ModelArtifactError(f"{path} is a {spec.task!r} model but a {expected_task!r} model was expected")
+    return spec, meta
+
+
+def load_onnx(
+    path: str | os.PathLike[str], *, expected_task: str | None = None, threads: int | None = None,
+    providers: list[str] | None = None,
+) -> OnnxModel:
+    """Open an ONNX file written by :func:`export_onnx`; refuse anything else with a clear error."""
+    path = Path(path)
+    spec, meta = read_onnx_spec(path, expected_task)
     try:
-        session = make_session(path, threads)
+        session = make_session(path, threads, providers)
     except Exception as exc:
         raise ModelArtifactError(f"{path}: onnxruntime cannot load it: {exc}") from exc
     return OnnxModel(session, spec, path, meta)

@@ -51,6 +51,8 @@ def gate_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from bonescreen.screen.models import BACKENDS
+
     p = sub.add_parser(
         "screen",
         help="screen chest radiographs: score, category and flag per image (resumable)",
@@ -76,12 +78,32 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                         "or patient_id, for images whose DICOM header lacks PatientSize/PatientWeight")
     p.add_argument("--stage1", metavar="PT|ONNX", help="stage-1 osteoporosis model: runs first (cascade)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--backend", choices=["torch", "torch-bf16", "onnx"], default="torch",
-                   help="inference engine: torch (fp32), torch-bf16 (CPU bf16 autocast: about 2x on CPUs "
-                        "with AVX-512-BF16/AMX), or onnx (exports a .pt once, cached in OUT/.onnx, and runs "
-                        "onnxruntime)")
+    p.add_argument("--backend", choices=["auto", *sorted(BACKENDS)], default="auto",
+                   help="inference engine (README 'Backends per instruction set'): auto (default) picks by the "
+                        "CPU's instruction set and a short timing probe, cached per model and machine; torch "
+                        "(eager fp32), torch-channels-last, torch-bf16 (fast only on AVX512_BF16/AMX CPUs and "
+                        "GPUs), onnx (onnxruntime), openvino (throughput hint) / openvino-latency, openvino-bf16, "
+                        "onnx-int8 / openvino-int8 (need --calibration)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto (default): cuda when torch sees a GPU; cuda runs torch backends there (torch-bf16 "
+                        "is AMP) and onnxruntime with its TensorRT/CUDA provider")
+    p.add_argument("--compile", action="store_true",
+                   help="torch backends: torch.compile the graph first (opt-in: minutes of compilation)")
+    p.add_argument("--calibration", nargs="+", metavar="INPUT",
+                   help="int8 backends and auto: eligible training images (files/folders/manifest; up to 64): "
+                        "half calibrate the int8 copy, half check that it keeps the ranking")
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: one process (default); ray: a Ray Data pipeline (CPU tasks decode, an actor pool "
+                        "predicts), a local Ray unless --ray-address")
+    p.add_argument("--ray-address", metavar="auto|HOST:PORT",
+                   help="--engine ray: join this Ray cluster (auto: the one `ray start` set up on this host)")
+    p.add_argument("--ray-workers", type=int, metavar="N",
+                   help="--engine ray: model replicas (actors); default 1 on CPUs, one per GPU on a GPU cluster")
+    p.add_argument("--parquet", action="store_true",
+                   help="also write OUT/parquet/part-*.parquet (the Ray engine always does)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--workers", type=int, default=2, help="threads decoding and preprocessing images")
+    p.add_argument("--workers", type=int, default=2,
+                   help="threads (--engine ray: concurrent CPU tasks) decoding and preprocessing images")
     p.add_argument("--threads", type=int, help="inference threads (default: all cores)")
     p.add_argument("--threshold", type=float, help="stage-2 (or main model) cut-off; default the artifact's")
     p.add_argument("--stage1-threshold", type=float, help="stage-1 cut-off; default the artifact's")
@@ -115,10 +137,21 @@ def handler(args: argparse.Namespace) -> int:
         explain=args.explain, dicom_sr=args.dicom_sr, dicom_sc=args.dicom_sc, site=args.site,
         include_patient_id=args.include_patient_id, pseudonym_key_file=args.pseudonym_key_file, labels=args.labels,
         progress=not args.no_progress, overwrite=args.overwrite, gate=gate_overrides(args),
-        clinical=args.clinical, ood=args.ood,
+        clinical=args.clinical, ood=args.ood, device=args.device, compile=args.compile,
+        calibration=args.calibration, write_parquet=args.parquet,
     )
-    summary = screen(args.inputs, args.model, args.out, stage1=args.stage1, backend=args.backend,
-                     threads=args.threads, options=opts)
+    if args.engine == "ray":
+        from bonescreen.screen.ray_run import ray_screen
+
+        summary = ray_screen(args.inputs, args.model, args.out, stage1=args.stage1, backend=args.backend,
+                             threads=args.threads, options=opts, ray_address=args.ray_address,
+                             ray_workers=args.ray_workers)
+    else:
+        if args.ray_address or args.ray_workers:
+            print("bonescreen screen: --ray-address/--ray-workers need --engine ray", file=sys.stderr)
+            return 2
+        summary = screen(args.inputs, args.model, args.out, stage1=args.stage1, backend=args.backend,
+                         threads=args.threads, options=opts)
     print(summary.text())
     if summary.n_screened == 0:
         reasons = json.dumps(summary.reasons)

@@ -29,7 +29,7 @@ from bonescreen.errors import BonescreenError, ModelArtifactError
 
 __all__ = [
     "BACKENDS",
-    "Bf16Predictor",
+    "BackendContext",
     "ModelSet",
     "Predictor",
     "ScreenError",
@@ -55,7 +55,7 @@ class ScreenError(BonescreenError):
 
 
 class Predictor(Protocol):
-    """What a backend gives the engine (LoadedModel, Bf16Predictor and OnnxModel fit this)."""
+    """What a backend gives the engine (LoadedModel, TorchPredictor, OnnxModel and OpenVinoModel fit this; bonescreen.screen.backends)."""
 
     spec: Any
     path: Any
@@ -94,6 +94,10 @@ class BackendContext:
     model_id: str
     threads: int | None
     cache_dir: Path | None
+    device: str = "cpu"  # cpu | cuda (already resolved: backends.resolve_device)
+    compile: bool = False  # torch backends: wrap the graph in torch.compile
+    # int8 backends: calibration inputs (files/folders/manifests) or preprocessed uint8 images
+    calibration: Any = None
 
 
 #: name -> factory(loaded LoadedModel, context) -> Predictor
@@ -107,72 +111,6 @@ def register_backend(name: str) -> Callable[[Callable[[Any, BackendContext], Pre
         return fn
 
     return deco
-
-
-@register_backend("torch")
-def _torch_backend(loaded: Any, ctx: BackendContext) -> Predictor:
-    return loaded  # type: ignore[no-any-return]
-
-
-class Bf16Predictor:
-    """A LoadedModel run under CPU bf16 autocast.
-
-    The fast CPU path that keeps accuracy: on this project's AVX-512-BF16 build machine it ran
-    1.8-2.0x eager fp32 for convnext_small at 512 px, and changed the demo student's AUC by
-    +0.001, where onnxruntime int8 lost 0.005-0.008 (bench/bench_screen.py; README Benchmarks).
-    """
-
-    def __init__(self, loaded: Any) -> None:
-        self.loaded = loaded
-        self.spec = loaded.spec
-        self.path = loaded.path
-
-    @property
-    def size(self) -> int:
-        return int(self.loaded.size)
-
-    def predict_proba(self, images: np.ndarray) -> np.ndarray:
-        import torch
-
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return self.loaded.predict_proba(images)  # type: ignore[no-any-return]
-
-    def predict_with_features(self, images: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
-        import torch
-
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return self.loaded.predict_with_features(images)  # type: ignore[no-any-return]
-
-
-@register_backend("torch-bf16")
-def _bf16_backend(loaded: Any, ctx: BackendContext) -> Predictor:
-    if loaded.spec.task == "pediatric":
-        raise ModelArtifactError(f"{ctx.path.name} is a pediatric model: screen it with --backend torch")
-    return Bf16Predictor(loaded)
-
-
-@register_backend("onnx")
-def _onnx_backend(loaded: Any, ctx: BackendContext) -> Predictor:
-    """Export the .pt once (cached by its sha256) and run onnxruntime; the OOD part stays the .pt's."""
-    from bonescreen.onnx_export import ONNX_FORMAT_VERSION, export_onnx, load_onnx, onnx_format_version
-
-    _refuse_pediatric_onnx(loaded.spec.task, ctx.path)
-    cache = ctx.cache_dir or ctx.path.parent
-    onnx_path = cache / f"{ctx.path.stem}.{ctx.model_id.rsplit('@', 1)[1]}.onnx"
-    if not onnx_path.is_file() or onnx_format_version(onnx_path) != str(ONNX_FORMAT_VERSION):
-        log.info("exporting %s to ONNX (%s)", ctx.path.name, onnx_path)
-        export_onnx(loaded, onnx_path, source_id=ctx.model_id)
-    model = load_onnx(onnx_path, threads=ctx.threads)
-    model.spec = loaded.spec  # the artifact's description, OOD part included
-    return model
-
-
-def _refuse_pediatric_onnx(task: str, path: Path) -> None:
-    if task == "pediatric":
-        raise ModelArtifactError(
-            f"{path.name} is a pediatric model: it takes the image and the clinical variables (two inputs) "
-            "and has no ONNX export; screen it with --backend torch"
-        )
 
 
 # --------------------------------------------------------------------------
@@ -195,6 +133,8 @@ class ModelSet:
     # weight fingerprints (None: not computable, e.g. a bare ONNX file)
     main_fingerprint: str | None = None
     stage1_fingerprint: str | None = None
+    # backend="auto": how the backend was chosen (bonescreen.screen.auto.Choice.as_dict), for run.json
+    choice: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         task = self.main.spec.task
@@ -257,7 +197,8 @@ class ModelSet:
 
 
 def _load_one(path: str | os.PathLike[str], backend: str, threads: int | None, cache_dir: Path | None,
-              expected_task: str | None) -> tuple[Predictor, Any, str, str | None]:
+              expected_task: str | None, device: str = "cpu", compile: bool = False, calibration: Any = None,
+              ) -> tuple[Predictor, Any, str, str | None]:
     """(predictor, torch LoadedModel or None, model id, weights fingerprint or None)."""
     from bonescreen.artifact import load_artifact
 
@@ -265,23 +206,31 @@ def _load_one(path: str | os.PathLike[str], backend: str, threads: int | None, c
     if not path.is_file():
         raise ModelArtifactError(f"model not found: {path}")
     if backend not in BACKENDS:
-        raise ScreenError(f"backend must be one of {', '.join(sorted(BACKENDS))}, got {backend!r}")
+        raise ScreenError(f"backend must be auto or one of {', '.join(sorted(BACKENDS))}, got {backend!r}")
     mid = model_id(path)
     if path.suffix.lower() == ".onnx":
         if backend != "onnx":
             raise ModelArtifactError(f"{path.name} is an ONNX file; pass --backend onnx (or the .pt artifact)")
-        from bonescreen.onnx_export import load_onnx
+        from bonescreen.onnx_export import load_onnx, onnx_providers
 
-        onnx_model = load_onnx(path, expected_task=expected_task, threads=threads)
-        _refuse_pediatric_onnx(onnx_model.spec.task, path)
+        onnx_model = load_onnx(path, expected_task=expected_task, threads=threads, providers=onnx_providers(device))
+        if onnx_model.spec.task == "pediatric":
+            raise ModelArtifactError(f"{path.name} is a pediatric model: it has no ONNX export; screen it with "
+                                     "--backend torch")
         return onnx_model, None, mid, None
     loaded = load_artifact(path, expected_task=expected_task)
     if threads:
         import torch
 
         torch.set_num_threads(int(threads))
-    predictor = BACKENDS[backend](loaded, BackendContext(path, mid, threads, cache_dir))
+    ctx = BackendContext(path, mid, threads, cache_dir, device=device, compile=compile, calibration=calibration)
+    predictor = BACKENDS[backend](loaded, ctx)
     return predictor, loaded, mid, loaded.fingerprint
+
+
+def backend_label(backend: str, device: str = "cpu", compile: bool = False) -> str:
+    """What a row's ``backend`` column says: the registry name, ``+compile``, ``@cuda`` off the CPU."""
+    return backend + ("+compile" if compile else "") + ("" if device == "cpu" else f"@{device}")
 
 
 def load_models(
@@ -291,17 +240,41 @@ def load_models(
     backend: str = "torch",
     threads: int | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    device: str = "cpu",
+    compile: bool = False,
+    calibration: Any = None,
+    batch_size: int = 8,
 ) -> ModelSet:
-    """Load the model(s); ``backend="onnx"`` exports a .pt artifact to ONNX once (cached) and runs it."""
+    """Load the model(s) on ``backend`` (a :data:`BACKENDS` name, or ``auto``: see bonescreen.screen.auto).
+
+    ``backend="onnx"`` (and the OpenVINO/int8 backends) export a .pt artifact to ONNX once
+    (cached in ``cache_dir``) and run that; ``device`` is ``cpu``, ``cuda`` or ``auto``.
+    """
+    from bonescreen.screen.backends import resolve_device
+
     cache = Path(cache_dir) if cache_dir else None
     if cache:
         cache.mkdir(parents=True, exist_ok=True)
-    main, main_t, main_id, main_fp = _load_one(model, backend, threads, cache, None)
+    device = resolve_device(device)
+    choice = None
+    if backend == "auto":
+        from bonescreen.screen.auto import choose_backend
+
+        choice = choose_backend(model, stage1, threads=threads, cache_dir=cache, device=device,
+                                calibration=calibration, batch_size=batch_size)
+        backend = choice.backend
+    main, main_t, main_id, main_fp = _load_one(model, backend, threads, cache, None, device, compile, calibration)
     s1 = s1_t = None
     s1_id = ""
     s1_fp = None
     if stage1 is not None and main.spec.task == "pediatric":
         raise ModelArtifactError(PEDIATRIC_CASCADE_REFUSED)
     if stage1 is not None:
-        s1, s1_t, s1_id, s1_fp = _load_one(stage1, backend, threads, cache, "stage1")
-    return ModelSet(main, s1, main_id, s1_id, backend, main_t, s1_t, main_fp, s1_fp)
+        s1, s1_t, s1_id, s1_fp = _load_one(stage1, backend, threads, cache, "stage1", device, compile, calibration)
+    ms = ModelSet(main, s1, main_id, s1_id, backend_label(backend, device, compile), main_t, s1_t, main_fp, s1_fp)
+    ms.choice = choice.as_dict() if choice is not None else None
+    return ms
+
+
+# the registry's members (imported last: they register themselves with register_backend)
+from bonescreen.screen import backends as _backends  # noqa: E402,F401

@@ -37,6 +37,7 @@ __all__ = [
     "safe_name",
     "study_result",
     "write_image_files",
+    "write_parquet",
     "write_predictions",
     "write_studies",
 ]
@@ -265,6 +266,72 @@ def write_studies(store: ResultStore, out: Path, *, sr: bool, run: Mapping[str, 
         os.fsync(fh.fileno())
     os.replace(tmp, out / "studies.csv")
     return len(groups)
+
+
+#: Typed Parquet columns; every other result column is a string (a column that is empty in one
+#: shard must have the same type as in the next, so types are not inferred per shard).
+PARQUET_FLOAT = ("age", "score", "score_stage1", "score_stage2", "p_normal", "p_low_bone_mass", "p_osteoporosis",
+                 "ood_score", "threshold_stage1", "threshold_stage2", "pred_z", "pred_bmd", "height_cm", "weight_kg")
+PARQUET_BOOL = ("eligible", "flag")
+PARQUET_ROWS = 50_000
+
+
+def parquet_schema(columns: Sequence[str]) -> Any:
+    import pyarrow as pa
+
+    def kind(c: str) -> Any:
+        return pa.float64() if c in PARQUET_FLOAT else pa.bool_() if c in PARQUET_BOOL else pa.string()
+
+    return pa.schema([(c, kind(c)) for c in columns])
+
+
+def write_parquet(store: ResultStore, dest: Path, rows_per_shard: int = PARQUET_ROWS) -> int:
+    """``dest/part-00000.parquet``, ...: the journal as typed Parquet shards (rewritten from it each run).
+
+    For archive-scale readers (Spark, DuckDB, ``ray.data.read_parquet``, pandas); same columns
+    as ``results.csv``. Memory stays bounded: one shard of rows at a time.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = parquet_schema(store.columns)
+    dest.mkdir(parents=True, exist_ok=True)
+    old = set(dest.glob("part-*.parquet"))
+    written: set[Path] = set()
+    chunk: list[dict[str, Any]] = []
+
+    def flush() -> None:
+        path = dest / f"part-{len(written):05d}.parquet"
+        cols = {c: [_parquet_value(r.get(c), schema.field(c).type) for r in chunk] for c in store.columns}
+        tmp = path.with_name(f".{path.name}.tmp")
+        pq.write_table(pa.table(cols, schema=schema), tmp)
+        os.replace(tmp, path)
+        written.add(path)
+        chunk.clear()
+
+    n = 0
+    for row in store.iter_rows():
+        chunk.append(row)
+        n += 1
+        if len(chunk) >= rows_per_shard:
+            flush()
+    if chunk or not written:
+        flush()
+    for stale in old - written:
+        stale.unlink(missing_ok=True)
+    return n
+
+
+def _parquet_value(v: Any, typ: Any) -> Any:
+    import pyarrow as pa
+
+    if v is None or v == "":
+        return None
+    if typ == pa.float64():
+        return float(v)
+    if typ == pa.bool_():
+        return bool(v)
+    return str(v)
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -33,9 +33,9 @@ from bonescreen.screen.engine import Prepared, ScreeningEngine
 from bonescreen.screen.inputs import ClinicalTable, count_inputs, iter_inputs
 from bonescreen.screen.journal import ResultStore
 from bonescreen.screen.models import ModelSet, ScreenError, load_models
-from bonescreen.screen.outputs import sr_facts, write_image_files, write_predictions, write_studies
+from bonescreen.screen.outputs import sr_facts, write_image_files, write_parquet, write_predictions, write_studies
 
-__all__ = ["ScreenOptions", "ScreenSummary", "result_columns", "screen"]
+__all__ = ["RunState", "ScreenOptions", "ScreenSummary", "finish_run", "open_run", "result_columns", "screen"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,10 @@ class ScreenOptions:
     gate: dict[str, Any] = field(default_factory=dict)  # GatePolicy overrides
     clinical: str | os.PathLike[str] | None = None  # pediatric: height/weight CSV (ClinicalTable)
     ood: str = "refuse"  # refuse | flag | off (schema.OOD_POLICIES)
+    device: str = "cpu"  # cpu | cuda | auto (bonescreen.screen.backends.resolve_device)
+    compile: bool = False  # torch backends: torch.compile (opt-in)
+    calibration: Sequence[str] | None = None  # int8 backends / auto: calibration inputs
+    write_parquet: bool = False  # also OUT/parquet/part-*.parquet (the Ray engine always writes them)
 
 
 @dataclass
@@ -123,13 +127,20 @@ class _Tally:
             self.reasons[str(row.get("reason"))] += 1
 
 
-def _check_resume(out: Path, config: dict[str, Any], overwrite: bool) -> None:
+def _check_resume(out: Path, config: dict[str, Any], overwrite: bool, info: dict[str, Any] | None = None) -> None:
+    """Refuse a folder whose results came from other settings; record ``config`` (+ ``info``) in run.json.
+
+    ``info`` (the backend and how ``auto`` chose it, the engine) is recorded, not compared: rows
+    carry their own ``backend``, and fp32 backends agree within 1e-4.
+    """
     run_json = out / "run.json"
     journal = out / "results.jsonl"
     if overwrite:
         for f in (journal, out / "results.csv", out / "predictions.csv", out / "studies.csv", out / "summary.json",
                   run_json):
             f.unlink(missing_ok=True)
+        for f in (out / "parquet").glob("part-*.parquet"):
+            f.unlink()
     elif run_json.is_file() and journal.is_file():
         old = json.loads(run_json.read_text())
         diff = sorted(k for k in config if old.get(k) != config[k])
@@ -139,8 +150,90 @@ def _check_resume(out: Path, config: dict[str, Any], overwrite: bool) -> None:
                 "pass --overwrite to start again or use another --out folder"
             )
     tmp = run_json.with_name(".run.json.tmp")
-    tmp.write_text(json.dumps(config, indent=2))
+    tmp.write_text(json.dumps({**config, **(info or {})}, indent=2))
     os.replace(tmp, run_json)
+
+
+@dataclass
+class RunState:
+    """A run opened by :func:`open_run`: what every runner (single process, Ray) shares."""
+
+    out: Path
+    opts: ScreenOptions
+    models: ModelSet
+    engine: ScreeningEngine
+    store: ResultStore
+    tally: _Tally
+    n_resumed: int
+    exclude: list[str]
+
+
+def open_run(
+    inputs: Sequence[str | os.PathLike[str]],
+    model: str | os.PathLike[str] | ModelSet,
+    out_dir: str | os.PathLike[str],
+    *,
+    stage1: str | os.PathLike[str] | None = None,
+    backend: str = "torch",
+    threads: int | None = None,
+    options: ScreenOptions | None = None,
+    info: dict[str, Any] | None = None,
+) -> RunState:
+    """Check options, load the model(s) and the engine, check/record run.json, recover the journal."""
+    opts = options or ScreenOptions()
+    if opts.ood not in OOD_POLICIES:
+        raise ScreenError(f"--ood must be one of {', '.join(OOD_POLICIES)}; got {opts.ood!r}")
+    if opts.batch_size < 1 or opts.workers < 1:
+        raise ScreenError("batch size and workers must be at least 1")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    models = model if isinstance(model, ModelSet) else load_models(
+        model, stage1, backend=backend, threads=threads, cache_dir=out / ".onnx", device=opts.device,
+        compile=opts.compile, calibration=opts.calibration, batch_size=opts.batch_size,
+    )
+    clinical = ClinicalTable(opts.clinical) if opts.clinical else None
+    pseudonymiser = key_id = None
+    if not opts.include_patient_id:
+        key = load_or_create_key(opts.pseudonym_key_file)
+        pseudonymiser, key_id = Pseudonymiser(key), key_fingerprint(key)
+    engine = ScreeningEngine(
+        models, threshold=opts.threshold, threshold_stage1=opts.threshold_stage1, always_stage2=opts.always_stage2,
+        gate=opts.gate, ood=opts.ood, explain=opts.explain or opts.dicom_sc, site=opts.site,
+        include_patient_id=opts.include_patient_id, pseudonymiser=pseudonymiser, clinical=clinical,
+    )
+    if opts.ood == "off":
+        log.warning("the out-of-distribution check is off (--ood off): images unlike the training data are "
+                    "scored as if they were chest radiographs; every row records ood_check=off")
+    # which key made the pseudonyms (a fingerprint, not the key): a resumed run must not mix two
+    recorded = {"backend": models.backend, "backend_choice": models.choice, **(info or {})}
+    _check_resume(out, {"pseudonym_key": key_id, **engine.run_config()}, opts.overwrite, recorded)
+
+    store = ResultStore(out, result_columns(models.mode))
+    tally = _Tally()
+    n_resumed = store.recover(tally.add)
+    if n_resumed:
+        log.info("resuming: %d image(s) already have a row in %s", n_resumed, store.jsonl)
+    return RunState(out, opts, models, engine, store, tally, n_resumed, [str(out)])
+
+
+def finish_run(run: RunState, n_new: int, seconds: float, *, backend: str | None = None) -> ScreenSummary:
+    """predictions.csv, studies.csv (+ SRs), Parquet shards (when asked) and summary.json, from the journal."""
+    opts, out, models, tally = run.opts, run.out, run.models, run.tally
+    n_pred = write_predictions(run.store, out / "predictions.csv", opts.labels, mode=models.mode)
+    n_studies = write_studies(run.store, out, sr=opts.dicom_sr, run=sr_facts(run.engine), mode=models.mode)
+    if opts.write_parquet:
+        write_parquet(run.store, out / "parquet")
+    summary = ScreenSummary(
+        out_dir=str(out), n_rows=tally.screened + tally.skipped, n_screened=tally.screened,
+        n_skipped=tally.skipped, n_flagged=tally.flagged, n_new=n_new, n_resumed=run.n_resumed, n_studies=n_studies,
+        reasons=dict(tally.reasons), categories=dict(tally.categories), seconds=round(seconds, 3),
+        images_per_s=round(n_new / seconds, 3) if seconds > 0 else 0.0, model=models.main_id,
+        model_stage1=models.stage1_id, backend=backend or models.backend, mode=models.mode, ood=opts.ood,
+    )
+    tmp = out / ".summary.json.tmp"
+    tmp.write_text(json.dumps({**summary.__dict__, "n_predictions": n_pred}, indent=2))
+    os.replace(tmp, out / "summary.json")
+    return summary
 
 
 def screen(
@@ -156,39 +249,10 @@ def screen(
     """Screen every image under ``inputs``; results in ``out_dir`` (see module docstring)."""
     from tqdm.auto import tqdm
 
-    opts = options or ScreenOptions()
-    if opts.ood not in OOD_POLICIES:
-        raise ScreenError(f"--ood must be one of {', '.join(OOD_POLICIES)}; got {opts.ood!r}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    models = model if isinstance(model, ModelSet) else load_models(
-        model, stage1, backend=backend, threads=threads, cache_dir=out / ".onnx"
-    )
-    if opts.batch_size < 1 or opts.workers < 1:
-        raise ScreenError("batch size and workers must be at least 1")
-    clinical = ClinicalTable(opts.clinical) if opts.clinical else None
-    pseudonymiser = key_id = None
-    if not opts.include_patient_id:
-        key = load_or_create_key(opts.pseudonym_key_file)
-        pseudonymiser, key_id = Pseudonymiser(key), key_fingerprint(key)
-    engine = ScreeningEngine(
-        models, threshold=opts.threshold, threshold_stage1=opts.threshold_stage1, always_stage2=opts.always_stage2,
-        gate=opts.gate, ood=opts.ood, explain=opts.explain or opts.dicom_sc, site=opts.site,
-        include_patient_id=opts.include_patient_id, pseudonymiser=pseudonymiser, clinical=clinical,
-    )
-    if opts.ood == "off":
-        log.warning("the out-of-distribution check is off (--ood off): images unlike the training data are "
-                    "scored as if they were chest radiographs; every row records ood_check=off")
-    # which key made the pseudonyms (a fingerprint, not the key): a resumed run must not mix two
-    _check_resume(out, {"pseudonym_key": key_id, **engine.run_config()}, opts.overwrite)
-
-    store = ResultStore(out, result_columns(models.mode))
-    tally = _Tally()
-    n_resumed = store.recover(tally.add)
-    if n_resumed:
-        log.info("resuming: %d image(s) already have a row in %s", n_resumed, store.jsonl)
-
-    exclude = [str(out)]
+    run = open_run(inputs, model, out_dir, stage1=stage1, backend=backend, threads=threads, options=options,
+                   info={"engine": "local"})
+    opts, out, models, engine, store, tally = run.opts, run.out, run.models, run.engine, run.store, run.tally
+    exclude = run.exclude
     total = count_inputs(inputs, exclude=exclude)
     bar = tqdm(total=total, unit="img", desc="screen", disable=not opts.progress)
     bar.update(min(total, len(tally.paths)))
@@ -250,17 +314,4 @@ def screen(
         store.close()
         bar.close()
 
-    seconds = time.perf_counter() - start
-    n_pred = write_predictions(store, out / "predictions.csv", opts.labels, mode=models.mode)
-    n_studies = write_studies(store, out, sr=opts.dicom_sr, run=sr_facts(engine), mode=models.mode)
-    summary = ScreenSummary(
-        out_dir=str(out), n_rows=tally.screened + tally.skipped, n_screened=tally.screened,
-        n_skipped=tally.skipped, n_flagged=tally.flagged, n_new=n_new, n_resumed=n_resumed, n_studies=n_studies,
-        reasons=dict(tally.reasons), categories=dict(tally.categories), seconds=round(seconds, 3),
-        images_per_s=round(n_new / seconds, 3) if seconds > 0 else 0.0, model=models.main_id,
-        model_stage1=models.stage1_id, backend=models.backend, mode=models.mode, ood=opts.ood,
-    )
-    tmp = out / ".summary.json.tmp"
-    tmp.write_text(json.dumps({**summary.__dict__, "n_predictions": n_pred}, indent=2))
-    os.replace(tmp, out / "summary.json")
-    return summary
+    return finish_run(run, n_new, time.perf_counter() - start)
