@@ -103,7 +103,7 @@ class TorchPredictor:
     """The artifact's scoring graph on a device, optionally bf16 autocast, channels_last and compiled."""
 
     def __init__(self, loaded: Any, *, device: str = "cpu", bf16: bool = False, channels_last: bool = False,
-                 compile: bool = False) -> None:
+                 compile: bool = False, compile_backend: str = "inductor") -> None:
         import torch
 
         self.loaded = loaded
@@ -116,7 +116,7 @@ class TorchPredictor:
         if channels_last:
             graph = graph.to(memory_format=torch.channels_last)
         # dynamic=False: one graph per batch size (a run has one batch size plus its last, shorter batch)
-        self.graph = torch.compile(graph, dynamic=False) if compile else graph
+        self.graph = torch.compile(graph, dynamic=False, backend=compile_backend) if compile else graph
 
     @property
     def size(self) -> int:
