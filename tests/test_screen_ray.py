@@ -15,13 +15,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+import ray
 from _screen_helpers import make_artifact, radiograph
 
 from bonescreen.screen import ScreenOptions, screen
-
-import ray  # noqa: E402  (a test dependency: pyproject [test])
 
 N_IMAGES = 14
 
@@ -144,3 +144,39 @@ def test_killed_ray_run_resumes_every_image_once(ray_cluster: str, data: tuple[P
     # a third run has nothing left to do
     again = ray_screen([folder], model, out, options=ScreenOptions(batch_size=4, progress=False))
     assert again.n_new == 0 and _lines(journal) == N_IMAGES + 2
+
+
+def test_resume_skips_finished_sop_instance_uids(ray_cluster: str, data: tuple[Path, Path], tmp_path: Path) -> None:
+    """A re-run that finds a finished image at another path (a re-export) gives it an already_screened row
+    instead of a second score; a new image is screened. Ray and single-process agree."""
+    import shutil
+
+    from conftest import build_dicom
+
+    from bonescreen.screen.ray_run import ray_screen
+
+    folder, model = data
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    shutil.copy(folder / "img003.dcm", extra / "re-export.dcm")
+    build_dicom(radiograph(500), PatientID="P500").save_as(extra / "new.dcm", enforce_file_format=True)
+    opts = ScreenOptions(batch_size=4, progress=False)
+    outs = {}
+    for engine in ("local", "ray"):
+        out = tmp_path / engine
+
+        def run(inputs: list[Path], engine: str = engine, out: Path = out) -> Any:
+            if engine == "ray":
+                return ray_screen(inputs, model, out, options=opts, ray_workers=1)
+            return screen(inputs, model, out, options=opts)
+
+        run([folder])
+        s = run([folder, extra])
+        assert s.n_resumed == N_IMAGES + 2 and s.n_new == 2
+        rows = _rows(out / "results.jsonl")
+        assert rows["re-export.dcm"]["reason"] == "already_screened"
+        assert rows["re-export.dcm"]["image_id"] == rows["img003.dcm"]["image_id"]
+        assert rows["re-export.dcm"]["score"] is None and rows["re-export.dcm"]["eligible"] is False
+        assert rows["new.dcm"]["eligible"] is True
+        outs[engine] = rows
+    assert outs["local"]["new.dcm"]["score"] == pytest.approx(outs["ray"]["new.dcm"]["score"], abs=1e-6)

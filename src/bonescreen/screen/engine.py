@@ -38,7 +38,10 @@ from bonescreen.screen.inputs import (
 )
 from bonescreen.screen.models import ModelSet, ScreenError, file_sha256, load_models
 
-__all__ = ["PrepContext", "Prepared", "ScreeningEngine", "predict_batch", "prepare"]
+__all__ = ["ALREADY_SCREENED", "PrepContext", "Prepared", "ScreeningEngine", "predict_batch", "prepare"]
+
+#: ``reason`` of an input whose image id (SOP Instance UID) an earlier run already screened
+ALREADY_SCREENED = "already_screened"
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,9 @@ class PrepContext:
     pseudonymiser: Pseudonymiser | None
     pediatric: bool = False  # collect height/weight/age/sex for a pediatric model
     clinical: ClinicalTable | None = None
+    # image ids (SOP Instance UIDs) that already have a row in the output folder: a resumed run
+    # skips them before the pixel decode, also when the file now lies at another path
+    finished: frozenset[str] = frozenset()
 
 
 def _hash_id(path: str) -> str:
@@ -105,6 +111,10 @@ def prepare(item: InputItem, ctx: PrepContext) -> Prepared:
             manufacturer=meta.manufacturer, manufacturer_model_name=meta.manufacturer_model_name,
             body_part=meta.body_part,
         )
+        if row["image_id"] in ctx.finished:
+            return _skip(row, GateDecision.refuse(
+                ALREADY_SCREENED, "this image (SOP Instance UID) already has a row in this output folder, "
+                "from another file; it is not screened twice"))
         decision = check_header(meta, ctx.policy)
         if not decision.eligible:
             return _skip(row, decision)

@@ -42,12 +42,14 @@ from bonescreen.screen.inputs import ClinicalTable, InputItem, count_inputs, ite
 from bonescreen.screen.models import ScreenError, backend_label, load_models
 from bonescreen.screen.run import ScreenOptions, ScreenSummary, finish_run, open_run
 
-__all__ = ["CHUNK", "PrepSpec", "init_ray", "ray_screen"]
+__all__ = ["ACTOR_MEMORY", "CHUNK", "PrepSpec", "init_ray", "ray_screen"]
 
 log = logging.getLogger(__name__)
 
 #: Inputs per Ray dataset: the listing is consumed this many at a time (flat memory).
 CHUNK = 20_000
+#: Memory a predict actor reserves besides twice its model file(s) (weights + a batch's activations).
+ACTOR_MEMORY = 512 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -111,9 +113,13 @@ def _decode(batch: dict[str, np.ndarray], sizes: Sequence[int]) -> list[Prepared
     return preps
 
 
-def prepare_batch(batch: dict[str, np.ndarray], spec: PrepSpec) -> dict[str, np.ndarray]:
-    """CPU task: gate, decode and preprocess a block of inputs (never raises for a bad file)."""
-    ctx = _prep_context(spec)
+def prepare_batch(batch: dict[str, np.ndarray], spec: PrepSpec,
+                  finished: frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
+    """CPU task: gate, decode and preprocess a block of inputs (never raises for a bad file).
+
+    ``finished``: image ids (SOP Instance UIDs) an earlier run journaled (skipped, as in ``screen``).
+    """
+    ctx = replace(_prep_context(spec), finished=finished)
     preps = [prepare(InputItem(str(p), json.loads(e) if e else {}), ctx) for p, e in zip(batch["path"], batch["extra"])]
     return _encode(preps, spec.sizes)
 
@@ -216,7 +222,7 @@ def ray_screen(
             backend = choice.backend
         label = backend_label(backend, device, opts.compile) if backend != "auto" else f"auto@{device}"
         # the driver needs the artifact's facts (gate, thresholds, OOD parts) only: plain torch on the CPU
-        driver_models = load_models(model, stage1, backend="torch", threads=1)
+        driver_models = load_models(model, stage1, backend="torch")
         driver_models.choice = choice.as_dict() if choice is not None else None
         driver_models.backend = label
         run = open_run(inputs, driver_models, out_dir, options=replace(opts, explain=False, dicom_sc=False),
@@ -244,6 +250,12 @@ def ray_screen(
         bar.update(min(total, len(run.tally.paths)))
         todo = (it for it in iter_inputs(inputs, exclude=run.exclude)
                 if os.path.realpath(it.path) not in run.tally.paths)
+        # the ids an earlier run screened: one object in Ray's store, shared by every CPU task
+        finished = run.engine.ctx.finished  # Ray ships fn_kwargs to the tasks once (object store)
+        # decode/preprocess tasks and predict actors must stay separate operators (CPU tasks scale with
+        # --workers, replicas with --ray-workers); Ray fuses a task map into the next actor map when their
+        # resource requests are equal, so an actor also reserves the memory a model replica needs
+        actor_memory = ACTOR_MEMORY + 2 * sum(Path(p).stat().st_size for p in (model, stage1) if p)
         start = time.perf_counter()
         n_new = 0
         run.store.open()
@@ -253,11 +265,13 @@ def ray_screen(
                     [{"path": it.path, "extra": json.dumps(it.extra) if it.extra else ""} for it in items],
                     override_num_blocks=max(1, -(-len(items) // opts.batch_size)),
                 )
-                ds = ds.map_batches(prepare_batch, fn_kwargs={"spec": spec}, batch_size=opts.batch_size,
-                                    batch_format="numpy", num_cpus=1, concurrency=opts.workers)
+                ds = ds.map_batches(prepare_batch, fn_kwargs={"spec": spec, "finished": finished},
+                                    batch_size=opts.batch_size, batch_format="numpy", num_cpus=1,
+                                    compute=ray.data.TaskPoolStrategy(size=opts.workers))
                 ds = ds.map_batches(
-                    PredictActor, batch_size=opts.batch_size, batch_format="numpy", concurrency=workers,
-                    num_cpus=1, num_gpus=1 if device == "cuda" else 0,
+                    PredictActor, batch_size=opts.batch_size, batch_format="numpy",
+                    compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1,
+                    num_gpus=1 if device == "cuda" else 0, memory=actor_memory,
                     fn_constructor_kwargs={"model": str(Path(model).resolve()),
                                            "stage1": str(Path(stage1).resolve()) if stage1 else None,
                                            "backend": backend, "load": load_kw, "engine": engine_kw,

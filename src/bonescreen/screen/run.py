@@ -23,7 +23,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -110,12 +110,15 @@ class ScreenSummary:
 class _Tally:
     def __init__(self) -> None:
         self.paths: set[str] = set()
+        self.ids: set[str] = set()  # image ids (SOP Instance UIDs) with a row
         self.reasons: Counter[str] = Counter()
         self.categories: Counter[str] = Counter()
         self.screened = self.skipped = self.flagged = 0
 
     def add(self, row: Mapping[str, Any]) -> None:
         self.paths.add(os.path.realpath(row["path"]))
+        if row.get("image_id"):
+            self.ids.add(str(row["image_id"]))
         if row.get("eligible"):
             self.screened += 1
             self.categories[str(row.get("category"))] += 1
@@ -213,6 +216,9 @@ def open_run(
     n_resumed = store.recover(tally.add)
     if n_resumed:
         log.info("resuming: %d image(s) already have a row in %s", n_resumed, store.jsonl)
+        # inputs are skipped by path before they are read, and by image id (SOP Instance UID)
+        # after the header: a re-exported archive is not screened twice
+        engine.ctx = replace(engine.ctx, finished=frozenset(tally.ids))
     return RunState(out, opts, models, engine, store, tally, n_resumed, [str(out)])
 
 
