@@ -67,7 +67,7 @@ def test_fp32_backends_match_eager(artifact: tuple[Path, Path]) -> None:
 
 def test_torch_compile_wraps_the_same_graph(artifact: tuple[Path, Path]) -> None:
     """--compile captures the scoring graph with torch.compile; the 'eager' compiler backend keeps this quick
-    (inductor's code generation takes minutes on a loaded 2-core machine: bench/gpu_check.py runs it)."""
+    (inductor's code generation takes minutes on a loaded 2-core machine; `screen --compile` uses inductor)."""
     from bonescreen.artifact import load_artifact
 
     loaded = load_artifact(artifact[0])
