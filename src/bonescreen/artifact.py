@@ -85,6 +85,10 @@ class ModelSpec:
     extra: dict[str, Any] = field(default_factory=dict)
     # out-of-distribution model (bonescreen.ood.OODModel.to_dict): None when not fitted
     ood: dict[str, Any] | None = None
+    # named site profiles (bonescreen.adapt.profile): recalibration, operating point, abstain band,
+    # label-free adaptation learnt at one hospital; JSON-able dicts, each bound to these weights by
+    # its ``model_fingerprint``. Absent in older artifacts (loads as no profiles).
+    site_profiles: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def for_task(cls, arch: str, task: str, **kwargs: Any) -> "ModelSpec":

@@ -300,6 +300,55 @@ def sensitivity_threshold(labels: ArrayLike, scores: ArrayLike, target: float) -
     return float(thr[ok[0]])
 
 
+def specificity_threshold(labels: ArrayLike, scores: ArrayLike, target: float) -> float:
+    """Lowest cut-off whose specificity on the tuning set is at least ``target``.
+
+    The mirror of :func:`sensitivity_threshold`: among cut-offs keeping ``specificity >= target``,
+    the one that flags the most (highest sensitivity). Cut-offs are observed scores, so
+    ``score >= threshold`` calls that case positive.
+    """
+    from sklearn.metrics import roc_curve
+
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"target specificity must be in (0, 1], got {target}")
+    y = np.asarray(labels).astype(int)
+    if not _two_classes(y):
+        raise ValueError("target-specificity threshold needs both classes in the tuning set")
+    fpr, _, thr = roc_curve(y, np.asarray(scores, dtype=float), drop_intermediate=False)
+    ok = np.flatnonzero((1.0 - fpr >= target - 1e-12) & np.isfinite(thr))
+    return float(thr[ok[-1]])
+
+
+def predictive_values(sensitivity: float, specificity: float, prevalence: float) -> tuple[float, float]:
+    """(PPV, NPV) of a test with this sensitivity and specificity where the prevalence is ``prevalence``.
+
+    Bayes' rule; the way to carry an operating point from a DXA-referred sample to a screening
+    population whose prevalence differs. NaN where a denominator is zero.
+    """
+    se, sp, p = float(sensitivity), float(specificity), float(prevalence)
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"prevalence must be in [0, 1], got {prevalence}")
+    tp, fp = se * p, (1.0 - sp) * (1.0 - p)
+    tn, fn = sp * (1.0 - p), (1.0 - se) * p
+    ppv = tp / (tp + fp) if tp + fp > 0 else math.nan
+    npv = tn / (tn + fn) if tn + fn > 0 else math.nan
+    return ppv, npv
+
+
+def predictive_values_ci(sens: Estimate, spec: Estimate, prevalence: float) -> dict[str, Estimate]:
+    """PPV and NPV at ``prevalence`` with intervals carried from the Wilson intervals of sens and spec.
+
+    PPV rises with both sensitivity and specificity, NPV too, so evaluating Bayes' rule at the
+    lower (upper) ends of both intervals bounds it from below (above): a conservative interval
+    for a known prevalence (wider than a joint interval would be, never narrower).
+    """
+    ppv, npv = predictive_values(sens.value, spec.value, prevalence)
+    ppv_lo, npv_lo = predictive_values(sens.lo, spec.lo, prevalence)
+    ppv_hi, npv_hi = predictive_values(sens.hi, spec.hi, prevalence)
+    method = f"Bayes at prevalence {prevalence:.3f}, bounds from the Wilson CIs"
+    return {"ppv": Estimate(ppv, ppv_lo, ppv_hi, method=method), "npv": Estimate(npv, npv_lo, npv_hi, method=method)}
+
+
 # --------------------------------------------------------------------------
 # Bootstrap (vectorised, weighted)
 # --------------------------------------------------------------------------

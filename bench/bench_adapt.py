@@ -1,0 +1,293 @@
+"""Trust at a new site, measured: before, after label-free adaptation, after `calibrate` with N local pairs.
+
+    python bench/bench_adapt.py --demo /tmp/adapt-demo [--work /tmp/adapt-bench] [--pairs 200] [--repeats 20]
+
+Needs a finished demo run (``bonescreen demo --out DIR``: its student, cohort, phantom and cache).
+Evaluates the demo's student on sites it never trained on: the demo's external sites (EXT_A,
+EXT_B, EXT_C) and a far site (the vendor look farthest from the development site's) generated
+here with the demo's seed and render size (``bonescreen.phantom.far_site`` when the phantom has
+it, else the fallback spec below). For each site:
+
+- before: AUC next to the oracle AUC and the headroom fraction, sensitivity/specificity at the
+  artifact's cut-off, calibration slope/intercept/ECE, true prevalence;
+- label-free (no label seen): EM prevalence only; BatchNorm re-estimation + EM; feature alignment
+  (to the development site's train-split features) + EM: estimated vs true prevalence, AUC,
+  sensitivity/specificity at the moved cut-off, calibration of the prior-adjusted probabilities;
+- calibrate with N local pairs (random patient-grouped draws, repeated): sensitivity/specificity
+  on the rest of that site at the requested operating point, calibration slope/intercept/ECE on
+  the rest; for the base model and on top of the label-free adaptation.
+
+Results: bench/results/adapt.json (and a markdown table printed for the README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fallback_far_site(n: int) -> Any:
+    """An unseen vendor far from DEV's (used only when the phantom has no ``far_site``)."""
+    from bonescreen.phantom import SiteSpec, VendorProfile
+
+    vendor = VendorProfile(
+        name="far_cr_fallback", manufacturer="Distant Medical", model="DM-CR 10", modality="CR",
+        bits_stored=10, photometric="MONOCHROME1", response="linear", linear_k=0.9, exposure=0.45,
+        electronic_noise=0.006, scatter=0.15, blur_mm=0.8, detail_gain=2.6, range_compression=0.45,
+        fov_mm=370.0, collimation=0.1, collimation_fill="black", marker="both",
+    )
+    return SiteSpec(name="FAR", n_patients=n, age_mean=70.0, age_sd=9.0, age_min=50.0, age_max=95.0,
+                    female_frac=0.5, prevalence=0.45, vendors=(vendor,), ap_frac=0.2, lateral_frac=0.2,
+                    date_start="2020-01-01", date_end="2024-12-31", dxa_device="Hologic Horizon")
+
+
+def far_phantom(demo: Path, work: Path, n: int, log: list[str]) -> tuple[Path, str]:
+    from bonescreen import phantom as ph
+    from bonescreen.phantom import generate_phantom
+
+    meta = json.loads((demo / "phantom" / "phantom.json").read_text())
+    size, seed = int(meta.get("size", 256)), int(meta.get("seed", 0))
+    out = work / "far-phantom"
+    if getattr(ph, "far_site", None) is not None:
+        spec, origin = ph.far_site(), "bonescreen.phantom.far_site()"
+    else:
+        spec, origin = fallback_far_site(n), "bench fallback spec (no far_site in this phantom)"
+    if not (out / "oracle.json").is_file():
+        t0 = time.perf_counter()
+        generate_phantom(out, sites=[spec], n_per_site={spec.name: n}, pool_size=0, size=size, seed=seed,
+                         workers=2, progress=False)
+        log.append(f"far phantom: {n} patients at {size} px in {time.perf_counter() - t0:.0f} s ({origin})")
+    return out, origin
+
+
+def site_frame(phantom_dir: Path, name: str, work: Path) -> pd.DataFrame:
+    from bonescreen.cohort import CohortConfig, SiteInput, build_cohort
+
+    cohort = build_cohort([SiteInput(name, [phantom_dir / name / "images"], phantom_dir / name / "dxa.csv",
+                                     role="external")], CohortConfig(seed=0), workers=2, progress=False)
+    return cohort.manifest
+
+
+def images_of(frame: pd.DataFrame, cache: Path, size: int) -> tuple[pd.DataFrame, np.ndarray]:
+    from bonescreen.data import prepare_images
+
+    prep = prepare_images(frame, cache, size, preload="false", workers=2, progress=False)
+    return prep.frame.reset_index(drop=True), prep.source.batch(np.arange(len(prep.source)))
+
+
+def headroom(auc: float, oracle: float) -> float:
+    return (auc - 0.5) / (oracle - 0.5)
+
+
+def rates(y: np.ndarray, decision: np.ndarray) -> dict[str, float]:
+    d = decision.astype(bool)
+    return {"sensitivity": float(d[y == 1].mean()), "specificity": float((~d[y == 0]).mean()),
+            "flagged": int(d.sum())}
+
+
+def calib(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
+    from bonescreen.evaluate.metrics import calibration_slope_intercept, expected_calibration_error
+
+    c = calibration_slope_intercept(y, p)
+    return {"slope": c.slope.value, "intercept": c.intercept.value, "ece": expected_calibration_error(y, p)}
+
+
+def label_free(loaded: Any, images: np.ndarray, y: np.ndarray, oracle: float, method: str,
+               source: dict[str, Any] | None, seed: int) -> dict[str, Any]:
+    from bonescreen.adapt.labelfree import LabelFreeConfig, adapt_images
+    from bonescreen.evaluate.metrics import auc_point
+
+    t0 = time.perf_counter()
+    out = adapt_images(loaded, images, name="bench", config=LabelFreeConfig(method=method, seed=seed),
+                       source_stats=source)
+    prof = out.profile
+    s = out.scores_after
+    auc = auc_point(y, s)
+    r = out.report
+    return {
+        "method": r["method"], "seconds": round(time.perf_counter() - t0, 1),
+        "prevalence_estimate": r["prevalence"]["value"], "prevalence_ci": [r["prevalence"]["lo"], r["prevalence"]["hi"]],
+        "prevalence_true": float(y.mean()),
+        "threshold": prof.threshold, "auc": auc, "headroom": headroom(auc, oracle),
+        **rates(y, s >= prof.threshold), **calib(y, prof.probability(s)),
+        "expected_at_cut": r["expected_at_cut"], "adaptation": r["adaptation"],
+    }, out
+
+
+def calibrate_draws(y: np.ndarray, s: np.ndarray, groups: np.ndarray, n_pairs: int, repeats: int, seed: int,
+                    target: str, value: float) -> dict[str, Any]:
+    from bonescreen.adapt.calibrate import CalibrateConfig, LocalPairs, _draw, calibrate_pairs
+
+    cfg = CalibrateConfig(target=target, target_value=value, learning_curve=(), seed=seed)
+    pairs = LocalPairs(y, s, groups)
+    rng = np.random.default_rng(seed)
+    rows = []
+    while len(rows) < repeats:
+        drawn = _draw(pairs, n_pairs, rng)
+        if drawn is None:
+            continue
+        fit, rest = drawn
+        oc = calibrate_pairs(pairs.subset(fit), name="bench", fingerprint="sha256:bench", task="stage2",
+                             base_threshold=0.5, config=cfg)
+        prof = oc.profile
+        yr, sr = y[rest], s[rest]
+        rows.append({**rates(yr, sr >= prof.threshold), **calib(yr, prof.probability(sr)),
+                     "method": prof.recalibration.method, "n_rest": int(rest.size)})
+    df = pd.DataFrame(rows)
+    summary: dict[str, Any] = {"n_pairs": n_pairs, "repeats": repeats, "target": target, "value": value,
+                               "n_rest_median": int(df["n_rest"].median()),
+                               "methods": df["method"].value_counts().to_dict()}
+    for k in ("sensitivity", "specificity", "slope", "intercept", "ece"):
+        summary[k] = {"median": float(df[k].median()), "p10": float(df[k].quantile(0.1)),
+                      "p90": float(df[k].quantile(0.9))}
+    summary[f"{target}_within_0.05"] = float((np.abs(df[target] - value) <= 0.05).mean())
+    summary["slope_in_0.8_1.2"] = float(((df["slope"] >= 0.8) & (df["slope"] <= 1.2)).mean())
+    return summary
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--demo", type=Path, default=Path("/tmp/adapt-demo"))
+    ap.add_argument("--model", type=Path, help="default: DEMO/student/model.pt")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/adapt-bench"))
+    ap.add_argument("--n-far", type=int, default=440)
+    ap.add_argument("--pairs", type=int, default=200)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--target-sensitivity", type=float, default=0.90)
+    ap.add_argument("--target-specificity", type=float, default=0.90)
+    ap.add_argument("--sites", default="FAR,EXT_A,EXT_B,EXT_C")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "adapt.json")
+    args = ap.parse_args()
+
+    import torch
+
+    from bonescreen.adapt.tta import feature_statistics
+    from bonescreen.artifact import load_artifact
+    from bonescreen.evaluate.metrics import auc_point
+
+    torch.set_num_threads(2)
+    t_start = time.perf_counter()
+    log: list[str] = []
+    demo, work = args.demo, args.work
+    work.mkdir(parents=True, exist_ok=True)
+    model_path = args.model or demo / "student" / "model.pt"
+    loaded = load_artifact(model_path)
+    size = loaded.size
+    cache = demo / "cache"
+    manifest = pd.read_csv(demo / "cohort" / "manifest.csv", dtype={"image_id": str, "patient_id": str})
+    oracle_demo = json.loads((demo / "phantom" / "oracle.json").read_text())
+
+    # development data's features (the train split), for feature alignment
+    dev = manifest[(manifest["site"] == "DEV") & (manifest["split"] == "train")]
+    dev = dev[pd.to_numeric(dev["label"], errors="coerce").notna()]
+    _, dev_imgs = images_of(dev, cache, size)
+    source = feature_statistics(loaded, dev_imgs)
+    del dev_imgs
+
+    results: dict[str, Any] = {}
+    sites = [s.strip() for s in args.sites.split(",") if s.strip()]
+    for site in sites:
+        if site == "FAR":
+            far_dir, origin = far_phantom(demo, work, args.n_far, log)
+            frame = site_frame(far_dir, "FAR", work)
+            oracle = json.loads((far_dir / "oracle.json").read_text())["FAR"]["auc"]
+            site_cache = work / "cache"
+        else:
+            frame = manifest[manifest["site"] == site]
+            oracle = oracle_demo[site]["auc"]
+            origin = "demo phantom"
+            site_cache = cache
+        frame = frame[pd.to_numeric(frame["label"], errors="coerce").notna()]
+        frame, imgs = images_of(frame, site_cache, size)
+        y = frame["label"].astype(int).to_numpy()
+        groups = frame["patient_id"].astype(str).to_numpy()
+        s0 = np.concatenate([loaded.score(imgs[i:i + 64]) for i in range(0, len(imgs), 64)])
+        auc0 = auc_point(y, s0)
+        t0 = float(loaded.spec.threshold)
+        entry: dict[str, Any] = {
+            "origin": origin, "n_images": int(len(y)), "n_patients": int(len(set(groups))),
+            "prevalence": float(y.mean()), "oracle_auc": oracle,
+            "before": {"auc": auc0, "headroom": headroom(auc0, oracle), "threshold": t0,
+                       **rates(y, s0 >= t0), **calib(y, s0)},
+        }
+        lf: dict[str, Any] = {}
+        adapted_scores: dict[str, np.ndarray] = {}
+        for method in ("none", "batchnorm", "feature_align"):
+            res, out = label_free(loaded, imgs, y, oracle, method, source if method == "feature_align" else None,
+                                  args.seed)
+            lf[method] = res
+            adapted_scores[method] = out.scores_after
+        entry["label_free"] = lf
+        cal: dict[str, Any] = {}
+        for base in ("none", "batchnorm"):
+            s = adapted_scores[base]
+            cal[base] = {
+                "sensitivity_target": calibrate_draws(y, s, groups, args.pairs, args.repeats, args.seed,
+                                                      "sensitivity", args.target_sensitivity),
+                "specificity_target": calibrate_draws(y, s, groups, args.pairs, args.repeats, args.seed,
+                                                      "specificity", args.target_specificity),
+            }
+        entry["calibrate"] = cal
+        results[site] = entry
+        print(f"{site}: n {len(y)}, AUC {auc0:.3f} (oracle {oracle:.3f}, headroom {headroom(auc0, oracle):.2f}); "
+              f"label-free AUC bn {lf['batchnorm']['auc']:.3f}, fa {lf['feature_align']['auc']:.3f}", flush=True)
+
+    doc = {
+        "command": " ".join(["python", "bench/bench_adapt.py", *sys.argv[1:]]),
+        "model": str(model_path), "machine": platform.processor() or platform.machine(),
+        "seconds": round(time.perf_counter() - t_start, 1), "log": log,
+        "pairs": args.pairs, "repeats": args.repeats, "sites": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=2, default=float))
+    print(markdown(doc))
+    return 0
+
+
+def _f(v: float, d: int = 2) -> str:
+    return "NA" if v is None or not np.isfinite(v) else f"{v:.{d}f}"
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    lines = ["| site (n images) | stage | AUC (oracle; headroom) | cut-off | sensitivity | specificity | "
+             "prevalence est. (true) | calibration slope / intercept / ECE |",
+             "|---|---|---|---|---|---|---|---|"]
+    for site, e in doc["sites"].items():
+        b = e["before"]
+        head = f"{site} ({e['n_images']})"
+        lines.append(f"| {head} | before | {_f(b['auc'])} ({_f(e['oracle_auc'])}; {_f(b['headroom'])}) | "
+                     f"{_f(b['threshold'], 3)} | {_f(b['sensitivity'])} | {_f(b['specificity'])} | "
+                     f"– ({_f(e['prevalence'])}) | {_f(b['slope'])} / {_f(b['intercept'])} / {_f(b['ece'])} |")
+        for m, r in e["label_free"].items():
+            name = {"none": "label-free: EM prior shift", "batchnorm": "label-free: BatchNorm + EM",
+                    "feature_align": "label-free: feature align + EM"}[m]
+            lines.append(f"| | {name} | {_f(r['auc'])} ({_f(r['headroom'])}) | {_f(r['threshold'], 3)} | "
+                         f"{_f(r['sensitivity'])} | {_f(r['specificity'])} | {_f(r['prevalence_estimate'])} "
+                         f"({_f(r['prevalence_ci'][0])}–{_f(r['prevalence_ci'][1])}) | "
+                         f"{_f(r['slope'])} / {_f(r['intercept'])} / {_f(r['ece'])} |")
+        for base, c in e["calibrate"].items():
+            for key in ("sensitivity_target", "specificity_target"):
+                r = c[key]
+                tgt = f"{r['target']} {r['value']:.2f}"
+                on = "model" if base == "none" else "BatchNorm-adapted model"
+                lines.append(
+                    f"| | calibrate, {r['n_pairs']} pairs ({on}), {tgt}; rest n≈{r['n_rest_median']} | – | – | "
+                    f"{_f(r['sensitivity']['median'])} [{_f(r['sensitivity']['p10'])}–{_f(r['sensitivity']['p90'])}] | "
+                    f"{_f(r['specificity']['median'])} [{_f(r['specificity']['p10'])}–{_f(r['specificity']['p90'])}] | – | "
+                    f"{_f(r['slope']['median'])} / {_f(r['intercept']['median'])} / {_f(r['ece']['median'])} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
