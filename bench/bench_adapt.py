@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -57,11 +58,11 @@ def far_phantom(demo: Path, work: Path, n: int, log: list[str]) -> tuple[Path, s
 
     meta = json.loads((demo / "phantom" / "phantom.json").read_text())
     size, seed = int(meta.get("size", 256)), int(meta.get("seed", 0))
-    out = work / "far-phantom"
     if getattr(ph, "far_site", None) is not None:
-        spec, origin = ph.far_site(), "bonescreen.phantom.far_site()"
+        spec, origin, out = ph.far_site(), "bonescreen.phantom.far_site()", work / "far-phantom"
     else:
         spec, origin = fallback_far_site(n), "bench fallback spec (no far_site in this phantom)"
+        out = work / "far-phantom-fallback"
     if not (out / "oracle.json").is_file():
         t0 = time.perf_counter()
         generate_phantom(out, sites=[spec], n_per_site={spec.name: n}, pool_size=0, size=size, seed=seed,
@@ -102,26 +103,58 @@ def calib(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
     return {"slope": c.slope.value, "intercept": c.intercept.value, "ece": expected_calibration_error(y, p)}
 
 
-def label_free(loaded: Any, images: np.ndarray, y: np.ndarray, oracle: float, method: str,
-               source: dict[str, Any] | None, seed: int) -> dict[str, Any]:
-    from bonescreen.adapt.labelfree import LabelFreeConfig, adapt_images
+LABEL_FREE = (
+    # key, label, adaptation, home profile, cut-off rule
+    ("em_raw", "EM on the raw scores, P >= 0.5", "none", None, "probability"),
+    ("bn_keep", "BatchNorm re-estimated, cut-off kept", "batchnorm", None, "keep"),
+    ("home_em", "home calibration + EM, P >= 0.5 (no adaptation)", "none", "home0", "probability"),
+    ("bn_home_em", "BatchNorm + home calibration + EM, P >= 0.5", "batchnorm", "home_bn", "probability"),
+    ("bn_home_cut", "BatchNorm + the home cut-off (sensitivity 0.90 at home)", "batchnorm", "home_bn", "home"),
+    ("fa_keep", "feature alignment, cut-off kept", "feature_align", None, "keep"),
+)
+
+
+def label_free(loaded: Any, y: np.ndarray, oracle: float, base: np.ndarray, adapted: dict[str, tuple[Any, np.ndarray]],
+               homes: dict[str, Any], seed: int) -> dict[str, Any]:
+    from bonescreen.adapt.labelfree import LabelFreeConfig, label_free_profile
     from bonescreen.evaluate.metrics import auc_point
 
-    t0 = time.perf_counter()
-    out = adapt_images(loaded, images, name="bench", config=LabelFreeConfig(method=method, seed=seed),
-                       source_stats=source)
-    prof = out.profile
-    s = out.scores_after
-    auc = auc_point(y, s)
-    r = out.report
-    return {
-        "method": r["method"], "seconds": round(time.perf_counter() - t0, 1),
-        "prevalence_estimate": r["prevalence"]["value"], "prevalence_ci": [r["prevalence"]["lo"], r["prevalence"]["hi"]],
-        "prevalence_true": float(y.mean()),
-        "threshold": prof.threshold, "auc": auc, "headroom": headroom(auc, oracle),
-        **rates(y, s >= prof.threshold), **calib(y, prof.probability(s)),
-        "expected_at_cut": r["expected_at_cut"], "adaptation": r["adaptation"],
-    }, out
+    out: dict[str, Any] = {}
+    for key, label, method, home, rule in LABEL_FREE:
+        adaptation, s = adapted[method]
+        oc = label_free_profile(loaded, name="bench", base_scores=base, scores=s, adaptation=adaptation,
+                                config=LabelFreeConfig(rule=rule, seed=seed), home=homes.get(home) if home else None)
+        prof, r = oc.profile, oc.report
+        auc = auc_point(y, s)
+        out[key] = {
+            "label": label, "method": method, "home": home, "rule": rule,
+            "prevalence_estimate": r["prevalence"]["value"], "prevalence_ci": [r["prevalence"]["lo"], r["prevalence"]["hi"]],
+            "prevalence_true": float(y.mean()), "threshold": prof.threshold, "auc": auc, "headroom": headroom(auc, oracle),
+            **rates(y, s >= prof.threshold), **calib(y, prof.probability(s)), "expected_at_cut": r["expected_at_cut"],
+            "adaptation": r["adaptation"],
+        }
+    return out
+
+
+def home_profiles(loaded: Any, manifest: pd.DataFrame, cache: Path, target: float, seed: int) -> dict[str, Any]:
+    """Calibrated profiles of the development site's tune split: unadapted, and BatchNorm-adapted there."""
+    from bonescreen.adapt.calibrate import CalibrateConfig, LocalPairs, calibrate_pairs, manifest_images, select_manifest
+    from bonescreen.adapt.labelfree import score_images
+    from bonescreen.adapt.tta import adapted_model, fit_batchnorm
+    from bonescreen.artifact import weights_fingerprint
+
+    tune = select_manifest(manifest, loaded.spec.task, site="DEV", split="tune")
+    imgs = manifest_images(tune, cache, loaded.size)
+    y = tune["label"].astype(int).to_numpy()
+    cfg = CalibrateConfig(target="sensitivity", target_value=target, learning_curve=(), seed=seed)
+    fp = weights_fingerprint(loaded.model)
+    bn = fit_batchnorm(loaded, imgs)
+    out = {}
+    for key, ad in (("home0", None), ("home_bn", bn)):
+        s = score_images(adapted_model(loaded, ad), imgs)
+        out[key] = calibrate_pairs(LocalPairs(y, s), name=key.upper(), fingerprint=fp, task=loaded.spec.task,
+                                   base_threshold=float(loaded.spec.threshold), config=cfg, adaptation=ad).profile
+    return out
 
 
 def calibrate_draws(y: np.ndarray, s: np.ndarray, groups: np.ndarray, n_pairs: int, repeats: int, seed: int,
@@ -165,13 +198,14 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--target-sensitivity", type=float, default=0.90)
     ap.add_argument("--target-specificity", type=float, default=0.90)
-    ap.add_argument("--sites", default="FAR,EXT_A,EXT_B,EXT_C")
+    ap.add_argument("--sites", default="FAR,EXT_A,EXT_B,EXT_C,DEV", help="DEV = its test split, a control")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "adapt.json")
     args = ap.parse_args()
 
     import torch
 
+    from bonescreen.adapt.labelfree import fit_adaptation
     from bonescreen.adapt.tta import feature_statistics
     from bonescreen.artifact import load_artifact
     from bonescreen.evaluate.metrics import auc_point
@@ -194,6 +228,10 @@ def main() -> int:
     _, dev_imgs = images_of(dev, cache, size)
     source = feature_statistics(loaded, dev_imgs)
     del dev_imgs
+    homes = home_profiles(loaded, manifest, cache, args.target_sensitivity, args.seed)
+    log.append("home profiles (DEV tune split): " + "; ".join(
+        f"{k}: n {h.data['n']}, prevalence {h.prevalence['value']:.3f}, {h.recalibration.method} "
+        f"{h.recalibration.params}, cut-off {h.threshold:.4f}" for k, h in homes.items()))
 
     results: dict[str, Any] = {}
     sites = [s.strip() for s in args.sites.split(",") if s.strip()]
@@ -203,6 +241,11 @@ def main() -> int:
             frame = site_frame(far_dir, "FAR", work)
             oracle = json.loads((far_dir / "oracle.json").read_text())["FAR"]["auc"]
             site_cache = work / "cache"
+        elif site == "DEV":  # control: the development site's own held-out test split
+            frame = manifest[(manifest["site"] == "DEV") & (manifest["split"] == "test")]
+            oracle = oracle_demo[site]["auc"]
+            origin = "demo phantom, development site test split (control, not an unseen site)"
+            site_cache = cache
         else:
             frame = manifest[manifest["site"] == site]
             oracle = oracle_demo[site]["auc"]
@@ -221,17 +264,15 @@ def main() -> int:
             "before": {"auc": auc0, "headroom": headroom(auc0, oracle), "threshold": t0,
                        **rates(y, s0 >= t0), **calib(y, s0)},
         }
-        lf: dict[str, Any] = {}
-        adapted_scores: dict[str, np.ndarray] = {}
-        for method in ("none", "batchnorm", "feature_align"):
-            res, out = label_free(loaded, imgs, y, oracle, method, source if method == "feature_align" else None,
-                                  args.seed)
-            lf[method] = res
-            adapted_scores[method] = out.scores_after
+        adapted = {"none": (None, s0)}
+        for method, src in (("batchnorm", None), ("feature_align", source)):
+            ad, _, sa = fit_adaptation(loaded, imgs, method, src)
+            adapted[method] = (ad, sa)
+        lf = label_free(loaded, y, oracle, s0, adapted, homes, args.seed)
         entry["label_free"] = lf
         cal: dict[str, Any] = {}
         for base in ("none", "batchnorm"):
-            s = adapted_scores[base]
+            s = adapted[base][1]
             cal[base] = {
                 "sensitivity_target": calibrate_draws(y, s, groups, args.pairs, args.repeats, args.seed,
                                                       "sensitivity", args.target_sensitivity),
@@ -240,19 +281,26 @@ def main() -> int:
             }
         entry["calibrate"] = cal
         results[site] = entry
+        write(args, model_path, t_start, log, results)  # after every site: a long run keeps what it measured
         print(f"{site}: n {len(y)}, AUC {auc0:.3f} (oracle {oracle:.3f}, headroom {headroom(auc0, oracle):.2f}); "
-              f"label-free AUC bn {lf['batchnorm']['auc']:.3f}, fa {lf['feature_align']['auc']:.3f}", flush=True)
+              + "; ".join(f"{k} AUC {v['auc']:.3f} sens {v['sensitivity']:.2f} spec {v['specificity']:.2f} "
+                          f"prev {v['prevalence_estimate']:.2f}" for k, v in lf.items()), flush=True)
 
+    print(markdown(write(args, model_path, t_start, log, results)))
+    return 0
+
+
+def write(args: argparse.Namespace, model_path: Path, t_start: float, log: list[str],
+          results: dict[str, Any]) -> dict[str, Any]:
     doc = {
         "command": " ".join(["python", "bench/bench_adapt.py", *sys.argv[1:]]),
         "model": str(model_path), "machine": platform.processor() or platform.machine(),
-        "seconds": round(time.perf_counter() - t_start, 1), "log": log,
+        "load_average": list(os.getloadavg()), "seconds": round(time.perf_counter() - t_start, 1), "log": log,
         "pairs": args.pairs, "repeats": args.repeats, "sites": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=2, default=float))
-    print(markdown(doc))
-    return 0
+    return doc
 
 
 def _f(v: float, d: int = 2) -> str:
@@ -270,8 +318,7 @@ def markdown(doc: dict[str, Any]) -> str:
                      f"{_f(b['threshold'], 3)} | {_f(b['sensitivity'])} | {_f(b['specificity'])} | "
                      f"– ({_f(e['prevalence'])}) | {_f(b['slope'])} / {_f(b['intercept'])} / {_f(b['ece'])} |")
         for m, r in e["label_free"].items():
-            name = {"none": "label-free: EM prior shift", "batchnorm": "label-free: BatchNorm + EM",
-                    "feature_align": "label-free: feature align + EM"}[m]
+            name = "label-free: " + r["label"]
             lines.append(f"| | {name} | {_f(r['auc'])} ({_f(r['headroom'])}) | {_f(r['threshold'], 3)} | "
                          f"{_f(r['sensitivity'])} | {_f(r['specificity'])} | {_f(r['prevalence_estimate'])} "
                          f"({_f(r['prevalence_ci'][0])}–{_f(r['prevalence_ci'][1])}) | "

@@ -24,7 +24,7 @@ from bonescreen.adapt.abstain import (
     band_summary,
     classify,
 )
-from bonescreen.adapt.labelfree import LabelFreeConfig, adapt_images
+from bonescreen.adapt.labelfree import LabelFreeConfig, adapt_images, label_free_profile
 from bonescreen.adapt.profile import (
     ProfileError,
     SiteProfile,
@@ -38,7 +38,7 @@ from bonescreen.adapt.profile import (
     site_rows,
     write_profile,
 )
-from bonescreen.adapt.recalibrate import CalibrationError, Recalibration
+from bonescreen.adapt.recalibrate import CalibrationError, Recalibration, logit
 from bonescreen.adapt.tta import adapted_module, batchnorm_layers, feature_statistics, fit_feature_align, penultimate
 from bonescreen.artifact import load_artifact, weights_fingerprint
 from bonescreen.cli import main as cli
@@ -277,8 +277,29 @@ def test_label_free_profile_is_opt_in_and_reproduces_its_scores(tmp_path: Path, 
     assert r["method"] == "batchnorm"
     assert 0.0 < r["prevalence"]["lo"] <= r["prevalence"]["value"] <= r["prevalence"]["hi"] < 1.0
     assert out.profile.recalibration.method == "prior_shift"
-    # the cut-off is the artifact's, applied to the prior-adjusted probability
-    assert out.profile.recalibration.apply([out.profile.threshold])[0] == pytest.approx(0.5, abs=1e-6)
+    assert out.profile.threshold == loaded.spec.threshold  # no home profile: EM reported, cut-off kept
+    assert "no home profile" in r["warning"]
+    # rule "probability": the artifact's cut-off applied to the prior-adjusted probability
+    kw = dict(name="P", base_scores=out.scores_before, scores=out.scores_after, adaptation=out.profile.adaptation)
+    pr = label_free_profile(loaded, **kw, config=LabelFreeConfig(train_prior=0.4, rule="probability", n_boot=50),
+                            home=None).profile
+    assert pr.recalibration.apply([pr.threshold])[0] == pytest.approx(0.5, abs=1e-6)
+    # a home profile (calibrated at the development site with the same adaptation) supplies the map and prior
+    home = SiteProfile(name="HOME", kind="calibrated", model_fingerprint=weights_fingerprint(loaded.model),
+                       task="stage2", threshold=0.3, recalibration=Recalibration("platt", {"a": 0.5, "b": 0.8}),
+                       adaptation=out.profile.adaptation, prevalence={"value": 0.45})
+    oh = label_free_profile(loaded, **kw, config=LabelFreeConfig(n_boot=50), home=home)
+    rec, pi = oh.profile.recalibration, oh.report["prevalence"]["value"]
+    assert oh.report["threshold"]["rule"] == "probability" and oh.report["train_prior"] == 0.45
+    assert rec.method == "platt" and rec.params["a"] == 0.5
+    assert rec.shift == pytest.approx(float(logit(pi) - logit(0.45)))
+    assert rec.apply([oh.profile.threshold])[0] == pytest.approx(0.5, abs=1e-6)
+    assert label_free_profile(loaded, **kw, config=LabelFreeConfig(rule="home", n_boot=50), home=home
+                              ).profile.threshold == 0.3
+    with pytest.raises(CalibrationError, match="adapt this site the same way"):
+        label_free_profile(loaded, **{**kw, "adaptation": None}, config=LabelFreeConfig(n_boot=50), home=home)
+    with pytest.raises(CalibrationError, match="needs a home profile"):
+        label_free_profile(loaded, **kw, config=LabelFreeConfig(rule="home", train_prior=0.4), home=None)
     write_profile(art, out.profile)
     reloaded = load_artifact(art)
     np.testing.assert_allclose(reloaded.score(site), out.scores_before, atol=1e-6)  # no profile: base model
@@ -290,6 +311,9 @@ def test_label_free_profile_is_opt_in_and_reproduces_its_scores(tmp_path: Path, 
         adapt_images(loaded, site, name="X")  # a random-weight artifact has no model card
     with pytest.raises(CalibrationError, match="feature statistics"):
         adapt_images(loaded, site, name="X", config=LabelFreeConfig(method="feature_align", train_prior=0.4))
+    # a LayerNorm network (ConvNeXt) without development statistics: no silent EM-only fallback
+    with pytest.raises(CalibrationError, match="no BatchNorm layers"):
+        adapt_images(load_artifact(models["a"]), site, name="X", config=LabelFreeConfig(train_prior=0.4))
 
 
 # --------------------------------------------------------------------------

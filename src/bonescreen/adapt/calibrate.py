@@ -206,13 +206,12 @@ def pairs_from_results(results: str | Path, labels: str | Path, *, artifact: str
                       dates, sites, source)
 
 
-def pairs_from_manifest(model: Any, manifest: str | Path | Any, cache_root: str | Path, *, site: str | None = None,
-                        split: str | None = None, progress: bool = False) -> LocalPairs:
-    """Score a cohort manifest's labelled images (optionally one ``site``/``split``) with ``model``."""
+def select_manifest(manifest: str | Path | Any, task: str, *, site: str | None = None,
+                    split: str | None = None) -> Any:
+    """The manifest rows calibrate uses: one site/split, with a DXA label for ``task``."""
     import pandas as pd
 
     from bonescreen.data import read_manifest
-    from bonescreen.train import predict_manifest
 
     frame = read_manifest(manifest)
     if site is not None:
@@ -221,14 +220,34 @@ def pairs_from_manifest(model: Any, manifest: str | Path | Any, cache_root: str 
         frame = frame[frame["site"].astype(str) == site]
         if frame.empty:
             raise CalibrationError(f"the manifest has no rows for site {site!r}")
-    if split is not None and "split" in frame.columns:
+    if split is not None:
+        if "split" not in frame.columns:
+            raise TableError("the manifest has no 'split' column to select --split from")
         frame = frame[frame["split"].astype(str) == split]
-    task = model.spec.task
     col = TASK_LABEL.get(task)
     if col is None:
         raise CalibrationError(f"calibrate works on stage2 and stage1 models, not {task!r}")
     if col not in frame.columns:
         raise TableError(f"the manifest has no {col!r} column (the DXA label a {task} model is measured against)")
+    return frame[pd.to_numeric(frame[col], errors="coerce").notna()].reset_index(drop=True)
+
+
+def manifest_images(frame: Any, cache_root: str | Path, size: int, progress: bool = False) -> NDArray[np.uint8]:
+    """The preprocessed images of a manifest's rows (through the training cache), uint8 N×S×S."""
+    from bonescreen.data import prepare_images
+
+    prep = prepare_images(frame, cache_root, size, preload="false", workers=2, progress=progress)
+    return prep.source.batch(np.arange(len(prep.source)))
+
+
+def pairs_from_manifest(model: Any, manifest: str | Path | Any, cache_root: str | Path, *, site: str | None = None,
+                        split: str | None = None, progress: bool = False) -> LocalPairs:
+    """Score a cohort manifest's labelled images (optionally one ``site``/``split``) with ``model``."""
+    import pandas as pd
+
+    from bonescreen.train import predict_manifest
+
+    frame = select_manifest(manifest, model.spec.task, site=site, split=split)
     preds = predict_manifest(model, frame, cache_root, labelled_only=True, progress=progress)
     lab = pd.to_numeric(preds["label"], errors="coerce")
     preds = preds[lab.notna()]

@@ -60,14 +60,20 @@ class Recalibration:
         if self.method not in METHODS:
             raise CalibrationError(f"unknown recalibration {self.method!r}; expected one of {METHODS}")
 
+    @property
+    def shift(self) -> float:
+        """A logit offset applied after the map (Bayes' rule for another prevalence); 0 when none."""
+        return float(self.params.get("shift", 0.0))
+
     def apply(self, scores: ArrayLike) -> NDArray[np.float64]:
-        s = np.asarray(scores, dtype=float)
-        if self.method == "identity":
+        p = self._map(np.asarray(scores, dtype=float))
+        return sigmoid(logit(p) + self.shift) if self.shift else p
+
+    def _map(self, s: NDArray[np.float64]) -> NDArray[np.float64]:
+        if self.method in ("identity", "prior_shift"):
             return s.copy()
         if self.method == "platt":
             return sigmoid(self.params["a"] + self.params["b"] * logit(s))
-        if self.method == "prior_shift":
-            return sigmoid(logit(s) + self.params["shift"])
         x = np.asarray(self.params["x"], dtype=float)
         y = np.asarray(self.params["y"], dtype=float)
         return np.clip(np.interp(s, x, y), ISOTONIC_EPS, 1.0 - ISOTONIC_EPS)
@@ -79,10 +85,10 @@ class Recalibration:
         reaching ``probability``, found on its own knots.
         """
         p = float(probability)
-        if self.method == "identity":
+        if self.shift:
+            p = float(sigmoid(logit(p) - self.shift))
+        if self.method in ("identity", "prior_shift"):
             return p
-        if self.method == "prior_shift":
-            return float(sigmoid(logit(p) - self.params["shift"]))
         if self.method == "platt":
             b = float(self.params["b"])
             if b <= 0:
@@ -99,6 +105,16 @@ class Recalibration:
         # linear piece between knots j-1 and j
         y0, y1, x0, x1 = y[j - 1], y[j], x[j - 1], x[j]
         return float(x0 + (p - y0) / (y1 - y0) * (x1 - x0)) if y1 > y0 else float(x1)
+
+    def with_prior(self, from_prior: float, to_prior: float) -> Recalibration:
+        """This map followed by Bayes' rule from prevalence ``from_prior`` to ``to_prior``."""
+        for name, v in (("from", from_prior), ("to", to_prior)):
+            if not 0.0 < float(v) < 1.0:
+                raise CalibrationError(f"{name} prevalence must be in (0, 1), got {v}")
+        params = dict(self.params)
+        params["shift"] = self.shift + float(logit(to_prior)[()] - logit(from_prior)[()])
+        params["prior_from"], params["prior_to"] = float(from_prior), float(to_prior)
+        return Recalibration("prior_shift" if self.method == "identity" else self.method, params)
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "params": dict(self.params)}
@@ -175,12 +191,7 @@ def fit_isotonic(labels: ArrayLike, scores: ArrayLike) -> Recalibration:
 
 def prior_shift(train_prior: float, site_prior: float) -> Recalibration:
     """Bayes' rule for a new prevalence: the logit moves by ``logit(site) - logit(train)``."""
-    for name, v in (("train", train_prior), ("site", site_prior)):
-        if not 0.0 < float(v) < 1.0:
-            raise CalibrationError(f"{name} prevalence must be in (0, 1), got {v}")
-    shift = float(logit(site_prior)[()] - logit(train_prior)[()])
-    return Recalibration("prior_shift", {"shift": shift, "train_prior": float(train_prior),
-                                         "site_prior": float(site_prior)})
+    return Recalibration("identity").with_prior(train_prior, site_prior)
 
 
 FITTERS = {"identity": lambda y, s: Recalibration("identity"), "platt": fit_platt, "isotonic": fit_isotonic}

@@ -28,16 +28,24 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="the site's images: files, folders or manifest CSVs (as for `screen`)")
     p.add_argument("--method", default="auto", choices=["auto", "none", "batchnorm", "feature_align"],
-                   help="auto (default): batchnorm where the network has BatchNorm layers, else feature_align "
-                   "when development feature statistics are known, else none")
+                   help="auto (default): batchnorm where the network has BatchNorm layers, else refused "
+                   "(see the README for what was measured); feature_align and none only when asked")
     p.add_argument("--reference", nargs="+", metavar="INPUT",
                    help="feature_align: images of the development site (to compute its feature statistics "
                    "when the artifact holds none)")
-    p.add_argument("--train-prior", type=float, metavar="P",
-                   help="the model's training prevalence (default: from its model card)")
+    p.add_argument("--home", metavar="NAME",
+                   help="a calibrated profile of the development site made with the same adaptation "
+                   "(`calibrate --adapt batchnorm --site DEV --split tune`): makes the scores probabilities "
+                   "EM can trust")
+    p.add_argument("--rule", choices=["keep", "probability", "home", "sensitivity"],
+                   help="cut-off: keep (the artifact's, on the adapted score; default without --home), "
+                   "probability (site probability >= the artifact's cut-off; default with --home), "
+                   "home (the home profile's cut-off), sensitivity (see --target-sensitivity)")
     p.add_argument("--target-sensitivity", type=float, metavar="S",
-                   help="cut-off for this sensitivity as estimated from the adjusted probabilities "
-                   "(default: the artifact's cut-off on the prior-adjusted probability)")
+                   help="rule sensitivity: the cut-off whose sensitivity, estimated from the site "
+                   "probabilities, is S")
+    p.add_argument("--train-prior", type=float, metavar="P",
+                   help="without --home: the model's training prevalence (default: from its model card)")
     p.add_argument("--no-prevalence", action="store_true",
                    help="adapt the network only; keep the training prevalence")
     p.add_argument("--abstain-width", type=float, metavar="W",
@@ -54,7 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def run(args: argparse.Namespace) -> int:
     from bonescreen.adapt.labelfree import LabelFreeConfig, adapt_images, collect_images, format_report
-    from bonescreen.adapt.profile import check_name, write_profile
+    from bonescreen.adapt.profile import check_name, get_profile, write_profile
     from bonescreen.adapt.recalibrate import CalibrationError
     from bonescreen.adapt.tta import feature_statistics
     from bonescreen.artifact import load_artifact
@@ -62,8 +70,9 @@ def run(args: argparse.Namespace) -> int:
 
     check_name(args.profile)
     loaded = load_artifact(args.model)
-    cfg = LabelFreeConfig(method=args.method, train_prior=args.train_prior,
-                          target="sensitivity" if args.target_sensitivity is not None else "threshold",
+    rule = args.rule or ("sensitivity" if args.target_sensitivity is not None else None)
+    home = get_profile(loaded, args.home) if args.home else None
+    cfg = LabelFreeConfig(method=args.method, train_prior=args.train_prior, rule=rule,
                           target_value=args.target_sensitivity, estimate_prevalence=not args.no_prevalence,
                           abstain_width=args.abstain_width, n_boot=args.bootstrap, seed=args.seed,
                           min_images=args.min_images)
@@ -77,8 +86,8 @@ def run(args: argparse.Namespace) -> int:
         if len(ref) < 2:
             raise CalibrationError("--reference holds fewer than 2 eligible images")
         source = feature_statistics(loaded, ref)
-    outcome = adapt_images(loaded, images, name=args.profile, config=cfg, source_stats=source, meta=meta,
-                           skipped=skipped)
+    outcome = adapt_images(loaded, images, name=args.profile, config=cfg, source_stats=source, home=home,
+                           meta=meta, skipped=skipped)
     print(format_report(outcome.report))
     if args.report:
         args.report.parent.mkdir(parents=True, exist_ok=True)

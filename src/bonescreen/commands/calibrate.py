@@ -46,8 +46,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     src.add_argument("--allow-unmatched", action="store_true",
                      help="--results: leave out (and count) labelled images the results never screened, "
                      "instead of refusing")
-    src.add_argument("--base-profile", metavar="NAME",
-                     help="--manifest: score with this label-free profile's adapted network and calibrate on top")
+    x0 = src.add_mutually_exclusive_group()
+    x0.add_argument("--base-profile", metavar="NAME",
+                    help="--manifest: score with this label-free profile's adapted network and calibrate on top")
+    x0.add_argument("--adapt", choices=["batchnorm"],
+                    help="--manifest: first re-estimate BatchNorm statistics on these images (as `adapt` does), "
+                    "then calibrate the adapted scores; at the development site this makes the home profile "
+                    "that `adapt --home` needs")
     op = p.add_argument_group("operating point (default: --target-sensitivity 0.90)")
     x = op.add_mutually_exclusive_group()
     x.add_argument("--target-sensitivity", type=float, metavar="S")
@@ -91,8 +96,8 @@ def run(args: argparse.Namespace) -> int:
         raise CalibrationError("give the local pairs as --manifest CSV, or as --results DIR with --labels CSV")
     if args.results is not None and args.labels is None:
         raise CalibrationError("--results needs --labels (the DXA labels to join by image_id or path)")
-    if args.base_profile and args.manifest is None:
-        raise CalibrationError("--base-profile needs --manifest: the images must be scored by the adapted network")
+    if (args.base_profile or args.adapt) and args.manifest is None:
+        raise CalibrationError("--base-profile/--adapt need --manifest: the images must be scored by the adapted network")
     target, value = "sensitivity", 0.90
     for name in ("sensitivity", "specificity", "probability"):
         v = getattr(args, f"target_{name}")
@@ -124,6 +129,14 @@ def run(args: argparse.Namespace) -> int:
         adaptation = base.adaptation
         pairs = pairs_from_manifest(profiled_model(loaded, base), args.manifest, args.cache, site=args.site,
                                     split=args.split, progress=not args.no_progress)
+    elif args.adapt:
+        from bonescreen.adapt.calibrate import manifest_images, select_manifest
+        from bonescreen.adapt.tta import adapted_model, fit_batchnorm
+
+        frame = select_manifest(args.manifest, task, site=args.site, split=args.split)
+        adaptation = fit_batchnorm(loaded, manifest_images(frame, args.cache, loaded.size, not args.no_progress))
+        pairs = pairs_from_manifest(adapted_model(loaded, adaptation), frame, args.cache,
+                                    progress=not args.no_progress)
     elif args.manifest is not None:
         pairs = pairs_from_manifest(loaded, args.manifest, args.cache, site=args.site, split=args.split,
                                     progress=not args.no_progress)
