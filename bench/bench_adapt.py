@@ -52,16 +52,17 @@ def fallback_far_site(n: int) -> Any:
                     date_start="2020-01-01", date_end="2024-12-31", dxa_device="Hologic Horizon")
 
 
-def far_phantom(demo: Path, work: Path, n: int, log: list[str]) -> tuple[Path, str]:
+def far_phantom(demo: Path, work: Path, n: int, log: list[str], which: str = "FAR") -> tuple[Path, str]:
+    """``FAR``: the phantom's own far site (``far_site()``) when it has one; ``FAR_B``: the spec above."""
     from bonescreen import phantom as ph
     from bonescreen.phantom import generate_phantom
 
     meta = json.loads((demo / "phantom" / "phantom.json").read_text())
     size, seed = int(meta.get("size", 256)), int(meta.get("seed", 0))
-    if getattr(ph, "far_site", None) is not None:
+    if which == "FAR" and getattr(ph, "far_site", None) is not None:
         spec, origin, out = ph.far_site(), "bonescreen.phantom.far_site()", work / "far-phantom"
     else:
-        spec, origin = fallback_far_site(n), "bench fallback spec (no far_site in this phantom)"
+        spec, origin = fallback_far_site(n), "bench's own far vendor (FAR_B, fallback_far_site)"
         out = work / "far-phantom-fallback"
     if not (out / "oracle.json").is_file():
         t0 = time.perf_counter()
@@ -165,7 +166,9 @@ def calibrate_draws(y: np.ndarray, s: np.ndarray, groups: np.ndarray, n_pairs: i
     pairs = LocalPairs(y, s, groups)
     rng = np.random.default_rng(seed)
     rows = []
-    while len(rows) < repeats:
+    tries = 0
+    while len(rows) < repeats and tries < 20 * repeats:
+        tries += 1
         drawn = _draw(pairs, n_pairs, rng)
         if drawn is None:
             continue
@@ -198,7 +201,9 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--target-sensitivity", type=float, default=0.90)
     ap.add_argument("--target-specificity", type=float, default=0.90)
-    ap.add_argument("--sites", default="FAR,EXT_A,EXT_B,EXT_C,DEV", help="DEV = its test split, a control")
+    ap.add_argument("--sites", default="FAR,FAR_B,EXT_A,EXT_B,EXT_C,DEV",
+                    help="FAR: the phantom's far site; FAR_B: this bench's own far vendor; DEV: its test split (a control)")
+    ap.add_argument("--append", action="store_true", help="add these sites to the results already in --out")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "adapt.json")
     args = ap.parse_args()
@@ -234,10 +239,12 @@ def main() -> int:
         f"{h.recalibration.params}, cut-off {h.threshold:.4f}" for k, h in homes.items()))
 
     results: dict[str, Any] = {}
+    if args.append and args.out.is_file():
+        results = json.loads(args.out.read_text())["sites"]
     sites = [s.strip() for s in args.sites.split(",") if s.strip()]
     for site in sites:
-        if site == "FAR":
-            far_dir, origin = far_phantom(demo, work, args.n_far, log)
+        if site in ("FAR", "FAR_B"):
+            far_dir, origin = far_phantom(demo, work, args.n_far, log, site)
             frame = site_frame(far_dir, "FAR", work)
             oracle = json.loads((far_dir / "oracle.json").read_text())["FAR"]["auc"]
             site_cache = work / "cache"
@@ -271,12 +278,14 @@ def main() -> int:
         lf = label_free(loaded, y, oracle, s0, adapted, homes, args.seed)
         entry["label_free"] = lf
         cal: dict[str, Any] = {}
+        # N pairs to fit and at least 100 left to measure on; a small demo site gets half its images
+        n_pairs = args.pairs if len(y) >= args.pairs + 100 else int(len(y) // 2)
         for base in ("none", "batchnorm"):
             s = adapted[base][1]
             cal[base] = {
-                "sensitivity_target": calibrate_draws(y, s, groups, args.pairs, args.repeats, args.seed,
+                "sensitivity_target": calibrate_draws(y, s, groups, n_pairs, args.repeats, args.seed,
                                                       "sensitivity", args.target_sensitivity),
-                "specificity_target": calibrate_draws(y, s, groups, args.pairs, args.repeats, args.seed,
+                "specificity_target": calibrate_draws(y, s, groups, n_pairs, args.repeats, args.seed,
                                                       "specificity", args.target_specificity),
             }
         entry["calibrate"] = cal
@@ -292,8 +301,13 @@ def main() -> int:
 
 def write(args: argparse.Namespace, model_path: Path, t_start: float, log: list[str],
           results: dict[str, Any]) -> dict[str, Any]:
+    cmd = " ".join(["python", "bench/bench_adapt.py", *sys.argv[1:]])
+    earlier: list[str] = []
+    if args.append and args.out.is_file():
+        old = json.loads(args.out.read_text())
+        earlier = [c for c in old.get("commands", [old.get("command", "")]) if c and c != cmd]
     doc = {
-        "command": " ".join(["python", "bench/bench_adapt.py", *sys.argv[1:]]),
+        "commands": [*earlier, cmd],
         "model": str(model_path), "machine": platform.processor() or platform.machine(),
         "load_average": list(os.getloadavg()), "seconds": round(time.perf_counter() - t_start, 1), "log": log,
         "pairs": args.pairs, "repeats": args.repeats, "sites": results,

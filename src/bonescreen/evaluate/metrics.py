@@ -288,16 +288,7 @@ def youden_threshold(labels: ArrayLike, scores: ArrayLike) -> float:
 
 def sensitivity_threshold(labels: ArrayLike, scores: ArrayLike, target: float) -> float:
     """Highest cut-off whose sensitivity on the tuning set is at least ``target``."""
-    from sklearn.metrics import roc_curve
-
-    if not 0.0 < target <= 1.0:
-        raise ValueError(f"target sensitivity must be in (0, 1], got {target}")
-    y = np.asarray(labels).astype(int)
-    if not _two_classes(y):
-        raise ValueError("target-sensitivity threshold needs both classes in the tuning set")
-    _, tpr, thr = roc_curve(y, np.asarray(scores, dtype=float), drop_intermediate=False)
-    ok = np.flatnonzero((tpr >= target - 1e-12) & np.isfinite(thr))
-    return float(thr[ok[0]])
+    return _rate_threshold(labels, scores, target, "sensitivity")
 
 
 def specificity_threshold(labels: ArrayLike, scores: ArrayLike, target: float) -> float:
@@ -307,16 +298,22 @@ def specificity_threshold(labels: ArrayLike, scores: ArrayLike, target: float) -
     the one that flags the most (highest sensitivity). Cut-offs are observed scores, so
     ``score >= threshold`` calls that case positive.
     """
+    return _rate_threshold(labels, scores, target, "specificity")
+
+
+def _rate_threshold(labels: ArrayLike, scores: ArrayLike, target: float, rate: str) -> float:
     from sklearn.metrics import roc_curve
 
     if not 0.0 < target <= 1.0:
-        raise ValueError(f"target specificity must be in (0, 1], got {target}")
+        raise ValueError(f"target {rate} must be in (0, 1], got {target}")
     y = np.asarray(labels).astype(int)
     if not _two_classes(y):
-        raise ValueError("target-specificity threshold needs both classes in the tuning set")
-    fpr, _, thr = roc_curve(y, np.asarray(scores, dtype=float), drop_intermediate=False)
-    ok = np.flatnonzero((1.0 - fpr >= target - 1e-12) & np.isfinite(thr))
-    return float(thr[ok[-1]])
+        raise ValueError(f"target-{rate} threshold needs both classes in the tuning set")
+    fpr, tpr, thr = roc_curve(y, np.asarray(scores, dtype=float), drop_intermediate=False)
+    achieved = tpr if rate == "sensitivity" else 1.0 - fpr
+    ok = np.flatnonzero((achieved >= target - 1e-12) & np.isfinite(thr))
+    # thresholds descend: sensitivity wants the first (highest) that qualifies, specificity the last
+    return float(thr[ok[0]] if rate == "sensitivity" else thr[ok[-1]])
 
 
 def predictive_values(sensitivity: float, specificity: float, prevalence: float) -> tuple[float, float]:
