@@ -318,7 +318,9 @@ def write(args: argparse.Namespace, model_path: Path, t_start: float, log: list[
 
 
 def _f(v: float, d: int = 2) -> str:
-    return "NA" if v is None or not np.isfinite(v) else f"{v:.{d}f}"
+    if v is None or not np.isfinite(v):
+        return "NA"
+    return "degenerate" if abs(v) > 100 else f"{v:.{d}f}"  # e.g. a slope fitted to all-zero probabilities
 
 
 def markdown(doc: dict[str, Any]) -> str:
@@ -350,5 +352,45 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def readme_tables(doc: dict[str, Any]) -> str:
+    """The README's two tables: the story per site, and every label-free variant on the far sites."""
+    out = ["| site (images, prevalence) | AUC, oracle (headroom) | stage | cut-off | sensitivity | specificity | "
+           "prevalence estimate | calibration slope / intercept / ECE |", "|---|---|---|---|---|---|---|---|"]
+    for site, e in doc["sites"].items():
+        b, lf = e["before"], e["label_free"]["bn_home_em"]
+        head = f"{site} ({e['n_images']}, {_f(e['prevalence'])})"
+        out.append(f"| {head} | {_f(b['auc'], 3)}, {_f(e['oracle_auc'], 3)} ({_f(b['headroom'])}) | before | "
+                   f"{_f(b['threshold'], 3)} | {_f(b['sensitivity'])} | {_f(b['specificity'])} | – | "
+                   f"{_f(b['slope'])} / {_f(b['intercept'])} / {_f(b['ece'])} |")
+        out.append(f"| | {_f(lf['auc'], 3)} ({_f(lf['headroom'])}) | label-free: BatchNorm + home + EM | "
+                   f"{_f(lf['threshold'], 3)} | {_f(lf['sensitivity'])} | {_f(lf['specificity'])} | "
+                   f"{_f(lf['prevalence_estimate'])} ({_f(lf['prevalence_ci'][0])}–{_f(lf['prevalence_ci'][1])}) | "
+                   f"{_f(lf['slope'])} / {_f(lf['intercept'])} / {_f(lf['ece'])} |")
+        for base, tag in (("none", ""),):  # on the BatchNorm-adapted model too: in the JSON
+            for key in ("sensitivity_target", "specificity_target"):
+                r = e["calibrate"][base][key]
+                hit = r[f"{r['target']}_within_0.05"]
+                out.append(
+                    f"| | | calibrate, {r['n_pairs']} pairs{tag}: {r['target']} {r['value']:.2f} "
+                    f"(rest n ≈ {r['n_rest_median']}; within 0.05 in {hit:.0%} of draws) | – | "
+                    f"{_f(r['sensitivity']['median'])} [{_f(r['sensitivity']['p10'])}–{_f(r['sensitivity']['p90'])}] | "
+                    f"{_f(r['specificity']['median'])} [{_f(r['specificity']['p10'])}–{_f(r['specificity']['p90'])}] | – | "
+                    f"{_f(r['slope']['median'])} [{_f(r['slope']['p10'])}–{_f(r['slope']['p90'])}] / "
+                    f"{_f(r['intercept']['median'])} / {_f(r['ece']['median'])} |")
+    out += ["", "| site | label-free variant | AUC (headroom) | cut-off | sensitivity | specificity | "
+                "prevalence estimate (true) | calibration slope / intercept |", "|---|---|---|---|---|---|---|---|"]
+    for site, e in doc["sites"].items():
+        if not site.startswith("FAR"):
+            continue  # every site's variants are in the JSON
+        for k, r in e["label_free"].items():
+            out.append(f"| {site} | {r['label']} | {_f(r['auc'], 3)} ({_f(r['headroom'])}) | {_f(r['threshold'], 3)} | "
+                       f"{_f(r['sensitivity'])} | {_f(r['specificity'])} | {_f(r['prevalence_estimate'])} "
+                       f"({_f(r['prevalence_true'])}) | {_f(r['slope'])} / {_f(r['intercept'])} |")
+    return "\n".join(out)
+
+
 if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--readme":  # print the README tables from a results file
+        print(readme_tables(json.loads(Path(sys.argv[2]).read_text())))
+        raise SystemExit(0)
     raise SystemExit(main())

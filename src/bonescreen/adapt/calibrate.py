@@ -528,7 +528,7 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(f"recalibration: {ch['chosen']} (cross-validated log-loss, {ch['folds']} folds: {cvs})")
     op = report["operating_point"]
     what = "Youden" if op["target"] == "youden" else f"{op['target']} {op['value']:.2f}"
-    lines.append(f"operating point ({what}): cut-off {op['threshold']:.4f} on the model score "
+    lines.append(f"operating point ({what}): cut-off {op['threshold']:.4g} on the model score "
                  f"(site probability {op['threshold_probability']:.3f}; was {op['base_threshold']:.3f})")
     b, a, ai = report["before"], report["after_cross_validated"], report["after_in_sample"]
     rows = [
@@ -557,7 +557,7 @@ def format_report(report: dict[str, Any]) -> str:
     if "abstain" in report:
         ab = report["abstain"]
         bs = ab["in_sample"]
-        lines.append(f"abstain band [{ab['band']['low']:.4f}, {ab['band']['high']:.4f}) on the score: "
+        lines.append(f"abstain band [{ab['band']['low']:.4g}, {ab['band']['high']:.4g}) on the score: "
                      f"{bs['n_indeterminate']} of {bs['n']} indeterminate; decided sensitivity "
                      f"{_fmt(bs['decided']['sensitivity'])}, specificity {_fmt(bs['decided']['specificity'])}")
     lc = [e for e in report.get("learning_curve", [])]

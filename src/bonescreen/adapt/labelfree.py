@@ -1,17 +1,18 @@
 """``bonescreen adapt``: a site with images but no DXA yet -> a label-free site profile.
 
 1. Adapt the network's normalisation to the site's images (:mod:`bonescreen.adapt.tta`:
-   BatchNorm re-estimation, or penultimate-feature alignment to the development data), in a copy.
-2. Estimate the site's prevalence from the adapted model's scores by EM (Saerens et al. 2002,
-   :mod:`bonescreen.adapt.prevalence`), with a bootstrap interval.
-3. Move the cut-off by Bayes' rule for that prevalence (the artifact's cut-off applied to the
-   prior-adjusted probability), or to a target sensitivity estimated from those probabilities.
+   BatchNorm re-estimation; feature alignment only when asked), in a copy.
+2. Turn the adapted scores into probabilities with the *home profile* (the development site's
+   calibration of scores adapted the same way) and estimate the site's prevalence from them by EM
+   (Saerens et al. 2002, :mod:`bonescreen.adapt.prevalence`), with a bootstrap interval.
+3. Set the cut-off by a rule (:data:`RULES`): by default, with a home profile, flag when the
+   probability Bayes-shifted to that prevalence reaches the artifact's cut-off.
 
 Everything is reported (what was estimated, how far the scores and the cut-off moved, how many
-decisions changed) and written as a new named profile, used only when asked for
-(``--site-profile NAME``). Nothing here sees a label: whether the adaptation helps at a site is
-measured by ``bench/bench_adapt.py`` on phantom sites the model never trained on, and at a real
-site by ``bonescreen calibrate`` once DXA results arrive.
+decisions changed) and written as a new named profile, used only when asked for by name.
+Nothing here sees a label of the site: whether it helps was measured by ``bench/bench_adapt.py``
+on phantom sites the model never trained on (README "Adapting to a new site"), and at a real site
+``bonescreen calibrate`` measures it once DXA results arrive.
 """
 
 from __future__ import annotations
@@ -332,7 +333,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"reference prevalence {r['train_prior']:.3f}): {p['value']:.3f} "
         f"(95% CI {p['lo']:.3f}-{p['hi']:.3f}); on the unadapted scores it would be {pb['value']:.3f} "
         f"({pb['lo']:.3f}-{pb['hi']:.3f})",
-        f"cut-off on the model score: {th['base']:.4f} -> {th['site']:.4f} (site probability "
+        f"cut-off on the model score: {th['base']:.4g} -> {th['site']:.4g} (site probability "
         f"{th['site_probability']:.3f}; rule {th['rule']}: {th['rule_text']})",
         f"flagged: {fl['before']} -> {fl['after']} of {r['n_images']} ({fl['changed']} decisions changed)",
         f"expected at the new cut-off if the adjusted probabilities are right: sensitivity "
@@ -343,5 +344,5 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"warning: {r['warning']}")
     if "abstain" in r:
         b = r["abstain"]["band"]
-        lines.append(f"abstain band [{b['low']:.4f}, {b['high']:.4f}): {r['abstain']['n_indeterminate']} images")
+        lines.append(f"abstain band [{b['low']:.4g}, {b['high']:.4g}): {r['abstain']['n_indeterminate']} images")
     return "\n".join(lines)

@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
             "to the development data), estimate the site's prevalence from the adapted scores by EM "
             "(Saerens et al. 2002) with a bootstrap CI, and move the cut-off by Bayes' rule for it. "
             "Prints what it estimated and changed, and writes a new named profile; screening uses it "
-            "only with --site-profile NAME. The weights never change. Once DXA results arrive, "
+            "only when asked for it by name. The weights never change. Once DXA results arrive, "
             "`bonescreen calibrate --base-profile NAME` measures and replaces the label-free guesses."
         ),
     )
@@ -96,6 +96,6 @@ def run(args: argparse.Namespace) -> int:
         print("\n(dry run: no profile written)")
         return 0
     dest = write_profile(args.model, outcome.profile, out=args.out, replace=args.replace)
-    print(f"\nlabel-free site profile {args.profile!r} written to {dest}; it is used only with "
-          f"--site-profile {args.profile}")
+    print(f"\nlabel-free site profile {args.profile!r} written to {dest}; the model screens as before unless "
+          "the profile is asked for by name")
     return 0

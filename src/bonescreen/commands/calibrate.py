@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
             "target sensitivity or specificity, PPV/NPV at the local (or a given) prevalence, an optional "
             "abstain band. Prints before/after calibration slope and intercept, ECE, sensitivity and "
             "specificity with 95% CIs, and a learning curve over N. The profile is stored by name in the "
-            "artifact; screening uses it only with --site-profile NAME. The weights never change."
+            "artifact; screening uses it only when asked for it by name. The weights never change."
         ),
     )
     p.add_argument("model", type=Path, metavar="MODEL", help="model artifact (.pt), stage2 or stage1")
@@ -154,5 +154,6 @@ def run(args: argparse.Namespace) -> int:
         print("\n(dry run: no profile written)")
         return 0
     dest = write_profile(args.model, outcome.profile, out=args.out, replace=args.replace)
-    print(f"\nsite profile {args.profile!r} written to {dest}; screen with --site-profile {args.profile}")
+    print(f"\nsite profile {args.profile!r} written to {dest} (list it with `bonescreen profiles {dest}`; "
+          "the model screens as before unless the profile is asked for by name)")
     return 0

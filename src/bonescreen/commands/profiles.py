@@ -58,9 +58,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     for name, prof in sorted(profiles.items()):
         d = prof.data
-        band = f", abstain [{prof.abstain.low:.3f}, {prof.abstain.high:.3f})" if prof.abstain else ""
+        band = f", abstain [{prof.abstain.low:.4g}, {prof.abstain.high:.4g})" if prof.abstain else ""
         adapt = (prof.adaptation or {}).get("method", "none")
-        print(f"{name}: {prof.kind}, {d.get('n', '?')} images, cut-off {prof.threshold:.4f} "
+        print(f"{name}: {prof.kind}, {d.get('n', '?')} images, cut-off {prof.threshold:.4g} "
               f"(probability {prof.threshold_probability:.3f}), recalibration {prof.recalibration.method}, "
               f"adaptation {adapt}{band}, created {prof.created}")
     return 0
