@@ -24,7 +24,10 @@ Codes: the score is a numeric measurement with a private (``99BONESCR``)
 concept, since no standard code exists for "probability of low bone mass
 from a radiograph", in UCUM unit ``1``; the category is a qualitative
 evaluation "Finding" (DCM 121071) valued with SNOMED CT 17621005 Normal,
-312894000 Osteopenia (low bone mass) or 64859006 Osteoporosis.
+312894000 Osteopenia (low bone mass) or 64859006 Osteoporosis, or, inside a
+site profile's abstain band, 82334004 Indeterminate ("consider DXA"); the
+site profile's name and band are algorithm parameters, and its site-calibrated
+probability a measurement.
 
 Pediatric results carry the predicted lumbar-spine BMD Z-score (UCUM
 ``{Z-score}``), the predicted BMD (``g/cm2``) and P(Z <= -2.0) (``1``) as
@@ -87,6 +90,8 @@ CATEGORY_CODES: dict[str, tuple[str, str, str]] = {
     # pediatric (predicted Z-score <= -2.0 or not)
     "low_bmd": ("low-bmd-for-age", PRIVATE_SCHEME, "Low BMD for chronological age"),
     "normal_bmd": ("17621005", "SCT", "Normal"),
+    # the abstain band of a site profile: no class near the cut-off, "consider DXA"
+    "indeterminate": ("82334004", "SCT", "Indeterminate"),
 }
 SCORE_CONCEPTS: dict[str, tuple[str, str, str]] = {
     "score_stage2": ("p-low-bone-mass", PRIVATE_SCHEME, "Probability of low bone mass"),
@@ -94,6 +99,8 @@ SCORE_CONCEPTS: dict[str, tuple[str, str, str]] = {
     "p_normal": ("p3-normal", PRIVATE_SCHEME, "Three-class probability of normal bone mass"),
     "p_low_bone_mass": ("p3-low-bone-mass", PRIVATE_SCHEME, "Three-class probability of low bone mass"),
     "p_osteoporosis": ("p3-osteoporosis", PRIVATE_SCHEME, "Three-class probability of osteoporosis"),
+    # under a site profile: the score recalibrated at that site (bonescreen.adapt)
+    "site_probability": ("p-site-calibrated", PRIVATE_SCHEME, "Site-calibrated probability"),
     # pediatric
     "prob_low_bmd": ("p-low-bmd", PRIVATE_SCHEME, "Probability of BMD Z-score <= -2.0"),
     "pred_z": ("pred-z-lumbar-spine", PRIVATE_SCHEME, "Predicted lumbar spine BMD Z-score"),
@@ -130,6 +137,8 @@ class ScreeningResult:
     model_stage1_id: str = ""
     arch: str = ""
     ood_review: bool = False  # the OOD check flagged the image for review (schema.OOD_FLAG_REASONS)
+    site_profile: str = ""  # the site profile it was decided under (bonescreen.adapt); "" none
+    abstain_band: tuple[float, float] | None = None  # [low, high) on the score; inside: indeterminate
 
 
 def _ood_review(row: dict[str, Any]) -> bool:
@@ -202,6 +211,10 @@ def _algorithm(result: ScreeningResult) -> Any:
     params = [f"{k} threshold={v:g}" for k, v in sorted(result.thresholds.items())]
     if result.model_stage1_id:
         params.append(f"stage1 model={result.model_stage1_id}")
+    if result.site_profile:
+        params.append(f"site profile={result.site_profile}")
+    if result.abstain_band is not None:
+        params.append(f"abstain band=[{result.abstain_band[0]:.4g}, {result.abstain_band[1]:.4g})")
     return hd.sr.AlgorithmIdentification(
         name=f"bonescreen {result.task}", version=f"{__version__} model {result.model_id}"[:64],
         parameters=params or None, manufacturer=MANUFACTURER,

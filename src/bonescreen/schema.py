@@ -23,6 +23,8 @@ POPULATIONS = ("adult", "pediatric")
 
 # --- Vocabularies -----------------------------------------------------------
 CATEGORIES = ["normal", "low_bone_mass", "osteoporosis"]
+#: The screening outcome near the cut-off under a site profile's abstain band (bonescreen.adapt.abstain).
+INDETERMINATE = "indeterminate"
 SEVERITIES = ["normal", "mild", "moderate", "advanced", "osteoporosis"]
 SPLITS = ["train", "tune", "test"]
 FRONTAL_VIEWS = ["PA", "AP"]
@@ -67,6 +69,10 @@ PREDICTION_OPTIONAL = ["patient_id", "site", "sex", "age", "t_min", "severity", 
 # ``ood_score`` is the out-of-distribution distance divided by the model's refusal threshold
 # (1.0 = the threshold; see bonescreen.ood); ``ood_check`` records the policy the row was
 # screened under (refuse | flag | off) so an opted-out row can never pass for a checked one.
+# ``site_profile`` names the site profile the row was decided under (``screen --site-profile``,
+# the service's ``site_profile``; empty: the model's own cut-off) and ``site_probability`` is
+# the score recalibrated at that site (bonescreen.adapt). Under a profile with an abstain band,
+# ``category`` ``indeterminate`` (reason ``abstain_band``, flagged) means "consider DXA".
 RESULT_COLUMNS = [
     "path",
     "image_id",
@@ -95,8 +101,10 @@ RESULT_COLUMNS = [
     "p_osteoporosis",
     "category",
     "flag",
+    "site_probability",
     "ood_score",
     "ood_check",
+    "site_profile",
     "threshold_stage1",
     "threshold_stage2",
     "model",

@@ -28,9 +28,11 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from bonescreen.adapt.recalibrate import CalibrationError, Recalibration
+from bonescreen.schema import INDETERMINATE
 
-INDETERMINATE = "indeterminate"
 INDETERMINATE_MESSAGE = "indeterminate: consider DXA"
+#: The ``reason`` of an indeterminate row (an eligible row with a reason, like an OOD-flagged one).
+ABSTAIN_REASON = "abstain_band"
 #: Only the two-class stage-2 decision abstains; stage 1's osteoporosis call keeps its own cut-off.
 BAND_CATEGORIES = ("normal", "low_bone_mass")
 BASES = ("score", "probability", "rates")
@@ -115,7 +117,8 @@ def apply_band(rows: Sequence[dict[str, Any]], band: AbstainBand | None, *, scor
 
     Rows whose category is not a stage-2 class (osteoporosis from stage 1, skips) are untouched, as
     are rows without a score. A changed row gets ``category = "indeterminate"``, ``flag = True``,
-    ``indeterminate = True`` and the recommendation in ``message``; every other row
+    ``indeterminate = True``, ``reason = "abstain_band"`` (unless it had one) and the recommendation
+    in ``message``; every other row
     ``indeterminate = False``.
     """
     out: list[dict[str, Any]] = []
@@ -128,6 +131,7 @@ def apply_band(rows: Sequence[dict[str, Any]], band: AbstainBand | None, *, scor
         if hit:
             new["category"] = INDETERMINATE
             new["flag"] = True
+            new["reason"] = row.get("reason") or ABSTAIN_REASON
             msg = str(row.get("message") or "")
             new["message"] = f"{msg}; {INDETERMINATE_MESSAGE}" if msg else INDETERMINATE_MESSAGE
         out.append(new)

@@ -130,7 +130,7 @@ def pairs_from_results(results: str | Path, labels: str | Path, *, artifact: str
     import pandas as pd
 
     from bonescreen.adapt.profile import artifact_lineage
-    from bonescreen.screen import _read_labels
+    from bonescreen.screen.inputs import read_labels
 
     rp = Path(results)
     if rp.is_dir():
@@ -166,7 +166,7 @@ def pairs_from_results(results: str | Path, labels: str | Path, *, artifact: str
                 "with the same weights): calibrate the model that screened them"
             )
     frame = frame[frame[score_col].str.len() > 0]  # cascade rows stage 1 flagged have no stage-2 score
-    by_id, by_path = _read_labels(labels)
+    by_id, by_path = read_labels(labels)
     label_col = TASK_LABEL[task]
     records = frame.to_dict("records")
     found = [by_id.get(str(r["image_id"])) or (by_path.get(os.path.realpath(r["path"])) if r.get("path") else None)

@@ -291,19 +291,16 @@ def collect_images(inputs: Sequence[str | os.PathLike[str]], loaded: Any, *, gat
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from bonescreen.gate import GatePolicy
-    from bonescreen.screen import PrepContext, iter_inputs, prepare
+    from bonescreen.screen import ModelSet, ScreeningEngine, iter_inputs
 
-    gate_kw = {k: v for k, v in (gate or {}).items() if v is not None}
-    if gate_kw.get("min_size") is None and "min_size" not in (loaded.spec.eligibility or {}):
-        gate_kw["min_size"] = min(256, int(loaded.size))  # as screen: a low-resolution model accepts its own size
-    policy = GatePolicy.from_eligibility(loaded.spec.eligibility, **gate_kw)
-    ctx = PrepContext(policy, (int(loaded.size),), None, False, None)
+    # screen's own gate and preprocessing (the engine's prepare step); no model runs here
+    engine = ScreeningEngine(ModelSet(loaded, main_torch=loaded), ood="off",
+                             gate={k: v for k, v in (gate or {}).items() if v is not None})
     images: list[NDArray[np.uint8]] = []
     meta: list[dict[str, Any]] = []
     skipped: Counter[str] = Counter()
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for prep in pool.map(lambda it: prepare(it, ctx), iter_inputs(inputs)):
+        for prep in pool.map(engine.prepare, iter_inputs(inputs)):
             if prep.images is None:
                 skipped[str(prep.row.get("reason") or "skipped")] += 1
                 continue

@@ -106,6 +106,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="threads (--engine ray: concurrent CPU tasks) decoding and preprocessing images")
     p.add_argument("--threads", type=int, help="inference threads (default: all cores)")
     p.add_argument("--threshold", type=float, help="stage-2 (or main model) cut-off; default the artifact's")
+    p.add_argument("--site-profile", metavar="NAME",
+                   help="decide with this site profile from the model artifact (`bonescreen calibrate` / "
+                        "`bonescreen adapt`; list them with `bonescreen profiles MODEL`): its adaptation, cut-off, "
+                        "site probability and abstain band (category indeterminate: consider DXA). Refused when "
+                        "the profile was made for other weights; not combined with --threshold")
     p.add_argument("--stage1-threshold", type=float, help="stage-1 cut-off; default the artifact's")
     p.add_argument("--always-stage2", action="store_true",
                    help="run the stage-2 model also on images stage 1 flags (gives every row a score)")
@@ -138,7 +143,7 @@ def handler(args: argparse.Namespace) -> int:
         include_patient_id=args.include_patient_id, pseudonym_key_file=args.pseudonym_key_file, labels=args.labels,
         progress=not args.no_progress, overwrite=args.overwrite, gate=gate_overrides(args),
         clinical=args.clinical, ood=args.ood, device=args.device, compile=args.compile,
-        calibration=args.calibration, write_parquet=args.parquet,
+        calibration=args.calibration, write_parquet=args.parquet, site_profile=args.site_profile,
     )
     if args.engine == "ray":
         from bonescreen.screen.ray_run import ray_screen

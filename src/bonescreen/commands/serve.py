@@ -81,6 +81,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--ood", choices=["refuse", "flag", "off"],
                    help="out-of-distribution check, as `screen --ood` (default refuse; off is an explicit opt-out "
                         "recorded in every result)")
+    p.add_argument("--site-profile", metavar="NAME",
+                   help="decide with this site profile from the model artifact, as `screen --site-profile` "
+                        "(setting site_profile; refused at start when the profile was made for other weights)")
     p.add_argument("--no-explain", dest="explain", action="store_false", default=None,
                    help="no Grad-CAM overlay (faster; the worklist then has no thumbnails)")
     p.add_argument("--no-sr", dest="write_sr", action="store_false", default=None,
@@ -102,7 +105,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 KEYS = ("model", "stage1", "backend", "threads", "data_dir", "db_url", "http_host", "http_port", "dicom_host",
         "dicom_port", "ae_title", "allowed_aes", "allow_any_ae", "dicom_enabled", "http_enabled", "worker_enabled",
         "token_file", "max_upload_mb", "batch_size", "store_patient_name", "keep_images", "forward_cstore",
-        "forward_stow_url", "instance", "debug_worker_delay", "lease_seconds", "explain", "write_sr", "ood")
+        "forward_stow_url", "instance", "debug_worker_delay", "lease_seconds", "explain", "write_sr", "ood",
+        "site_profile")
 
 
 def build_config(args: argparse.Namespace) -> Any:

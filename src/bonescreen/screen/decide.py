@@ -6,11 +6,14 @@ service worker, later distributed runners), in the order
 
 1. probabilities -> scores (``score`` = P(low bone mass | not osteoporosis),
    ``score_stage1``, three-class ``p_*``; pediatric: P(Z <= -2.0));
-2. *(site recalibration of the scores: the one place a per-site profile will
-   map the scores before the cut-offs; identity today)*;
-3. scores -> category and flag by the thresholds (:func:`decide`,
-   :func:`decide_pediatric`; *an "indeterminate" abstain band around the
-   cut-off belongs in* :func:`categorize` *when it comes*);
+2. scores -> category and flag by the thresholds (:func:`decide`,
+   :func:`decide_pediatric`); under a site profile (``screen --site-profile``,
+   the service's ``site_profile``) the threshold is the profile's;
+3. the site profile, when there is one (:func:`bonescreen.adapt.profile.site_rows`):
+   ``site_probability`` (the score recalibrated at that site) and the abstain
+   band, which turns a stage-2 decision near the cut-off into the category
+   ``indeterminate`` ("indeterminate: consider DXA", flagged, reason
+   ``abstain_band``);
 4. the out-of-distribution verdict (:func:`apply_ood`): refuse (default) or flag.
 
 :func:`rollup_study` turns the rows of one study into the study's result.
@@ -25,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from bonescreen.adapt.abstain import INDETERMINATE, INDETERMINATE_MESSAGE
 from bonescreen.schema import OOD_FLAG_REASONS, OOD_POLICIES
 
 __all__ = [
@@ -42,9 +46,11 @@ __all__ = [
 #: from the adult WHO categories on purpose: a child's low Z-score is not "osteopenia".
 PEDIATRIC_CATEGORIES = ("normal_bmd", "low_bmd")
 #: Risk order of categories (higher decides a study).
-CATEGORY_RISK = {"normal": 0, "not_osteoporosis": 0, "normal_bmd": 0, "low_bone_mass": 1, "low_bmd": 1,
-                 "osteoporosis": 2}
-FLAG_CATEGORIES = ("low_bone_mass", "osteoporosis", "low_bmd")
+#: ``indeterminate`` (the abstain band) ranks above normal and below a decided positive: a study with a
+#: normal and an indeterminate image is indeterminate (consider DXA); a low-bone-mass image decides it.
+CATEGORY_RISK = {"normal": 0, "not_osteoporosis": 0, "normal_bmd": 0, "indeterminate": 0.5, "low_bone_mass": 1,
+                 "low_bmd": 1, "osteoporosis": 2}
+FLAG_CATEGORIES = ("low_bone_mass", "osteoporosis", "low_bmd", "indeterminate")
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,9 @@ class DecisionPolicy:
     class_names: tuple[str, ...] = ("normal", "low_bone_mass", "osteoporosis")
     ood: str = "refuse"  # schema.OOD_POLICIES
     pediatric_own_rule: bool = True  # threshold is the artifact's: use the model's Z <= -2.0 rule
+    # bonescreen.adapt.profile.SiteProfile: site probability + abstain band after the cut-off (its
+    # threshold is already ``threshold``); None: no profile, rows say site_profile None
+    site_profile: Any = None
 
     def __post_init__(self) -> None:
         if self.ood not in OOD_POLICIES:
@@ -84,6 +93,12 @@ def decide_outputs(policy: DecisionPolicy, outputs: ModelOutputs) -> list[dict[s
         rows = decide(policy.mode, outputs.probs_main, outputs.probs_stage1, threshold=policy.threshold,
                       threshold_stage1=policy.threshold_stage1, positive=policy.positive,
                       positive_stage1=policy.positive_stage1, class_names=policy.class_names)
+    if policy.site_profile is not None:
+        from bonescreen.adapt.profile import site_rows
+
+        rows = site_rows(rows, policy.site_profile)
+        for r in rows:
+            r.pop("indeterminate", None)  # the category says it
     apply_ood(rows, outputs.ood_scores, policy.ood, outputs.ood_band)
     return rows
 
@@ -148,7 +163,7 @@ def decide(
 
 
 def categorize(category: str) -> dict[str, Any]:
-    """Category and flag. (An "indeterminate" abstain band will widen this step.)"""
+    """Category and flag (the abstain band comes after, with the site profile: step 3)."""
     return {"category": category, "flag": category in FLAG_CATEGORIES}
 
 
@@ -215,15 +230,17 @@ def apply_ood(rows: Sequence[dict[str, Any]], scores: np.ndarray | None, policy:
                 "threshold 1.00)")
         if policy == "refuse":
             for k in ("score", "score_stage1", "score_stage2", "p_normal", "p_low_bone_mass", "p_osteoporosis",
-                      "pred_z", "pred_bmd", "category", "flag"):
+                      "pred_z", "pred_bmd", "category", "flag", "site_probability"):
                 if k in row:
                     row[k] = None
             row.update(eligible=False, reason="out_of_distribution", message=text)
         else:
-            row.update(reason="out_of_distribution", message=text + "; flagged, not refused (--ood flag)")
+            note = text + "; flagged, not refused (--ood flag)"
+            prior = str(row.get("message") or "")  # e.g. the abstain band's "consider DXA" stays readable
+            row.update(reason="out_of_distribution", message=f"{prior}; {note}" if prior else note)
 
 
-def _risk(row: Mapping[str, Any]) -> tuple[int, float]:
+def _risk(row: Mapping[str, Any]) -> tuple[float, float]:
     score = row.get("score")
     if score is None:
         score = row.get("score_stage1")
@@ -255,6 +272,7 @@ def rollup_study(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                 "message": "no eligible image: " + ", ".join(f"{k} x{v}" for k, v in reasons.most_common()),
                 "category": None, "flag": None, "score": None, "score_stage1": None, "decided_by": None}
     best = max(pool, key=_risk)
-    return {**base, "eligible": True, "reason": best.get("reason") or "", "message": "",
+    message = INDETERMINATE_MESSAGE if best.get("category") == INDETERMINATE else ""
+    return {**base, "eligible": True, "reason": best.get("reason") or "", "message": message,
             "category": best.get("category"), "flag": bool(best.get("flag")), "score": best.get("score"),
             "score_stage1": best.get("score_stage1"), "decided_by": str(best.get("image_id"))}

@@ -174,6 +174,12 @@ class ScreeningEngine:
     ``ood``: ``refuse`` (default) or ``flag`` need a valid OOD part in every
     model (else :class:`bonescreen.ood.OODError` at construction, with the
     command that fits one); ``off`` is the explicit opt-out.
+
+    ``site_profile``: the name of a site profile stored in the main model's artifact
+    (``bonescreen calibrate`` / ``bonescreen adapt``). It must have been fitted for these
+    weights (else :class:`bonescreen.adapt.ProfileError`); its label-free adaptation (if any)
+    replaces the network the engine runs (a copy; the artifact is not changed), its cut-off is
+    the threshold, and the decide step adds its site probability and abstain band.
     """
 
     def __init__(
@@ -190,7 +196,12 @@ class ScreeningEngine:
         include_patient_id: bool = False,
         pseudonymiser: Pseudonymiser | None = None,
         clinical: ClinicalTable | None = None,
+        site_profile: str | None = None,
     ) -> None:
+        self.profile = _site_profile(models, site_profile, threshold) if site_profile else None
+        if self.profile is not None:
+            models = _profiled_models(models, self.profile)
+            threshold = self.profile.threshold
         self.models = models
         spec = models.main.spec
         gate_kw = dict(gate or {})
@@ -212,7 +223,7 @@ class ScreeningEngine:
             mode=models.mode, threshold=self.t2, threshold_stage1=self.t1, positive=_pos(models.main),
             positive_stage1=_pos(s1) if s1 is not None else 1, class_names=tuple(spec.class_names), ood=ood,
             # the artifact's cut-off (0.5 = predicted Z <= -2.0): the model's own rule, exact at the boundary
-            pediatric_own_rule=self.t2 == float(spec.threshold),
+            pediatric_own_rule=self.t2 == float(spec.threshold), site_profile=self.profile,
         )
         self.ood = models.ood_parts() if ood != "off" else {}
         self.explainers: dict[str, Any] = {}
@@ -247,6 +258,7 @@ class ScreeningEngine:
             "threshold_stage2": self.t2 if m.mode in ("stage2", "cascade", "pediatric") else None,
             "model": m.main_id, "model_stage1": m.stage1_id or None,
             "backend": m.backend, "bonescreen_version": __version__, "ood_check": self.decision.ood,
+            "site_profile": self.profile.name if self.profile is not None else None,
         }
         if m.mode == "stage1":
             out["threshold_stage1"], out["threshold_stage2"] = self.t2, None
@@ -268,7 +280,18 @@ class ScreeningEngine:
             "ood_flag_ratios": {k: round(v.flag_ratio, 6) for k, v in self.ood.items()} or None,
             "include_patient_id": self.ctx.include_patient_id,
             "clinical": self.ctx.clinical.id if self.ctx.clinical is not None else None,
+            "site_profile": self.site_profile_facts(),
         }
+
+    def site_profile_facts(self) -> dict[str, Any] | None:
+        """What run.json records of the site profile (None without one): name, when made, cut-off, band."""
+        p = self.profile
+        if p is None:
+            return None
+        return {"name": p.name, "kind": p.kind, "created": p.created, "threshold": p.threshold,
+                "recalibration": p.recalibration.method,
+                "abstain_band": [p.abstain.low, p.abstain.high] if p.abstain is not None else None,
+                "adaptation": (p.adaptation or {}).get("method", "none")}
 
     # ------------------------------------------------------------ pipeline
 
@@ -393,6 +416,41 @@ class ScreeningEngine:
             for j, i in enumerate(idx):
                 out[i] = overlay(imgs[j], cams[j])
         return out
+
+
+def _site_profile(models: ModelSet, name: str, threshold: float | None) -> Any:
+    """The named profile of the main model, checked against these weights and this run."""
+    from bonescreen.adapt.profile import ProfileError, get_profile
+
+    if threshold is not None:
+        raise ScreenError(f"--threshold and --site-profile {name} both set the cut-off; the profile holds the "
+                          "site's cut-off (make another profile for another operating point)")
+    if models.main_torch is None:
+        raise ProfileError(f"site profile {name!r}: profiles live in the .pt artifact and are checked against "
+                           "its weights; pass the .pt (with --backend onnx for ONNX speed), not an ONNX file")
+    prof = get_profile(models.main_torch, name)  # refuses a profile fitted for other weights
+    if prof.task != models.main.spec.task:
+        raise ProfileError(f"site profile {name!r} is for a {prof.task!r} model; {models.main_id} is a "
+                           f"{models.main.spec.task!r} model")
+    return prof
+
+
+def _profiled_models(models: ModelSet, profile: Any) -> ModelSet:
+    """The model set with the profile's label-free adaptation applied to the main network (a copy)."""
+    import dataclasses
+
+    from bonescreen.adapt.profile import ProfileError, profiled_model
+    from bonescreen.screen.models import Bf16Predictor
+
+    adapted = profiled_model(models.main_torch, profile)
+    if adapted is models.main_torch:
+        return models
+    if models.backend == "onnx":
+        raise ProfileError(f"site profile {profile.name!r} adapts the network "
+                           f"({(profile.adaptation or {}).get('method')}), which the exported ONNX graph does not "
+                           "carry: screen with --backend torch or torch-bf16")
+    main = Bf16Predictor(adapted) if models.backend == "torch-bf16" else adapted
+    return dataclasses.replace(models, main=main, main_torch=adapted)
 
 
 def predict_batch(

@@ -198,11 +198,14 @@ def _sr_result(row: Mapping[str, Any], run: Mapping[str, Any], mode: str) -> Any
         thresholds["stage1"] = float(run["threshold_stage1"])
     if mode == "stage1":
         thresholds["stage1"] = float(run["threshold"])
+    band = run.get("abstain_band")
     return ScreeningResult(
         category=str(row["category"]), scores={k: float(row[k]) for k in SCORE_CONCEPTS if row.get(k) is not None},
         model_id=str(run["model"]), task=mode, thresholds=thresholds,
         model_stage1_id=str(run.get("model_stage1") or ""), arch=str(run.get("arch", "")),
         ood_review=_ood_review(dict(row)),
+        site_profile=str(run.get("site_profile") or ""),
+        abstain_band=(float(band[0]), float(band[1])) if band else None,
     )
 
 
@@ -211,9 +214,11 @@ def sr_facts(engine: Any) -> dict[str, Any]:
     from bonescreen.labels import PEDIATRIC_LOW_Z
 
     m = engine.models
+    prof = engine.site_profile_facts() or {}
     return {"model": m.main_id, "model_stage1": m.stage1_id, "threshold": engine.t2,
             "threshold_stage1": engine.t1, "arch": str(m.main.spec.arch),
-            "z_threshold": float((m.main.spec.extra or {}).get("z_threshold", PEDIATRIC_LOW_Z))}
+            "z_threshold": float((m.main.spec.extra or {}).get("z_threshold", PEDIATRIC_LOW_Z)),
+            "site_profile": prof.get("name"), "abstain_band": prof.get("abstain_band")}
 
 
 def write_study_sr(rows: Sequence[Mapping[str, Any]], study: Mapping[str, Any], source_path: str,

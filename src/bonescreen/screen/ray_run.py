@@ -235,7 +235,7 @@ def ray_screen(
                         engine.ctx.pediatric, str(opts.clinical) if opts.clinical else None)
         engine_kw = {"threshold": opts.threshold, "threshold_stage1": opts.threshold_stage1,
                      "always_stage2": opts.always_stage2, "gate": opts.gate, "ood": opts.ood, "site": opts.site,
-                     "include_patient_id": opts.include_patient_id}
+                     "include_patient_id": opts.include_patient_id, "site_profile": opts.site_profile}
         load_kw = {"threads": actor_threads, "cache_dir": str(Path(out_dir).resolve() / ".onnx"),
                    "device": device, "compile": opts.compile, "calibration": opts.calibration,
                    "batch_size": opts.batch_size}

@@ -70,6 +70,7 @@ class ScreenOptions:
     compile: bool = False  # torch backends: torch.compile (opt-in)
     calibration: Sequence[str] | None = None  # int8 backends / auto: calibration inputs
     write_parquet: bool = False  # also OUT/parquet/part-*.parquet (the Ray engine always writes them)
+    site_profile: str | None = None  # a site profile in the model artifact (bonescreen.adapt)
 
 
 @dataclass
@@ -91,6 +92,7 @@ class ScreenSummary:
     backend: str = ""
     mode: str = ""
     ood: str = ""
+    site_profile: str | None = None
 
     def text(self) -> str:
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.reasons.items(), key=lambda kv: -kv[1]))
@@ -99,6 +101,8 @@ class ScreenSummary:
              f"{self.n_flagged} flagged, {self.n_skipped} skipped")
         if reasons:
             s += f" [{reasons}]"
+        if self.site_profile:
+            s += f"; site profile {self.site_profile}"
         if self.ood == "off":
             s += "; OUT-OF-DISTRIBUTION CHECK OFF (--ood off)"
         if self.n_resumed:
@@ -203,6 +207,7 @@ def open_run(
         models, threshold=opts.threshold, threshold_stage1=opts.threshold_stage1, always_stage2=opts.always_stage2,
         gate=opts.gate, ood=opts.ood, explain=opts.explain or opts.dicom_sc, site=opts.site,
         include_patient_id=opts.include_patient_id, pseudonymiser=pseudonymiser, clinical=clinical,
+        site_profile=opts.site_profile,
     )
     if opts.ood == "off":
         log.warning("the out-of-distribution check is off (--ood off): images unlike the training data are "
@@ -235,6 +240,7 @@ def finish_run(run: RunState, n_new: int, seconds: float, *, backend: str | None
         reasons=dict(tally.reasons), categories=dict(tally.categories), seconds=round(seconds, 3),
         images_per_s=round(n_new / seconds, 3) if seconds > 0 else 0.0, model=models.main_id,
         model_stage1=models.stage1_id, backend=backend or models.backend, mode=models.mode, ood=opts.ood,
+        site_profile=opts.site_profile,
     )
     tmp = out / ".summary.json.tmp"
     tmp.write_text(json.dumps({**summary.__dict__, "n_predictions": n_pred}, indent=2))

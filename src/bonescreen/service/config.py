@@ -71,6 +71,15 @@ def _cstore_target(value: str | None) -> str | None:
     return value
 
 
+def _profile_name(value: str) -> str:
+    from bonescreen.adapt.profile import ProfileError, check_name
+
+    try:
+        return check_name(value)
+    except ProfileError as exc:
+        raise ValueError(str(exc)) from None
+
+
 AETitle = Annotated[str, AfterValidator(_ae_title)]
 Port = Annotated[int, Field(ge=0, le=65535)]  # 0: any free port (tests)
 Positive = Annotated[float, Field(gt=0)]
@@ -118,6 +127,9 @@ class ServiceConfig(BaseSettings):
     explain: bool = True  # Grad-CAM overlay per screened image (needs the .pt artifact)
     write_sr: bool = True  # DICOM SR per screened study (what goes back to PACS)
     ood: Literal["refuse", "flag", "off"] = "refuse"  # out-of-distribution check (as `screen --ood`)
+    # a site profile stored in the model artifact (as `screen --site-profile`): its cut-off, site
+    # probability and abstain band decide; refused at start when it was made for other weights
+    site_profile: Annotated[str, AfterValidator(_profile_name)] | None = None
     # --- storage
     data_dir: str = "bonescreen-data"
     db_url: str | None = Field(default=None, repr=False)  # default sqlite:///<data_dir>/bonescreen.db
@@ -294,6 +306,9 @@ class ServiceConfig(BaseSettings):
         if self.forward_commitment and not self.dicom_enabled:
             raise ServiceConfigError("forward_commitment needs the DICOM receiver: the PACS may send its "
                                      "N-EVENT-REPORT on a new association to this service")
+        if self.site_profile and self.threshold is not None:
+            raise ServiceConfigError(f"threshold and site_profile {self.site_profile} both set the cut-off; the "
+                                     "profile holds the site's cut-off (remove threshold)")
         if self.oidc_issuer and not (self.oidc_client_id and self.oidc_client_secret_file):
             raise ServiceConfigError("oidc_issuer needs oidc_client_id and oidc_client_secret_file")
         if self.gate:

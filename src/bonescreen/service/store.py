@@ -92,6 +92,7 @@ CATEGORY_LABELS = {
     "not_osteoporosis": "No osteoporosis",
     "low_bmd": "Low BMD for age",
     "normal_bmd": "Normal BMD for age",
+    "indeterminate": "Indeterminate: consider DXA",  # a site profile's abstain band
 }
 JOB_STATUSES = ("pending", "processing", "done", "failed")
 #: ``committing``: sent by C-STORE, waiting for the PACS's storage commitment report;
@@ -203,6 +204,7 @@ class Result(Base):
             "manufacturer_model_name": self.manufacturer_model_name,
             "ood_score": self.ood_score,
             "ood_check": self.ood_check,
+            **self._site(),
             "has_sr": bool(self.sr_path),
             "has_overlay": bool(self.overlay_path),
             "created_at": self.created_at.isoformat() + "Z" if self.created_at else None,
@@ -214,6 +216,16 @@ class Result(Base):
             "forward_error": self.forward_error,
         }
 
+
+    def _site(self) -> dict[str, Any]:
+        """``site_profile`` / ``site_probability`` from ``scores_json`` (None without a profile)."""
+        extra: dict[str, Any] = {}
+        if self.scores_json:
+            try:
+                extra = json.loads(self.scores_json)
+            except ValueError:
+                extra = {}
+        return {"site_profile": extra.get("site_profile"), "site_probability": extra.get("site_probability")}
 
     def as_row(self) -> dict[str, Any]:
         """The result as a screening row (``schema.RESULT_COLUMNS`` names), for the study roll-up and SR."""

@@ -50,8 +50,10 @@ __all__ = ["Screened", "Worker", "WorkerStats", "engine_for", "screen_files", "s
 log = logging.getLogger(__name__)
 
 MESSAGE_MAX = 500
-#: Row columns kept in ``Result.scores_json`` (the study SR reports them per image).
-SR_SCORE_KEYS = ("score_stage2", "p_normal", "p_low_bone_mass", "p_osteoporosis", "pred_z", "pred_bmd")
+#: Row columns kept in ``Result.scores_json`` (the study SR reports them per image; the site profile's
+#: name and site probability travel with them: a profile changes no database column's meaning).
+SR_SCORE_KEYS = ("score_stage2", "p_normal", "p_low_bone_mass", "p_osteoporosis", "pred_z", "pred_bmd",
+                 "site_probability", "site_profile")
 
 
 @dataclass
@@ -64,12 +66,14 @@ class Screened:
 
 
 def engine_for(config: ServiceConfig) -> ScreeningEngine:
-    """The service's engine: ``screen``'s, with the configuration's models, thresholds, gate and OOD policy."""
+    """The service's engine: ``screen``'s, with the configuration's models, thresholds, gate, OOD policy
+    and site profile (``site_profile``: the same decision as ``screen --site-profile``)."""
     return ScreeningEngine.from_paths(
         config.model, config.stage1, backend=config.backend, threads=config.threads,
         cache_dir=config.data_path / ".onnx", threshold=config.threshold, threshold_stage1=config.threshold_stage1,
         gate=config.gate, ood=config.ood, explain=config.explain and config.backend != "onnx",
         include_patient_id=True,  # the worker reads and (optionally) pseudonymises the id itself
+        site_profile=config.site_profile,
     )
 
 
