@@ -415,14 +415,44 @@ def test_adapt_cli_writes_an_opt_in_profile(tmp_path: Path, screened: dict[str, 
     art = tmp_path / "m.pt"
     art.write_bytes(screened["model"].read_bytes())
     images = screened["dir"] / "images"
+    from conftest import build_dicom
+
+    ref = tmp_path / "reference"  # development-site look: brighter than the site's images
+    ref.mkdir()
+    for i in range(24):
+        build_dicom(radiograph(100 + i, (256, 256), levels=3600), PatientID=f"R{i:03d}").save_as(
+            ref / f"ref{i:03d}.dcm", enforce_file_format=True)
     code = cli(["adapt", str(art), str(images), "--profile", "NEW", "--method", "feature_align", "--reference",
-                str(images), "--train-prior", "0.4", "--bootstrap", "50", "--abstain-width", "0.05"])
+                str(ref), "--train-prior", "0.4", "--bootstrap", "50", "--abstain-width", "0.05"])
     assert code == 0
     text = capsys.readouterr().out
     assert "prevalence (EM" in text and "cut-off on the model score" in text and "feature_align" in text
     prof = list_profiles(art)["NEW"]
     assert prof.kind == "label_free" and prof.adaptation["method"] == "feature_align"
     assert prof.data["n"] == 44 and prof.abstain is not None
+    # screening with it runs the adapted copy inside the engine: the scores are the adapted network's
+    assert cli(["screen", str(images), "--model", str(art), "--out", str(tmp_path / "s"), "--site-profile", "NEW",
+                "--no-progress"]) == 0
+    with open(tmp_path / "s" / "results.csv", newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["eligible"] == "True"]
+    assert len(rows) == 44 and {r["site_profile"] for r in rows} == {"NEW"}
+    from bonescreen.adapt.labelfree import collect_images
+
+    loaded = load_artifact(art)
+    imgs, _, _ = collect_images([images], loaded)
+    want = np.sort(profiled_model(loaded, get_profile(loaded, "NEW")).score(imgs))
+    got = np.sort([float(r["score"]) for r in rows])
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    with open(screened["results"] / "results.csv", newline="") as fh:
+        base = np.sort([float(r["score"]) for r in csv.DictReader(fh) if r["eligible"] == "True"])
+    assert np.abs(got - base).max() > 1e-4  # the adaptation changed the scores
+    import dataclasses
+
+    from bonescreen.screen import ScreeningEngine, load_models
+
+    with pytest.raises(ProfileError, match="ONNX graph does not carry"):
+        ScreeningEngine(dataclasses.replace(load_models(art), backend="onnx"), site_profile="NEW", ood="off")
+    capsys.readouterr()
     assert cli(["profiles", str(art), "--show", "NEW"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["adaptation"]["method"] == "feature_align" and "source_mean" not in shown["adaptation"]
