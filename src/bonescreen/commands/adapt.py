@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 
@@ -62,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def run(args: argparse.Namespace) -> int:
     from bonescreen.adapt.labelfree import LabelFreeConfig, adapt_images, collect_images, format_report
-    from bonescreen.adapt.profile import check_name, get_profile, write_profile
+    from bonescreen.adapt.profile import check_name, get_profile
     from bonescreen.adapt.recalibrate import CalibrationError
     from bonescreen.adapt.tta import feature_statistics
     from bonescreen.artifact import load_artifact
@@ -88,14 +87,6 @@ def run(args: argparse.Namespace) -> int:
         source = feature_statistics(loaded, ref)
     outcome = adapt_images(loaded, images, name=args.profile, config=cfg, source_stats=source, home=home,
                            meta=meta, skipped=skipped)
-    print(format_report(outcome.report))
-    if args.report:
-        args.report.parent.mkdir(parents=True, exist_ok=True)
-        args.report.write_text(json.dumps(outcome.report, indent=2, default=str))
-    if args.dry_run:
-        print("\n(dry run: no profile written)")
-        return 0
-    dest = write_profile(args.model, outcome.profile, out=args.out, replace=args.replace)
-    print(f"\nlabel-free site profile {args.profile!r} written to {dest}; the model screens as before unless "
-          "the profile is asked for by name")
-    return 0
+    from bonescreen.commands.calibrate import finish_profile
+
+    return finish_profile(args, outcome, format_report(outcome.report), "label-free site profile")

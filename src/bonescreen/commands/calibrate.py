@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 
 def add_profile_output(p: argparse.ArgumentParser) -> None:
@@ -87,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         pairs_from_manifest,
         pairs_from_results,
     )
-    from bonescreen.adapt.profile import check_name, get_profile, profiled_model, write_profile
+    from bonescreen.adapt.profile import check_name, get_profile, profiled_model
     from bonescreen.adapt.recalibrate import CalibrationError
     from bonescreen.artifact import load_artifact, weights_fingerprint
 
@@ -146,7 +147,14 @@ def run(args: argparse.Namespace) -> int:
     outcome = calibrate_pairs(pairs, name=args.profile, fingerprint=weights_fingerprint(loaded.model), task=task,
                               base_threshold=float(loaded.spec.threshold), config=cfg, adaptation=adaptation,
                               base_profile=args.base_profile)
-    print(format_report(outcome.report))
+    return finish_profile(args, outcome, format_report(outcome.report), "site profile")
+
+
+def finish_profile(args: argparse.Namespace, outcome: Any, text: str, what: str) -> int:
+    """Print the report, write it (``--report``), then the profile unless ``--dry-run`` (calibrate, adapt)."""
+    from bonescreen.adapt.profile import write_profile
+
+    print(text)
     if args.report:
         args.report.parent.mkdir(parents=True, exist_ok=True)
         args.report.write_text(json.dumps(outcome.report, indent=2, default=str))
@@ -154,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
         print("\n(dry run: no profile written)")
         return 0
     dest = write_profile(args.model, outcome.profile, out=args.out, replace=args.replace)
-    print(f"\nsite profile {args.profile!r} written to {dest} (list it with `bonescreen profiles {dest}`; "
-          "the model screens as before unless the profile is asked for by name)")
+    print(f"\n{what} {args.profile!r} written to {dest} (list it with `bonescreen profiles {dest}`; "
+          f"screen with it: `bonescreen screen ... --model {dest} --site-profile {args.profile}`; the model "
+          "screens as before unless the profile is asked for by name)")
     return 0
