@@ -36,6 +36,7 @@ from bonescreen.errors import BonescreenError, TableError
 from bonescreen.evaluate.report import json_clean
 from bonescreen.labels import normalize_sex, pediatric_low_bmd
 from bonescreen.pseudonym import PREFIX as PSEUDONYM_PREFIX
+from bonescreen.schema import INDETERMINATE
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ __all__ = [
 ]
 
 UNKNOWN_SCANNER = "scanner unknown"
-ABSTAIN = "indeterminate"
+ABSTAIN = INDETERMINATE  # a site profile's abstain band (bonescreen.adapt): the one definition, in schema
 #: Columns of a normalised screening-results table (``screen``'s results.csv or the service store).
 RESULT_FIELDS = ["image_id", "patient_id", "study_date", "sex", "age", "eligible", "score", "score_stage1",
                  "category", "flag", "model", "site", "manufacturer", "manufacturer_model_name",
