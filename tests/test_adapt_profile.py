@@ -450,8 +450,12 @@ def test_adapt_cli_writes_an_opt_in_profile(tmp_path: Path, screened: dict[str, 
 
     from bonescreen.screen import ScreeningEngine, load_models
 
-    with pytest.raises(ProfileError, match="ONNX graph does not carry"):
+    with pytest.raises(ProfileError, match="exported onnx graph does not carry"):
         ScreeningEngine(dataclasses.replace(load_models(art), backend="onnx"), site_profile="NEW", ood="off")
+    # chosen by --backend auto (a choice recorded), an exported graph gives way to the adapted torch network
+    auto = dataclasses.replace(load_models(art), backend="openvino", choice={"backend": "openvino"})
+    eng = ScreeningEngine(auto, site_profile="NEW", ood="off")
+    assert eng.models.backend == "torch" and eng.models.main_torch is not auto.main_torch
     capsys.readouterr()
     assert cli(["profiles", str(art), "--show", "NEW"]) == 0
     shown = json.loads(capsys.readouterr().out)

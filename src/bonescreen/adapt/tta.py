@@ -143,6 +143,10 @@ class FeatureAligned(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.forward_features(x)  # type: ignore[operator]
 
+    def forward_intermediates(self, x: torch.Tensor, **kwargs: Any) -> Any:
+        """The wrapped backbone's stages (bonescreen.features reads them for the OOD check)."""
+        return self.model.forward_intermediates(x, **kwargs)  # type: ignore[operator]
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         f = self.model.forward_head(x, pre_logits=True)  # type: ignore[operator]
         f = (f - self.mu_t) * self.scale + self.mu_s

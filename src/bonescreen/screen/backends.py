@@ -65,7 +65,7 @@ PRECISION = {
 #: Eligible images used to calibrate an int8 copy (as ``bonescreen export --calibration``).
 CALIBRATION_IMAGES = 64
 
-_TORCH_VARIANTS = {  # name -> (bf16 autocast, channels_last)
+TORCH_VARIANTS = {  # name -> (bf16 autocast, channels_last)
     "torch": (False, False), "torch-channels-last": (False, True),
     "torch-bf16": (True, False), "torch-bf16-channels-last": (True, True),
 }
@@ -139,7 +139,7 @@ class TorchPredictor:
 
 
 def _torch_factory(name: str) -> Any:
-    bf16, channels_last = _TORCH_VARIANTS[name]
+    bf16, channels_last = TORCH_VARIANTS[name]
 
     def factory(loaded: Any, ctx: BackendContext) -> Predictor:
         if loaded.spec.task == "pediatric":
@@ -157,7 +157,7 @@ def _torch_factory(name: str) -> Any:
     return factory
 
 
-for _name in _TORCH_VARIANTS:
+for _name in TORCH_VARIANTS:
     register_backend(_name)(_torch_factory(_name))
 
 

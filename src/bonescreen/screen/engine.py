@@ -436,21 +436,39 @@ def _site_profile(models: ModelSet, name: str, threshold: float | None) -> Any:
 
 
 def _profiled_models(models: ModelSet, profile: Any) -> ModelSet:
-    """The model set with the profile's label-free adaptation applied to the main network (a copy)."""
+    """The model set with the profile's label-free adaptation applied to the main network (a copy).
+
+    The adapted weights exist only as a torch module, so the adapted network runs on the torch
+    variant of the run's backend (same device, bf16 / channels_last / compile as asked). An exported
+    graph (ONNX, OpenVINO, int8) holds the unadapted weights: asked for explicitly, it is refused;
+    chosen by ``--backend auto``, the run falls back to eager torch and says so.
+    """
     import dataclasses
 
     from bonescreen.adapt.profile import ProfileError, profiled_model
-    from bonescreen.screen.models import Bf16Predictor
+    from bonescreen.screen.backends import TORCH_VARIANTS, TorchPredictor
 
     adapted = profiled_model(models.main_torch, profile)
     if adapted is models.main_torch:
         return models
-    if models.backend == "onnx":
-        raise ProfileError(f"site profile {profile.name!r} adapts the network "
-                           f"({(profile.adaptation or {}).get('method')}), which the exported ONNX graph does not "
-                           "carry: screen with --backend torch or torch-bf16")
-    main = Bf16Predictor(adapted) if models.backend == "torch-bf16" else adapted
-    return dataclasses.replace(models, main=main, main_torch=adapted)
+    label = models.backend
+    name = label.split("@")[0].removesuffix("+compile")
+    device = label.split("@")[1] if "@" in label else "cpu"
+    compiled = "+compile" in label
+    method = (profile.adaptation or {}).get("method")
+    if name not in TORCH_VARIANTS:
+        if models.choice is None:
+            raise ProfileError(f"site profile {profile.name!r} adapts the network ({method}), which the exported "
+                               f"{name} graph does not carry: screen with --backend torch or torch-bf16")
+        log.warning("site profile %r adapts the network (%s); --backend auto chose %s, whose exported graph "
+                    "holds the unadapted weights: screening with eager torch instead", profile.name, method, name)
+        name, compiled = "torch", False
+    bf16, channels_last = TORCH_VARIANTS[name]
+    main: Any = adapted
+    if name != "torch" or device != "cpu" or compiled:
+        main = TorchPredictor(adapted, device=device, bf16=bf16, channels_last=channels_last, compile=compiled)
+    backend = name + ("+compile" if compiled else "") + ("" if device == "cpu" else f"@{device}")
+    return dataclasses.replace(models, main=main, main_torch=adapted, backend=backend)
 
 
 def predict_batch(
