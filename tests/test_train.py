@@ -45,7 +45,9 @@ def test_best_tuning_epoch_is_the_saved_model(teacher) -> None:  # type: ignore[
     # training ends by fitting the OOD part on the train split (threshold on tune) for these weights
     from bonescreen.ood import OODModel
 
-    assert loaded.format_version == 2 and loaded.spec.ood is not None
+    from bonescreen.artifact import FORMAT_VERSION
+
+    assert loaded.format_version == FORMAT_VERSION and loaded.spec.ood is not None
     ood = OODModel.from_dict(loaded.spec.ood)
     assert ood.weights_fingerprint == loaded.fingerprint and ood.n_fit == 48 and ood.n_tune == 24
     assert ood.threshold > 0 and ood.quantile == pytest.approx(0.995)
