@@ -57,6 +57,18 @@ class TrainConfig:
     # --- augmentation: "none", "weak" (flip) or "strong" (the paper's list)
     augment: str = "weak"
     strong_p: float = 0.5  # probability scale of each strong-augmentation group
+    # --- site-shift augmentation (bonescreen.site_shift): each training image is shown,
+    # with this probability, as another site's detector / processing / technique would
+    # show it (response and LUT, window, vendor processing, noise, blur, bit depth,
+    # collimation, burned-in text), then grayscale-truncated again; 0 = off. Teacher,
+    # student and the pediatric model alike.
+    site_shift: float = 0.0
+    site_shift_strength: float = 1.0  # scales every range of the shift (0..2)
+    site_shift_polarity: float = 0.0  # probability of an inverted image (photometric mix-up)
+    # --- model selection: "tune" (AUC on the tune split) or "tune_shifted" (mean of
+    # the tune AUC and the AUCs on `selection_shifts` fixed site-shifted copies of it)
+    selection: str = "tune"
+    selection_shifts: int = 4
     # --- distillation
     distill_alpha: float = 0.5  # weight of the KL term; 1 - alpha goes to cross-entropy
     distill_temperature: float = 2.0
@@ -92,6 +104,7 @@ class TrainConfig:
             "student_augment": ("none", "weak", "strong"),
             "amp_dtype": ("bfloat16", "float16"),
             "preload": ("auto", "true", "false"),
+            "selection": ("tune", "tune_shifted"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -112,6 +125,14 @@ class TrainConfig:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if not 0.5 <= self.ood_quantile < 1.0:
             raise ConfigError(f"ood_quantile must be in [0.5, 1), got {self.ood_quantile}")
+        for key in ("site_shift", "site_shift_polarity"):
+            v = getattr(self, key)
+            if not 0.0 <= v <= 1.0:
+                raise ConfigError(f"{key} must be in [0, 1], got {v}")
+        if not 0.0 <= self.site_shift_strength <= 2.0:
+            raise ConfigError(f"site_shift_strength must be in [0, 2], got {self.site_shift_strength}")
+        if not 1 <= self.selection_shifts <= 32:
+            raise ConfigError(f"selection_shifts must be in 1..32, got {self.selection_shifts}")
         return self
 
 

@@ -30,12 +30,14 @@ from torch.utils.data.distributed import DistributedSampler
 
 from bonescreen.errors import TableError
 from bonescreen.models import GRAY_MEAN, GRAY_STD
+from bonescreen.site_shift import SiteShift
 
 log = logging.getLogger(__name__)
 
 #: Manifest column holding each task's integer label.
 TASK_LABEL_COLUMN = {"stage2": "label", "stage1": "label_stage1", "three_class": "label_3class"}
 AUGMENT_LEVELS = ("none", "weak", "strong")
+_SHIFT_STREAM = 0x5173  # the site shift's own generator stream (see ManifestDataset._augment)
 
 
 # --- manifest -----------------------------------------------------------------
@@ -300,6 +302,11 @@ class ManifestDataset(Dataset):
     ``soft_targets`` ``(N, 2, C)`` is given, ``teacher``: the teacher's logits
     for this image in the same orientation (index 0 unflipped, 1 flipped), i.e.
     on the weak view of the image the student sees strongly augmented.
+
+    ``site_shift`` (:class:`bonescreen.site_shift.SiteShift`) first re-renders
+    the image as another site's chain would show it (then the flip and the
+    ``augment`` pipeline follow); it draws from its own generator, seeded by
+    (seed, epoch, index), so turning it on leaves the other draws unchanged.
     """
 
     def __init__(
@@ -313,6 +320,7 @@ class ManifestDataset(Dataset):
         mean: float = GRAY_MEAN,
         std: float = GRAY_STD,
         soft_targets: np.ndarray | None = None,
+        site_shift: SiteShift | None = None,
     ) -> None:
         if len(labels) != len(source):
             raise ValueError(f"{len(labels)} labels for {len(source)} images")
@@ -327,6 +335,7 @@ class ManifestDataset(Dataset):
         self.mean = float(mean)
         self.std = float(std)
         self.soft_targets = None if soft_targets is None else np.asarray(soft_targets, np.float32)
+        self.site_shift = site_shift if site_shift is not None and site_shift.active else None
 
     def __len__(self) -> int:
         return len(self.source)
@@ -335,6 +344,9 @@ class ManifestDataset(Dataset):
         self.epoch = int(epoch)
 
     def _augment(self, image: np.ndarray, index: int) -> tuple[np.ndarray, bool]:
+        if self.site_shift is not None:
+            shift_rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch, int(index), _SHIFT_STREAM]))
+            image = self.site_shift(image, shift_rng)
         if self.transform is None:
             return image, False
         seq = np.random.SeedSequence([self.seed, self.epoch, int(index)])

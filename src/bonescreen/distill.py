@@ -41,6 +41,7 @@ from bonescreen.data import (
 )
 from bonescreen.distributed import DistEnv, cleanup, init_distributed
 from bonescreen.errors import TableError
+from bonescreen.site_shift import from_config as site_shift_from_config
 from bonescreen.train import (
     LossFn,
     TrainResult,
@@ -183,6 +184,7 @@ def distill(
             strong_p=cfg.strong_p,
             seed=cfg.seed,
             soft_targets=soft,
+            site_shift=site_shift_from_config(cfg),
         )
 
         card = model_card(

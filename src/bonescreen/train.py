@@ -44,7 +44,7 @@ from bonescreen.artifact import (
     load_artifact,
     save_artifact,
 )
-from bonescreen.config import ConfigError, TrainConfig, load_config
+from bonescreen.config import FIELDS, ConfigError, TrainConfig, load_config
 from bonescreen.data import (
     TASK_LABEL_COLUMN,
     EpochSampler,
@@ -72,6 +72,7 @@ from bonescreen.distributed import (
 )
 from bonescreen.errors import BonescreenError, TableError
 from bonescreen.models import GRAY_MEAN, GRAY_STD, create_model
+from bonescreen.site_shift import from_config as site_shift_from_config
 
 log = logging.getLogger(__name__)
 
@@ -381,6 +382,47 @@ def _selection_score(metrics: dict[str, float]) -> float:
     return -math.inf if math.isnan(loss) else -loss
 
 
+def _shifted_tune_views(job: TrainJob, cfg: TrainConfig) -> list[ManifestDataset]:
+    """``selection: tune_shifted``: fixed site-shifted copies of the tune split (else none)."""
+    if cfg.selection != "tune_shifted" or job.evaluate_fn is not None or job.tune_ds is None or not len(job.tune_ds):
+        return []
+    from bonescreen.site_shift import ShiftedView
+
+    return [
+        ManifestDataset(
+            ShiftedView(job.tune_ds.source, j, strength=cfg.site_shift_strength, seed=cfg.seed),  # type: ignore[arg-type]
+            job.tune_ds.labels, mean=job.tune_ds.mean, std=job.tune_ds.std,
+        )
+        for j in range(cfg.selection_shifts)
+    ]
+
+
+def _shifted_selection(
+    model: nn.Module, tune_ds: ManifestDataset, views: list[ManifestDataset], clean: dict[str, float],
+    env: DistEnv, cfg: TrainConfig,
+) -> tuple[dict[str, float], float]:
+    """Selection score over the tune split and its site-shifted copies: the mean AUC of all of them.
+
+    An epoch that ranks the development site's own look well but breaks under
+    another response, processing or noise level scores lower than one that
+    ranks all of them well: selection stops rewarding fit to one vendor.
+    """
+    aucs = [clean.get("auc", float("nan"))]
+    for j, view in enumerate(views):
+        logits = _evaluate(model, view, env, cfg, False, f"tune shift {j}")
+        aucs.append(classification_metrics(tune_ds.labels, logits)["auc"])
+    finite = [a for a in aucs if not math.isnan(a)]
+    if not finite:
+        return {}, _selection_score(clean)
+    shifted = [a for a in aucs[1:] if not math.isnan(a)]
+    out = {
+        "tune_auc_shifted": float(np.mean(shifted)) if shifted else float("nan"),
+        "tune_auc_shifted_min": float(np.min(shifted)) if shifted else float("nan"),
+        "tune_selection": float(np.mean(finite)),
+    }
+    return out, out["tune_selection"]
+
+
 # --- small utilities ------------------------------------------------------------------
 
 
@@ -549,7 +591,10 @@ def _evaluate(
     )
 
 
-_RESUME_KEYS = ("arch", "image_size", "batch_size", "seed", "augment", "student_augment", "balance")
+_RESUME_KEYS = (
+    "arch", "image_size", "batch_size", "seed", "augment", "student_augment", "balance",
+    "site_shift", "site_shift_strength", "site_shift_polarity",
+)
 
 
 def fit(job: TrainJob, out_dir: str | Path, cfg: TrainConfig, env: DistEnv, *, resume: bool = False) -> TrainResult:
@@ -623,7 +668,8 @@ def _fit(job: TrainJob, out_dir: str | Path, cfg: TrainConfig, env: DistEnv, *, 
             raise ConfigError(f"--resume: no checkpoint at {ckpt_path}")
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         saved = ck["config"]
-        changed = [k for k in _RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
+        # a key missing from an older checkpoint had its default then
+        changed = [k for k in _RESUME_KEYS if saved.get(k, FIELDS[k].default) != getattr(cfg, k)]
         if changed:
             raise ConfigError(
                 f"cannot resume {ckpt_path}: {', '.join(changed)} differ from the saved run "
@@ -696,6 +742,7 @@ def _fit(job: TrainJob, out_dir: str | Path, cfg: TrainConfig, env: DistEnv, *, 
 
     stopped = "completed"
     t_run = time.perf_counter()
+    shifted_tune = _shifted_tune_views(job, cfg)
     class_w = None
     if cfg.balance == "loss":
         class_w = torch.as_tensor(
@@ -796,6 +843,9 @@ def _fit(job: TrainJob, out_dir: str | Path, cfg: TrainConfig, env: DistEnv, *, 
             record.update({f"tune_{k}": v for k, v in m.items()})
             score = _selection_score(m)
             tune_hist = _score_histogram(_softmax(logits), job.task)
+            if shifted_tune:
+                extra_m, score = _shifted_selection(model, job.tune_ds, shifted_tune, m, env, cfg)
+                record.update(extra_m)
         else:
             score = -record["train_loss"]
         improved = broadcast_object(best is None or score > best["score"], env)
@@ -1055,7 +1105,8 @@ def train_model(
         model, pretrained_desc = build_model(cfg, spec.num_classes)
         train_frame = preps["train"].frame
         train_ds = ManifestDataset(
-            preps["train"].source, train_frame["_y"].to_numpy(), augment=cfg.augment, strong_p=cfg.strong_p, seed=cfg.seed
+            preps["train"].source, train_frame["_y"].to_numpy(), augment=cfg.augment, strong_p=cfg.strong_p,
+            seed=cfg.seed, site_shift=site_shift_from_config(cfg),
         )
 
         card = model_card("supervised", model_name, cfg, pretrained_desc, spec, preps, n_skipped)
