@@ -179,6 +179,44 @@ def test_z_threshold_and_score() -> None:
     assert dropped == {"missing_clinical:weight_kg": 1, "no_z_score": 1}
 
 
+def test_spread_calibration_undoes_shrinkage_on_known_data() -> None:
+    """A least-squares prediction of Z is shrunk by r; moment matching on tuning pairs restores the SD."""
+    from bonescreen.pediatric.model import fit_spread, spread_z
+
+    rng = np.random.default_rng(0)
+
+    def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
+        z = rng.normal(-0.8, 1.6, n)
+        signal = z + rng.normal(0, 1.2, n)  # r(signal, z) = 0.8
+        slope = np.cov(signal, z)[0, 1] / np.var(signal)  # the regression of z on the signal
+        return z, z.mean() + slope * (signal - signal.mean())
+
+    z_tune, p_tune = draw(400)
+    assert np.std(p_tune) < 0.85 * np.std(z_tune)  # shrunk toward the mean
+    sp = fit_spread(z_tune, p_tune)
+    assert sp is not None and sp["b"] == pytest.approx(1 / 0.8, rel=0.1)
+    z_new, p_new = draw(2000)  # a fresh sample of the same site
+    extra = {"z_spread": sp}
+    cal = spread_z(p_new, extra)
+    assert abs(np.std(cal) / np.std(z_new) - 1) < 0.08
+    assert abs(np.mean(cal) - np.mean(z_new)) < 0.1
+    assert np.corrcoef(cal, z_new)[0, 1] == pytest.approx(np.corrcoef(p_new, z_new)[0, 1])  # ranking untouched
+    # the count below the cut-off comes back: shrunk predictions miss children with Z <= -2
+    true_low = (z_new <= -2).mean()
+    assert (p_new <= -2).mean() < 0.85 * true_low and abs((cal <= -2).mean() - true_low) < 0.2 * true_low
+    # refused without signal or pairs; identity without a fitted spread
+    assert fit_spread(z_tune[:5], p_tune[:5]) is None
+    assert fit_spread(z_tune, -p_tune) is None
+    np.testing.assert_array_equal(spread_z(p_new, {}), p_new)
+    # selection after the stretch is not fooled by shrinkage: the shrunk regression has the lower
+    # raw MAE, but both have the same MAE once stretched (the stretch is affine-invariant)
+    from bonescreen.pediatric.train import z_agreement
+
+    loose, tight = z_agreement(z_tune, spread_z(p_tune, extra)), z_agreement(z_tune, p_tune)
+    assert tight["mae"] < loose["mae"]
+    assert tight["mae_spread"] == pytest.approx(loose["mae_spread"], abs=1e-9)
+
+
 def test_artifact_round_trip_and_predict_pediatric(run: dict[str, Path]) -> None:
     from bonescreen.artifact import load_artifact
     from bonescreen.pediatric import predict_pediatric
@@ -354,6 +392,7 @@ def test_reference_z_in_artifact_and_predictions(run: dict[str, Path]) -> None:
         predict_outputs,
         reference_of,
         sex_code,
+        spread_z,
     )
 
     loaded = load_artifact(run["model"], expected_task="pediatric")
@@ -373,15 +412,16 @@ def test_reference_z_in_artifact_and_predictions(run: dict[str, Path]) -> None:
     for src in Z_SOURCES:
         extra["z_from"] = src
         out = predict_pediatric(loaded, imgs, clin)
-        np.testing.assert_allclose(out["pred_z"].to_numpy(float), expected[src], atol=1e-6)
+        want = spread_z(expected[src], extra)  # the tuning split's stretch, when one was fitted
+        np.testing.assert_allclose(out["pred_z"].to_numpy(float), want, atol=1e-6)
         np.testing.assert_allclose(out["pred_bmd"].to_numpy(float), bmd, atol=1e-6)
-        assert (out["low_bmd"].astype(bool).to_numpy() == (expected[src] <= -2.0)).all()
+        assert (out["low_bmd"].astype(bool).to_numpy() == (want <= -2.0)).all()
     # the tables carry both ingredients; z_pred is the one the artifact chose
     tune = pd.read_csv(run["tune"])
     chosen = load_artifact(run["model"]).spec.extra["z_from"]
     parts = {"head": tune["z_pred_head"], "reference": tune["z_pred_ref"],
              "mean": 0.5 * (tune["z_pred_head"] + tune["z_pred_ref"])}
-    np.testing.assert_allclose(tune["z_pred"], parts[chosen], atol=2e-4)
+    np.testing.assert_allclose(tune["z_pred"], spread_z(parts[chosen], extra), atol=2e-4)
 
 
 def test_train_pediatric_selects_on_tuning_mae(run: dict[str, Path]) -> None:
@@ -389,21 +429,28 @@ def test_train_pediatric_selects_on_tuning_mae(run: dict[str, Path]) -> None:
     card = json.loads(run["card"].read_text())
     metrics = pd.read_csv(run["metrics"])
     assert card["model_selection"].startswith("tuning MAE")
-    cols = [f"tune_mae_z_{m}" for m in ("head", "reference", "mean")]
+    # the default z_spread=match selects on the MAE after the stretch (raw MAE would reward shrinkage)
+    assert card["model_selection"].endswith("after the spread calibration")
+    key = "mae_spread"
+    cols = [f"tune_{key}_z_{m}" for m in ("head", "reference", "mean")]
     assert set(cols) <= set(metrics.columns) and len(metrics) == 2
     # best epoch = the one with the lowest tuning MAE (over the three Z sources: z_from=auto)
     best = int(metrics[cols].min(axis=1).to_numpy().argmin()) + 1
     assert res.best_epoch == best == card["best_epoch"]
     assert metrics["best"].astype(bool).tolist()[best - 1]
     # z_from=auto took the source with the lowest tuning MAE at that epoch, recomputed from the table
+    from bonescreen.pediatric.train import z_agreement
+
     tune = pd.read_csv(run["tune"])
-    mae = {"head": np.mean(np.abs(tune["z_true"] - tune["z_pred_head"])),
-           "reference": np.mean(np.abs(tune["z_true"] - tune["z_pred_ref"])),
-           "mean": np.mean(np.abs(tune["z_true"] - 0.5 * (tune["z_pred_head"] + tune["z_pred_ref"])))}
+    parts = {"head": tune["z_pred_head"], "reference": tune["z_pred_ref"],
+             "mean": 0.5 * (tune["z_pred_head"] + tune["z_pred_ref"])}
+    mae = {m: z_agreement(tune["z_true"], p)[key] for m, p in parts.items()}
     assert card["z_from"] == min(mae, key=mae.get)
     for m, v in mae.items():
-        assert card["z_from_selection"][m]["mae"] == pytest.approx(v, abs=1e-3)
-        assert metrics[f"tune_mae_z_{m}"].iloc[best - 1] == pytest.approx(v, abs=1e-3)
+        assert card["z_from_selection"][m][key] == pytest.approx(v, abs=1e-3)
+        assert metrics[f"tune_{key}_z_{m}"].iloc[best - 1] == pytest.approx(v, abs=1e-3)
+        raw = np.mean(np.abs(tune["z_true"] - parts[m]))
+        assert metrics[f"tune_mae_z_{m}"].iloc[best - 1] == pytest.approx(raw, abs=1e-3)
 
 
 # --- explanation ---------------------------------------------------------------------------

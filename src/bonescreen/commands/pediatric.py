@@ -62,6 +62,9 @@ def register(sub: Any) -> None:
     tr.add_argument("--z-from", choices=["auto", "head", "reference", "mean"], default="auto",
                     help="predicted Z from the Z head, from predicted BMD through the reference curves "
                          "fitted on the training DXA table, their mean, or the best on the tuning split (auto)")
+    tr.add_argument("--z-spread", choices=["match", "none"], default="match",
+                    help="match (default): stretch the reported Z to the tuning split's mean and SD of the DXA Z "
+                         "(a regression shrinks toward the mean); none: keep the regression's Z")
     tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     tr.add_argument("--name", default="pediatric", help="model name in predictions.csv")
     tr.set_defaults(func=_train)
@@ -127,7 +130,8 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     res = train_pediatric(args.manifest, args.out, cfg, cache_root=args.cache, resume=args.resume,
-                          model_name=args.name, bmd_weight=args.bmd_weight, z_from=args.z_from)
+                          model_name=args.name, bmd_weight=args.bmd_weight, z_from=args.z_from,
+                          z_spread=args.z_spread)
     print(f"model: {res.artifact_path}")
     if res.predictions_path:
         print(f"test predictions: {res.predictions_path}")

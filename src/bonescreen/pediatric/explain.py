@@ -36,6 +36,7 @@ from bonescreen.pediatric.model import (
     Standardizer,
     combine_z,
     reference_of,
+    spread_z,
     z_source,
 )
 
@@ -103,7 +104,7 @@ def clinical_shap(
                 cl = torch.from_numpy(st.clinical(X)).to(device)
                 out = model.fuse(e_t.expand(len(X), -1), cl).float().cpu().numpy()
             raw = st.untarget(out)
-            return combine_z(raw[:, 0], raw[:, 1], X, extra, reference=reference)
+            return spread_z(combine_z(raw[:, 0], raw[:, 1], X, extra, reference=reference), extra)
 
         explainer = shap.explainers.Exact(f, shap.maskers.Independent(bg, max_samples=len(bg)))
         r = explainer(c[None])
@@ -130,7 +131,12 @@ def _safe_name(image_id: str) -> str:
 
 
 def _lower_z_target(extra: dict[str, Any], st: Standardizer, clinical_row: np.ndarray) -> Any:
-    """Grad-CAM target for one image: minus the reported Z, written in torch from the standardised outputs."""
+    """Grad-CAM target for one image: minus the reported Z, written in torch from the standardised outputs.
+
+    The spread calibration (``z_spread``: a + b z with b > 0) is left out: it
+    scales every gradient by the same positive b, and Grad-CAM maps are
+    normalised, so the map is the same.
+    """
     src = z_source(extra)
     zm, zs = float(st.target_mean[0]), float(st.target_std[0])
     bm, bs = float(st.target_mean[1]), float(st.target_std[1])

@@ -9,7 +9,8 @@ from the predicted Z (Z <= -2.0), never from a separate classifier.
 
 Everything needed to rebuild and use the model (feature order, standardisation
 constants, residual SD for the probability-like score, the fitted BMD
-reference curve and ``z_from``: where the reported Z comes from) lives in
+reference curve, ``z_from``: where the reported Z comes from, and ``z_spread``:
+the tuning split's undoing of the shrinkage toward the mean) lives in
 ``ModelSpec.extra`` of the artifact, so ``screen`` needs nothing else.
 """
 
@@ -243,6 +244,47 @@ def combine_z(
     return z_ref if src == "reference" else 0.5 * (z_head + z_ref)
 
 
+# --- spread: undo the shrinkage toward the mean ---------------------------------------------
+
+Z_SPREADS = ("match", "none")
+MIN_SPREAD_PAIRS = 10
+SPREAD_LIMITS = (0.5, 4.0)  # the stretch b is clipped here (a wild b means the tuning split cannot say)
+
+
+def fit_spread(z_true: np.ndarray, z_pred: np.ndarray) -> dict[str, Any] | None:
+    """``z' = a + b z`` with the tuning split's mean and SD of the DXA Z (moment matching), or None.
+
+    Why: any least-squares (or least-absolute) predictor of Z is shrunk toward
+    the mean by its correlation r (SD of the prediction ~ r x SD of Z, and an
+    average of two predictions shrinks further), so with r ~ 0.7 far fewer
+    children are predicted <= -2.0 than have it. Matching the first two moments
+    on held-out pairs restores the spread (and the count below the cut-off)
+    while leaving the ranking (r, AUC) untouched; MAE grows a little, the price
+    of an unbiased decision threshold. None (no stretch) when there are fewer
+    than ``MIN_SPREAD_PAIRS`` pairs or the prediction does not correlate
+    positively with the DXA Z (stretching noise helps nobody).
+    """
+    t, p = np.asarray(z_true, dtype=float), np.asarray(z_pred, dtype=float)
+    ok = np.isfinite(t) & np.isfinite(p)
+    t, p = t[ok], p[ok]
+    if len(t) < MIN_SPREAD_PAIRS or np.std(p) < 1e-6 or np.std(t) < 1e-6:
+        return None
+    r = float(np.corrcoef(t, p)[0, 1])
+    if not r > 0.05:
+        return None
+    b = float(np.clip(np.std(t, ddof=1) / np.std(p, ddof=1), *SPREAD_LIMITS))
+    a = float(np.mean(t) - b * np.mean(p))
+    return {"method": "moment_match", "a": a, "b": b, "n": int(len(t)), "r": r,
+            "sd_true": float(np.std(t, ddof=1)), "sd_pred": float(np.std(p, ddof=1))}
+
+
+def spread_z(z: np.ndarray, extra: dict[str, Any]) -> np.ndarray:
+    """Apply the artifact's spread calibration (``extra["z_spread"]``); identity when absent."""
+    sp = (extra or {}).get("z_spread")
+    z = np.asarray(z, dtype=float)
+    return z if not sp else float(sp["a"]) + float(sp["b"]) * z
+
+
 @torch.inference_mode()
 def predict_outputs(
     model: FusionRegressor,
@@ -281,11 +323,11 @@ def predict_arrays(
     batch_size: int = 32,
     device: str | torch.device = "cpu",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(predicted Z as the artifact reports it (``extra["z_from"]``), predicted BMD)."""
+    """(predicted Z as the artifact reports it (``extra["z_from"]``, then ``extra["z_spread"]``), predicted BMD)."""
     z_head, bmd = predict_outputs(
         model, images, clinical_raw, extra, mean=mean, std=std, batch_size=batch_size, device=device
     )
-    return combine_z(z_head, bmd, clinical_raw, extra), bmd
+    return spread_z(combine_z(z_head, bmd, clinical_raw, extra), extra), bmd
 
 
 PREDICT_COLUMNS = ["pred_z", "pred_bmd", "prob_low_bmd", "low_bmd", "reason"]

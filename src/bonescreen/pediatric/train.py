@@ -66,14 +66,25 @@ class PediatricTrainResult:
 
 
 def z_agreement(z_true: np.ndarray, z_pred: np.ndarray) -> dict[str, float]:
-    """MAE and Pearson r of a predicted Z (the model-selection numbers)."""
+    """MAE and Pearson r of a predicted Z (the model-selection numbers), and ``mae_spread``.
+
+    ``mae_spread``: the MAE after the spread calibration fitted on these same pairs
+    (:func:`bonescreen.pediatric.model.fit_spread`; the raw MAE when none can be
+    fitted). Selecting on the raw MAE rewards predictions shrunk toward the mean
+    (a shrunk Z has a lower MAE); once the reported Z is stretched back, the
+    epoch and source to keep are those with the lowest MAE *after* the stretch.
+    """
+    from bonescreen.pediatric.model import fit_spread, spread_z
+
     t, p = np.asarray(z_true, dtype=float), np.asarray(z_pred, dtype=float)
     ok = np.isfinite(t) & np.isfinite(p)
     if ok.sum() < 2:
-        return {"mae": float("nan"), "r": float("nan")}
+        return {"mae": float("nan"), "r": float("nan"), "mae_spread": float("nan")}
     t, p = t[ok], p[ok]
     r = float(np.corrcoef(t, p)[0, 1]) if np.std(t) > 0 and np.std(p) > 0 else float("nan")
-    return {"mae": float(np.mean(np.abs(t - p))), "r": r}
+    sp = fit_spread(t, p)
+    stretched = spread_z(p, {"z_spread": sp}) if sp else p
+    return {"mae": float(np.mean(np.abs(t - p))), "r": r, "mae_spread": float(np.mean(np.abs(t - stretched)))}
 
 
 def candidate_z(z_head: np.ndarray, bmd: np.ndarray, clinical_raw: np.ndarray, extra: dict[str, Any],
@@ -127,10 +138,14 @@ def train_pediatric(
     model_name: str = "pediatric",
     bmd_weight: float = 0.5,
     z_from: str = "auto",
+    z_spread: str = "match",
 ) -> PediatricTrainResult:
     """Train the fusion model on the manifest's train split (best epoch by tuning Z MAE); score tune and test.
 
     ``z_from``: "auto" (lowest tuning MAE), "head", "reference" or "mean"; see the module docstring.
+    ``z_spread``: "match" (default) stretches the reported Z so its mean and SD on the
+    tuning split are the DXA Z's (:func:`bonescreen.pediatric.model.fit_spread`);
+    "none" reports the regression's own, shrunken, Z.
     """
     from bonescreen import __version__
     from bonescreen.artifact import ModelSpec, save_artifact
@@ -151,11 +166,15 @@ def train_pediatric(
         DEFAULT_HIDDEN,
         PEDIATRIC_ELIGIBILITY,
         TARGETS,
+        Z_SPREADS,
         FusionRegressor,
         Standardizer,
+        fit_spread,
         predict_outputs,
+        spread_z,
     )
     from bonescreen.pediatric.reference import ReferenceCurves, ReferenceFitError
+    from bonescreen.site_shift import from_config as site_shift_from_config
     from bonescreen.train import (
         TrainJob,
         _plain,
@@ -168,6 +187,8 @@ def train_pediatric(
 
     if z_from not in Z_FROM_CHOICES:
         raise ValueError(f"z_from must be one of {Z_FROM_CHOICES}, got {z_from!r}")
+    if z_spread not in Z_SPREADS:
+        raise ValueError(f"z_spread must be one of {Z_SPREADS}, got {z_spread!r}")
     cfg = (config or load_config("pediatric-cpu-tiny")).validate()
     env = init_distributed(cfg.device)
     try:
@@ -221,7 +242,8 @@ def train_pediatric(
             cfg.arch, pretrained=pretrained, drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate
         )
         images = ManifestDataset(
-            preps["train"].source, train_f["_y"].to_numpy(), augment=cfg.augment, strong_p=cfg.strong_p, seed=cfg.seed
+            preps["train"].source, train_f["_y"].to_numpy(), augment=cfg.augment, strong_p=cfg.strong_p, seed=cfg.seed,
+            site_shift=site_shift_from_config(cfg),
         )
         train_ds = PediatricDataset(images, clinical_of(train_f), targets_of(train_f), st)
         card: dict[str, Any] = {
@@ -258,6 +280,7 @@ def train_pediatric(
             return np.concatenate(zs), np.concatenate(bs)
 
         tune_f = preps["tune"].frame
+        sel_key = "mae_spread" if z_spread == "match" else "mae"  # what selection minimises
 
         def evaluate_tune(model_: Any, env_: Any) -> tuple[dict[str, float], float]:
             """Tuning Z MAE (+ r) per candidate source; score = -(the lowest MAE among the allowed sources)."""
@@ -274,7 +297,8 @@ def train_pediatric(
                     metrics[f"tune_{k}_z_{name}"] = v
             if tune_f["_bmd"].notna().any():
                 metrics["tune_mae_bmd"] = float(np.nanmean(np.abs(tune_f["_bmd"].to_numpy(float) - bm)))
-            maes = [metrics[f"tune_mae_z_{m}"] for m in modes if np.isfinite(metrics.get(f"tune_mae_z_{m}", np.nan))]
+            maes = [metrics[f"tune_{sel_key}_z_{m}"] for m in modes
+                    if np.isfinite(metrics.get(f"tune_{sel_key}_z_{m}", np.nan))]
             return metrics, (-min(maes) if maes else float("nan"))
 
         if len(tune_f) < 2:
@@ -313,27 +337,36 @@ def train_pediatric(
             selection = {m: z_agreement(f["_z"].to_numpy(float), cands[m]) for m in cands}
             if z_from == "auto":
                 finite = [m for m in modes if np.isfinite(selection[m]["mae"])]
-                extra["z_from"] = min(finite, key=lambda m: selection[m]["mae"]) if finite else "head"
+                extra["z_from"] = min(finite, key=lambda m: selection[m][sel_key]) if finite else "head"
         elif z_from == "auto":
             extra["z_from"] = "reference" if reference is not None else "head"
             log.warning("no tuning split: z_from=auto falls back to %r without a measurement", extra["z_from"])
         chosen = str(extra["z_from"])
         log.info("predicted Z from: %s%s", chosen,
-                 "" if selection is None else " (tuning MAE " + ", ".join(
-                     f"{m} {v['mae']:.3f}" for m, v in selection.items()) + ")")
+                 "" if selection is None else f" (tuning {sel_key.replace('_', ' ')} " + ", ".join(
+                     f"{m} {v[sel_key]:.3f}" for m, v in selection.items()) + ")")
+        extra.pop("z_spread", None)
         if tune_scored is not None:
             f, cands, bmd = tune_scored
-            extra["residual_sd_z"] = float(np.std(f["_z"].to_numpy() - cands[chosen], ddof=1))
+            spread = fit_spread(f["_z"].to_numpy(float), cands[chosen]) if z_spread == "match" else None
+            if spread is not None:
+                extra["z_spread"] = spread
+                log.info("spread calibration on the tuning split: Z' = %.3f + %.3f Z (predicted SD %.2f -> %.2f)",
+                         spread["a"], spread["b"], spread["sd_pred"], spread["sd_true"])
+            elif z_spread == "match":
+                log.warning("no spread calibration: too few tuning pairs or no positive correlation")
+            z_tune = spread_z(cands[chosen], extra)
+            extra["residual_sd_z"] = float(np.std(f["_z"].to_numpy() - z_tune, ddof=1))
             tune_path = out / "tune_predictions.csv"
-            _write_frame(predictions_table(f, cands[chosen], bmd, extra["residual_sd_z"], model_name=model_name,
+            _write_frame(predictions_table(f, z_tune, bmd, extra["residual_sd_z"], model_name=model_name,
                                            split="tune", z_parts=cands), tune_path)
         else:
-            log.warning("no tuning split: the low-BMD score uses a residual SD of 1.0")
+            log.warning("no tuning split: the low-BMD score uses a residual SD of 1.0 and no spread calibration")
         regression: dict[str, Any] = {}
         if len(preps["test"].frame):
             f, cands, bmd = score("test")
-            preds = predictions_table(f, cands[chosen], bmd, extra["residual_sd_z"], model_name=model_name,
-                                      split="test", z_parts=cands)
+            preds = predictions_table(f, spread_z(cands[chosen], extra), bmd, extra["residual_sd_z"],
+                                      model_name=model_name, split="test", z_parts=cands)
             test_path = out / "predictions.csv"
             _write_frame(preds, test_path)
             regression = regression_metrics(preds, n_boot=200, seed=cfg.seed)
@@ -343,8 +376,10 @@ def train_pediatric(
         card["z_from"] = chosen
         card["z_from_requested"] = z_from
         card["z_from_selection"] = selection
-        card["model_selection"] = ("tuning MAE of the predicted Z" if job.evaluate_fn is not None
-                                   else "lowest training loss (no tuning split)")
+        card["z_spread"] = extra.get("z_spread") or {"method": "none" if z_spread == "none" else "not fitted"}
+        card["model_selection"] = (
+            ("tuning MAE of the predicted Z" + (" after the spread calibration" if sel_key == "mae_spread" else ""))
+            if job.evaluate_fn is not None else "lowest training loss (no tuning split)")
         if reference is not None:
             card["z_reference_fit"] = {k: {"transform": c.transform, "n": c.n, "cv_rmse_z": c.rmse_z}
                                        for k, c in reference.curves.items()}
