@@ -125,12 +125,12 @@ class TrainConfig:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if not 0.5 <= self.ood_quantile < 1.0:
             raise ConfigError(f"ood_quantile must be in [0.5, 1), got {self.ood_quantile}")
-        for key in ("site_shift", "site_shift_polarity"):
-            v = getattr(self, key)
-            if not 0.0 <= v <= 1.0:
-                raise ConfigError(f"{key} must be in [0, 1], got {v}")
-        if not 0.0 <= self.site_shift_strength <= 2.0:
-            raise ConfigError(f"site_shift_strength must be in [0, 2], got {self.site_shift_strength}")
+        from bonescreen.site_shift import SiteShift  # one place for the ranges
+
+        try:
+            SiteShift(p=self.site_shift, strength=self.site_shift_strength, polarity_p=self.site_shift_polarity)
+        except ValueError as exc:
+            raise ConfigError(f"site_shift settings: {exc}") from exc
         if not 1 <= self.selection_shifts <= 32:
             raise ConfigError(f"selection_shifts must be in 1..32, got {self.selection_shifts}")
         return self

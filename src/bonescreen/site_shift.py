@@ -54,12 +54,10 @@ class SiteShift:
     polarity_p: float = 0.05
 
     def __post_init__(self) -> None:
-        for name in ("p", "polarity_p"):
+        for name, hi in (("p", 1.0), ("polarity_p", 1.0), ("strength", 2.0)):
             v = getattr(self, name)
-            if not 0.0 <= v <= 1.0:
-                raise ValueError(f"site shift {name} must be in [0, 1], got {v}")
-        if not 0.0 <= self.strength <= 2.0:
-            raise ValueError(f"site shift strength must be in [0, 2], got {self.strength}")
+            if not 0.0 <= v <= hi:
+                raise ValueError(f"site shift {name} must be in [0, {hi:g}], got {v}")
 
     @property
     def active(self) -> bool:
