@@ -140,3 +140,142 @@ def test_training_with_shift_and_shifted_selection(tmp_path) -> None:  # type: i
         again(manifest, tmp_path / "out", tiny_config(image_size=32, epochs=3, tensorboard=False, site_shift=0.3,
                                                        selection="tune_shifted", selection_shifts=2),
               cache_root=tmp_path / "cache", resume=True)
+
+
+# --- each step of the chain changes what it claims, keeps the shape, stays finite ------------------
+
+
+def _ramp(n: int = 64) -> np.ndarray:
+    return np.tile(np.linspace(0.0, 1.0, n, dtype=np.float32), (n, 1))
+
+
+def test_response_is_a_monotone_lut_that_changes_the_curve() -> None:
+    from bonescreen.site_shift import _response
+
+    x = _ramp()
+    changed = 0
+    for seed in range(30):
+        y = _response(x, np.random.default_rng(seed), 1.0)
+        assert y.shape == x.shape and np.isfinite(y).all()
+        row = y[0]
+        assert np.all(np.diff(row) >= -1e-6)  # a LUT never reverses contrast (that is polarity's job)
+        assert row.min() >= -1e-6 and row.max() <= 1.0 + 1e-6
+        changed += float(np.abs(row - x[0]).max()) > 0.05
+    assert changed >= 25
+
+
+def test_processing_moves_detail_and_coarse_range_both_ways() -> None:
+    from bonescreen.site_shift import _processing
+
+    img = _chest_like(96).astype(np.float32) / 255.0
+    base = _detail(img)
+    ratios, spans = [], []
+    for seed in range(40):
+        y = _processing(img, np.random.default_rng(seed), 1.0)
+        assert y.shape == img.shape and np.isfinite(y).all()
+        ratios.append(_detail(y) / base)
+        spans.append(float(np.ptp(ndimage.gaussian_filter(y, 6))) / float(np.ptp(ndimage.gaussian_filter(img, 6))))
+    assert min(ratios) < 0.8 and max(ratios) > 1.5  # smoothing and edge enhancement
+    assert min(spans) < 0.85 and max(spans) > 1.15  # range compression and expansion
+
+
+def test_field_of_view_rescales_the_anatomy() -> None:
+    from bonescreen.site_shift import _field_of_view
+
+    n = 96
+    yy, xx = np.mgrid[0:n, 0:n]
+    disk = (((yy - n / 2) ** 2 + (xx - n / 2) ** 2) < (n / 5) ** 2).astype(np.float32)
+    areas = []
+    for seed in range(30):
+        y = _field_of_view(disk, np.random.default_rng(seed), 1.0)
+        assert y.shape == disk.shape and y.min() >= 0.0 and y.max() <= 1.0
+        areas.append(float((y > 0.5).sum()) / float(disk.sum()))
+    # zoom 0.8-1.25: the disk's area scales by 1/z^2, between ~0.64 and ~1.56, and varies
+    assert 0.55 < min(areas) < 0.9 and 1.1 < max(areas) < 1.7
+
+
+def test_resolution_only_removes_detail() -> None:
+    from bonescreen.site_shift import _resolution
+
+    img = _chest_like(96).astype(np.float32) / 255.0
+    base = _detail(img)
+    ratios = []
+    for seed in range(20):
+        y = _resolution(img, np.random.default_rng(seed), 1.0)
+        assert y.shape == img.shape
+        ratios.append(_detail(y) / base)
+        assert ratios[-1] <= 1.0 + 1e-6  # never sharper
+        assert y.min() >= img.min() - 1e-5 and y.max() <= img.max() + 1e-5  # blur never overshoots
+    assert min(ratios) < 0.6 and np.mean(ratios) < 0.85
+
+
+def test_noise_is_signal_dependent() -> None:
+    from bonescreen.site_shift import _noise
+
+    x = np.full((64, 64), 0.1, np.float32)
+    x[:, 32:] = 0.9
+    for seed in range(10):
+        y = _noise(x, np.random.default_rng(seed), 1.0)
+        assert y.shape == x.shape and y.dtype == np.float32
+        dark, bright = (y - x)[:, :32].std(), (y - x)[:, 32:].std()
+        assert dark > 0 and bright > 1.5 * dark  # dense regions receive fewer photons: more noise
+
+
+def test_bit_depth_limits_the_grey_levels() -> None:
+    from bonescreen.site_shift import _bit_depth
+
+    x = _ramp(256)
+    for seed in range(10):
+        y = _bit_depth(x, np.random.default_rng(seed))
+        assert y.shape == x.shape and 0.0 <= y.min() and y.max() <= 1.0
+        assert 33 <= len(np.unique(y)) <= 129  # 2**5 + 1 .. 2**7 + 1 levels
+        assert np.abs(y - x).max() <= 1 / 64 + 1e-6
+
+
+def test_collimation_and_text_touch_only_borders_and_edges() -> None:
+    from bonescreen.site_shift import _collimate, _text
+
+    img = _chest_like(128).astype(np.float32) / 255.0
+    n, c = 128, slice(32, 96)
+    collimated = text = 0
+    for seed in range(30):
+        y = _collimate(img, np.random.default_rng(seed), 1.0)
+        assert y.shape == img.shape
+        assert np.array_equal(y[c, c], img[c, c])  # the central region (which sets the contrast) is kept
+        moved = y != img
+        if moved.any():
+            collimated += 1
+            assert len(np.unique(y[moved])) == 1 and y[moved][0] in (img.min(), img.max())
+        t = _text(img, np.random.default_rng(seed))
+        rows = np.where((t != img).any(axis=1))[0]
+        if rows.size:
+            text += 1
+            assert rows.max() - rows.min() < 0.12 * n  # one line
+            assert rows.min() < 0.2 * n or rows.max() > 0.8 * n  # near the top or the bottom edge
+            assert set(np.unique(t[t != img])) <= {img.min(), img.max()}
+    assert collimated >= 20 and text >= 28
+
+
+# --- selection across looks ------------------------------------------------------------------------
+
+
+def test_shifted_selection_picks_the_epoch_that_ranks_every_look() -> None:
+    """Constructed history: epoch 2 fits DEV's look best but breaks under shifts; epoch 3 is robust."""
+    from bonescreen.train import _selection_score, shifted_selection_score
+
+    history = {  # epoch: (clean tune AUC, AUCs on 4 shifted copies)
+        1: (0.70, [0.60, 0.62, 0.58, 0.61]),
+        2: (0.86, [0.55, 0.60, 0.52, 0.58]),
+        3: (0.82, [0.78, 0.80, 0.76, 0.79]),
+        4: (0.80, [0.74, 0.76, 0.72, 0.75]),
+    }
+    plain = {e: _selection_score({"auc": c}) for e, (c, _) in history.items()}
+    shifted = {e: shifted_selection_score({"auc": c}, s) for e, (c, s) in history.items()}
+    assert max(plain, key=plain.get) == 2  # selecting on DEV's tune AUC rewards fitting DEV
+    assert max(shifted, key=lambda e: shifted[e][1]) == 3
+    cols, score = shifted[3]
+    assert score == pytest.approx(np.mean([0.82, 0.78, 0.80, 0.76, 0.79]))
+    assert cols["tune_auc_shifted"] == pytest.approx(0.7825) and cols["tune_auc_shifted_min"] == 0.76
+    # undefined AUCs (a single-class split) are left out; none defined: the plain score (minus the loss)
+    assert shifted_selection_score({"auc": 0.8}, [float("nan"), 0.6])[1] == pytest.approx(0.7)
+    assert shifted_selection_score({"auc": float("nan"), "loss": 0.4}, [float("nan")]) == ({}, -0.4)

@@ -144,6 +144,12 @@ def _noise(x: np.ndarray, rng: np.random.Generator, s: float) -> np.ndarray:
     return x + rng.standard_normal(x.shape, dtype=np.float32) * quantum.astype(np.float32)
 
 
+def _bit_depth(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Fewer grey levels (5-7 bits: an old digitiser, a lossy export): 2**bits + 1 levels in [0, 1]."""
+    levels = float(2 ** int(rng.integers(5, 8)))
+    return (np.round(np.clip(x, 0.0, 1.0) * levels) / levels).astype(np.float32)
+
+
 def _collimate(x: np.ndarray, rng: np.random.Generator, s: float) -> np.ndarray:
     """Blades closer to the body on some sides; masked black or left unexposed (white)."""
     n = x.shape[0]
@@ -209,8 +215,7 @@ def site_shift(image: np.ndarray, rng: np.random.Generator, cfg: SiteShift | Non
         if rng.random() < 0.6:
             x = _processing(x, rng, s).astype(np.float32)
         if rng.random() < 0.2:
-            levels = float(2 ** int(rng.integers(5, 8)))
-            x = np.round(np.clip(x, 0.0, 1.0) * levels) / levels
+            x = _bit_depth(x, rng)
         if rng.random() < 0.4:
             x = _collimate(x, rng, s)
         if rng.random() < 0.3:

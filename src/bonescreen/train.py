@@ -407,10 +407,20 @@ def _shifted_selection(
     another response, processing or noise level scores lower than one that
     ranks all of them well: selection stops rewarding fit to one vendor.
     """
-    aucs = [clean.get("auc", float("nan"))]
+    shifted = []
     for j, view in enumerate(views):
         logits = _evaluate(model, view, env, cfg, False, f"tune shift {j}")
-        aucs.append(classification_metrics(tune_ds.labels, logits)["auc"])
+        shifted.append(classification_metrics(tune_ds.labels, logits)["auc"])
+    return shifted_selection_score(clean, shifted)
+
+
+def shifted_selection_score(clean: dict[str, float], shifted_aucs: list[float]) -> tuple[dict[str, float], float]:
+    """An epoch's ``tune_shifted`` score: the mean of its tune AUC and its shifted-copy AUCs.
+
+    NaN AUCs (a single-class split) are left out; with none finite the plain
+    ``tune`` score applies. Returns the ``metrics.csv`` columns and the score.
+    """
+    aucs = [clean.get("auc", float("nan")), *shifted_aucs]
     finite = [a for a in aucs if not math.isnan(a)]
     if not finite:
         return {}, _selection_score(clean)
