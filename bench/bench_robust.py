@@ -134,9 +134,13 @@ def adult_teacher(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[s
                          n_per_site={s.name: args.n_dev if s.role == "development" else args.n_external
                                      for s in default_sites()},
                          workers=args.workers, progress=not args.quiet)
-    cohort = build_cohort(sites_from_phantom(ph), CohortConfig(seed=args.seed), workers=args.workers, progress=False)
-    paths = cohort.write(args.out / "cohort")
-    manifest = cohort.manifest
+    manifest_path = args.out / "cohort" / "manifest.csv"
+    if not manifest_path.is_file():  # deterministic: variants run as separate processes share it
+        build_cohort(sites_from_phantom(ph), CohortConfig(seed=args.seed), workers=args.workers,
+                     progress=False).write(args.out / "cohort")
+        preprocess_files(pd.read_csv(manifest_path)["path"].tolist(), cache,
+                         size=load_config("cpu-tiny").image_size, workers=args.workers, progress=False)
+    manifest = pd.read_csv(manifest_path, dtype={"image_id": str, "patient_id": str})
     oracle = json.loads((ph / "oracle.json").read_text())
     meta = json.loads((ph / "phantom.json").read_text())
     dev = next(s["name"] for s in meta["sites"] if s["role"] == "development")
@@ -147,7 +151,7 @@ def adult_teacher(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[s
         preprocess_files(manifest["path"].tolist(), cache, size=tcfg.image_size, workers=args.workers, progress=False)
         print(f"\n# adult teacher, variant {name}: overrides {ov}", flush=True)
         t0 = time.perf_counter()
-        res = train_model(paths["manifest"], args.out / name, tcfg, cache_root=cache, model_name="teacher")
+        res = train_model(manifest_path, args.out / name, tcfg, cache_root=cache, model_name="teacher")
         test = manifest[manifest["split"].isin(["tune", "test"])]
         preds = predict_manifest(res.artifact_path, test, cache, model_name="teacher", progress=False)
         wall = round(time.perf_counter() - t0, 1)
