@@ -279,3 +279,13 @@ def test_shifted_selection_picks_the_epoch_that_ranks_every_look() -> None:
     # undefined AUCs (a single-class split) are left out; none defined: the plain score (minus the loss)
     assert shifted_selection_score({"auc": 0.8}, [float("nan"), 0.6])[1] == pytest.approx(0.7)
     assert shifted_selection_score({"auc": float("nan"), "loss": 0.4}, [float("nan")]) == ({}, -0.4)
+
+
+def test_pediatric_refuses_shifted_selection(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The pediatric model selects on tuning Z MAE; a setting it would ignore is refused, not dropped."""
+    from bonescreen.pediatric.train import train_pediatric
+
+    cfg = load_config("pediatric-cpu-tiny", {"selection": "tune_shifted", "site_shift": 0.8})
+    with pytest.raises(ConfigError, match="selection='tune_shifted' is not supported by the pediatric"):
+        train_pediatric(tmp_path / "missing.csv", tmp_path / "out", cfg, cache_root=tmp_path / "cache")
+    assert not (tmp_path / "out").exists()

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bonescreen.config import TrainConfig, load_config
+from bonescreen.config import ConfigError, TrainConfig, load_config
 from bonescreen.errors import TableError
 from bonescreen.labels import PEDIATRIC_LOW_Z
 
@@ -190,6 +190,10 @@ def train_pediatric(
     if z_spread not in Z_SPREADS:
         raise ValueError(f"z_spread must be one of {Z_SPREADS}, got {z_spread!r}")
     cfg = (config or load_config("pediatric-cpu-tiny")).validate()
+    if cfg.selection != "tune":
+        # the epoch is chosen on the tuning Z MAE (after the stretch); shifted copies are not scored here
+        raise ConfigError(f"selection={cfg.selection!r} is not supported by the pediatric model; "
+                          "it selects the epoch on the tuning Z MAE (selection: tune)")
     env = init_distributed(cfg.device)
     try:
         out = Path(out_dir)
