@@ -31,7 +31,6 @@ import logging
 import math
 import shutil
 import time
-import zlib
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -42,9 +41,23 @@ from typing import Any
 
 import numpy as np
 
-from bonescreen.errors import BonescreenError
 from bonescreen.labels import NORMAL_MIN_T, OSTEOPOROSIS_MAX_T
 from bonescreen.phantom.anatomy import Acquisition, anatomy_from_patient, render_layers
+from bonescreen.phantom.common import (
+    PatientRecord,
+    PhantomError,
+    PoolSpec,
+    SiteSpec,
+    auc_or_none,
+    fmt_number,
+    image_job,
+    iso_date,
+    pick_vendor,
+    seeded_rng,
+    site_code,
+    truncnorm,
+    window_days,
+)
 from bonescreen.phantom.vendors import VendorProfile, detect, dicom_dataset, write_dicom
 
 log = logging.getLogger(__name__)
@@ -70,82 +83,6 @@ MESSY_DEFECTS = (
     "dxa_without_cxr",
     "cxr_without_dxa",
 )
-
-
-class PhantomError(BonescreenError):
-    """The phantom cannot be generated as asked (bad spec, occupied output folder)."""
-
-    reason = "phantom"
-
-
-@dataclass(frozen=True)
-class SiteSpec:
-    """One hospital: population, DXA practice, radiography systems and label type."""
-
-    name: str
-    n_patients: int = 200
-    role: str = "external"  # "development" | "external"
-    label_type: str = "t_score"  # "t_score" | "category" (institutional category only)
-    age_mean: float = 58.0
-    age_sd: float = 8.0
-    age_min: float = 45.0
-    age_max: float = 90.0
-    female_frac: float = 0.55
-    prevalence: float = 0.40  # target stage-2 prevalence: low bone mass / (normal + low bone mass)
-    vendors: tuple[VendorProfile, ...] = (VendorProfile(),)
-    vendor_weights: tuple[float, ...] | None = None
-    ap_frac: float = 0.05  # frontal views taken AP (portable)
-    lateral_frac: float = 0.15  # patients with an extra lateral view
-    device_frac: float = 0.02  # pacemaker-like implant
-    cxr_count_probs: tuple[float, ...] = (0.5, 0.3, 0.2)  # P(1, 2, 3 frontal CXRs)
-    # nearest CXR to the DXA: same day, 1-90 days, 91-180 days, 181-400 days
-    window_probs: tuple[float, float, float, float] = (0.5, 0.3, 0.12, 0.08)
-    date_start: str = "2012-01-01"
-    date_end: str = "2019-12-31"
-    dxa_device: str = "GE Lunar Prodigy"
-    dxa_offset: float = 0.0  # device calibration shift (T-score units)
-    dxa_noise: float = 0.12  # precision error (T-score units)
-    messy: bool = False  # add realistic DXA-table defects
-    pediatric: bool = False  # ages 0-17, growth, Z-scores (bonescreen.phantom.pediatric)
-
-    def __post_init__(self) -> None:
-        if not self.name or any(c in self.name for c in "/\\. "):
-            raise PhantomError(f"site name {self.name!r} must be a plain folder name")
-        if self.name.lower() == "pool":
-            raise PhantomError("site name 'pool' is reserved for the unlabelled pool")
-        if self.label_type not in ("t_score", "category"):
-            raise PhantomError(f"label_type must be 't_score' or 'category', got {self.label_type!r}")
-        if not 0.05 <= self.prevalence <= 0.95:
-            raise PhantomError(f"prevalence must be in [0.05, 0.95], got {self.prevalence}")
-        if self.age_min >= self.age_max:
-            raise PhantomError(f"age_min {self.age_min} must be below age_max {self.age_max}")
-        if self.pediatric and (self.age_min < 0 or self.age_max >= 18.0):
-            raise PhantomError(
-                f"pediatric site {self.name}: ages must lie in [0, 18), got {self.age_min}..{self.age_max}"
-            )
-        if not self.vendors:
-            raise PhantomError(f"site {self.name} needs at least one vendor profile")
-        if self.vendor_weights is not None and len(self.vendor_weights) != len(self.vendors):
-            raise PhantomError(f"site {self.name}: one vendor weight per vendor profile")
-        if abs(sum(self.window_probs) - 1.0) > 1e-6 or abs(sum(self.cxr_count_probs) - 1.0) > 1e-6:
-            raise PhantomError(f"site {self.name}: window_probs and cxr_count_probs must each sum to 1")
-
-
-@dataclass(frozen=True)
-class PoolSpec:
-    """The unlabelled pool (stands in for NIH ChestX-ray14 / CheXpert "No Finding")."""
-
-    age_mean: float = 60.0
-    age_sd: float = 14.0
-    age_min: float = 25.0
-    age_max: float = 95.0
-    female_frac: float = 0.45
-    prevalence: float = 0.40
-    ap_frac: float = 0.25
-    lateral_frac: float = 0.05
-    device_frac: float = 0.0  # "No Finding": no implants
-    vendors: tuple[VendorProfile, ...] = ()
-    vendor_weights: tuple[float, ...] | None = None
 
 
 # --- default sites ----------------------------------------------------------------
@@ -432,27 +369,10 @@ def default_pool() -> PoolSpec:
 # --- population model -----------------------------------------------------------
 
 
-def _site_code(name: str) -> int:
-    return zlib.crc32(name.encode("utf-8"))
-
-
-def _rng(*keys: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]))
-
-
-def _truncnorm(rng: np.random.Generator, n: int, mean: float, sd: float, lo: float, hi: float) -> np.ndarray:
-    out = rng.normal(mean, sd, n)
-    bad = (out < lo) | (out > hi)
-    while bad.any():
-        out[bad] = rng.normal(mean, sd, int(bad.sum()))
-        bad = (out < lo) | (out > hi)
-    return out
-
-
 def _draw_people(spec: SiteSpec | PoolSpec, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Sex, age, height, weight and the latent (before the site intercept)."""
     female = rng.random(n) < spec.female_frac
-    age = _truncnorm(rng, n, spec.age_mean, spec.age_sd, spec.age_min, spec.age_max)
+    age = truncnorm(rng, n, spec.age_mean, spec.age_sd, spec.age_min, spec.age_max)
     height = np.where(female, rng.normal(158.0, 6.5, n), rng.normal(171.0, 7.0, n))
     height = height - 0.08 * np.clip(age - 50.0, 0.0, None)  # stoop and vertebral height loss
     bmi = np.clip(np.exp(rng.normal(math.log(24.5), 0.14, n)), 16.0, 45.0)
@@ -504,11 +424,11 @@ def _calibrated_intercept(spec: SiteSpec | PoolSpec, name: str) -> float:
     Depends only on the spec (not the user seed): a site's population is a
     property of the site.
     """
-    rng = _rng(_site_code(name), 7_777)
+    rng = seeded_rng(site_code(name), 7_777)
     people = _draw_people(spec, 20_000, rng)
     offset = getattr(spec, "dxa_offset", 0.0)
     noise = getattr(spec, "dxa_noise", 0.12)
-    scores = _dxa_scores(np.zeros(20_000), offset, noise, _rng(_site_code(name), 8_888))
+    scores = _dxa_scores(np.zeros(20_000), offset, noise, seeded_rng(site_code(name), 8_888))
     # t_min(b) = min over sites of (latent0 + b + site terms): rounding aside, shift only
     base = np.stack([scores[f"t_true_{s}"] for s in DXA_SITES]) + people["latent0"]
     meas_noise = np.stack([scores[f"t_{s}"] - scores[f"t_true_{s}"] for s in DXA_SITES])
@@ -528,24 +448,6 @@ def _calibrated_intercept(spec: SiteSpec | PoolSpec, name: str) -> float:
 
 
 # --- patients and renders ------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PatientRecord:
-    """What the renderer needs to know about a patient (the truth, not the export)."""
-
-    patient_id: str
-    site: str
-    index: int
-    sex: str
-    age: float
-    height_cm: float
-    weight_kg: float
-    latent: float
-    device: bool = False
-    # pediatric: ``latent`` is the image density (absolute mineral, see
-    # phantom.pediatric.image_density); the body is a child's, collimated to size
-    pediatric: bool = False
 
 
 @dataclass
@@ -595,7 +497,7 @@ def render_patient_image(
     if view not in ("PA", "AP", "LAT"):
         raise PhantomError(f"view must be PA, AP or LAT, got {view!r}")
     vendor = vendor or VendorProfile()
-    code = _site_code(patient.site)
+    code = site_code(patient.site)
     fov = vendor.fov_mm
     if patient.pediatric:
         from bonescreen.phantom.pediatric import field_of_view
@@ -607,10 +509,10 @@ def render_patient_image(
         patient.weight_kg,
         patient.latent,
         patient.device,
-        _rng(seed, code, patient.index, PATIENT_STREAM),
+        seeded_rng(seed, code, patient.index, PATIENT_STREAM),
         child_age=patient.age if patient.pediatric else None,
     )
-    rng = _rng(seed, code, patient.index, k)
+    rng = seeded_rng(seed, code, patient.index, k)
     acq = _acquisition(view, rng)
     A, bone_mask = render_layers(an, acq, size, fov)
     det = detect(A, vendor, rng, view=view, fov_mm=fov, bone_mask=bone_mask)
@@ -627,12 +529,6 @@ def render_patient_image(
         exposure_mas=det.exposure_mas,
         marker=det.marker,
     )
-
-
-def _uid(*parts: object) -> str:
-    from pydicom.uid import generate_uid
-
-    return str(generate_uid(entropy_srcs=[str(p) for p in parts]))
 
 
 def _render_job(job: dict[str, Any]) -> dict[str, Any]:
@@ -689,39 +585,10 @@ class PhantomResult:
         return (self.n_images + self.pool_images) / max(self.seconds, 1e-9)
 
 
-def _date(s: str) -> dt.date:
-    return dt.date.fromisoformat(s)
-
-
-def _age_on(birth: dt.date, day: dt.date) -> int:
-    return day.year - birth.year - ((day.month, day.day) < (birth.month, birth.day))
-
-
-def _window_days(rng: np.random.Generator, probs: Sequence[float]) -> int:
-    cls = int(rng.choice(4, p=np.asarray(probs, dtype=float)))
-    if cls == 0:
-        return 0
-    lo, hi = [(1, 90), (91, 180), (181, 400)][cls - 1]
-    return int(rng.integers(lo, hi + 1)) * (1 if rng.random() < 0.5 else -1)
-
-
-def _fmt(v: float, nd: int = 1) -> str:
-    r = round(float(v), nd)
-    return f"{(0.0 if r == 0 else r):.{nd}f}"  # never "-0.0"
-
-
-def _auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
-    if labels.size == 0 or labels.min() == labels.max():
-        return None
-    from sklearn.metrics import roc_auc_score
-
-    return round(float(roc_auc_score(labels, scores)), 4)
-
-
 def _build_site(spec: SiteSpec | PoolSpec, name: str, n: int, seed: int) -> dict[str, Any]:
     """Draw every patient of a site (vectorised) and plan their radiographs."""
-    code = _site_code(name)
-    rng = _rng(seed, code, 0)
+    code = site_code(name)
+    rng = seeded_rng(seed, code, 0)
     people = _draw_people(spec, n, rng)
     b0 = _calibrated_intercept(spec, name)
     latent = people["latent0"] + b0
@@ -974,87 +841,6 @@ IMAGE_COLUMNS = [
 ]
 
 
-def _dicom_patient(p: PatientRecord, birth: dt.date, study: dt.date) -> dict[str, str]:
-    return {
-        "PatientID": p.patient_id,
-        "PatientName": f"PHANTOM^{p.patient_id.replace('-', '')}",
-        "PatientSex": p.sex,
-        "PatientBirthDate": birth.strftime("%Y%m%d"),
-        "PatientAge": f"{max(_age_on(birth, study), 0):03d}Y",
-    }
-
-
-def _image_job(
-    p: PatientRecord,
-    k: int,
-    view: str,
-    vendor: VendorProfile,
-    study_date: dt.date,
-    birth: dt.date,
-    study_key: int,
-    series_no: int,
-    days: int | None,
-    out: Path,
-    size: int,
-    seed: int,
-    time_rng: np.random.Generator,
-) -> dict[str, Any]:
-    image_id = f"{p.patient_id}_{k:02d}"
-    rel = f"{p.site}/images/{image_id}.dcm"
-    study_uid = _uid(seed, p.site, p.patient_id, "study", study_key)
-    series_uid = _uid(seed, p.site, p.patient_id, "series", k)
-    sop_uid = _uid(seed, p.site, p.patient_id, "image", k)
-    hh, mm, ss = int(time_rng.integers(7, 19)), int(time_rng.integers(0, 60)), int(time_rng.integers(0, 60))
-    acc = f"PH{_site_code(p.site) % 1000:03d}{p.index:05d}{study_key:02d}"
-    return {
-        "patient": p,
-        "k": k,
-        "view": view,
-        "vendor": vendor,
-        "size": size,
-        "seed": seed,
-        "institution": "PHANTOM " + p.site,
-        "abs_path": str(out / rel),
-        "dicom_patient": _dicom_patient(p, birth, study_date),
-        "dicom_study": {
-            "StudyInstanceUID": study_uid,
-            "SeriesInstanceUID": series_uid,
-            "SOPInstanceUID": sop_uid,
-            "StudyDate": study_date.strftime("%Y%m%d"),
-            "StudyTime": f"{hh:02d}{mm:02d}{ss:02d}",
-            "AccessionNumber": acc,
-            "SeriesNumber": str(series_no),
-            "InstanceNumber": "1",
-        },
-        "row": {
-            "image_id": image_id,
-            "path": rel,
-            "patient_id": p.patient_id,
-            "site": p.site,
-            "k": k,
-            "study_date": study_date.isoformat(),
-            "days_from_dxa": "" if days is None else days,
-            "view": view,
-            "vendor": vendor.name,
-            "modality": vendor.modality,
-            "manufacturer": vendor.manufacturer,
-            "photometric": vendor.photometric,
-            "bits_stored": vendor.bits_stored,
-            "transfer_syntax": vendor.transfer_syntax,
-            "device": int(p.device),
-            "study_instance_uid": study_uid,
-            "sop_instance_uid": sop_uid,
-        },
-    }
-
-
-def _pick_vendor(spec: SiteSpec | PoolSpec, rng: np.random.Generator) -> VendorProfile:
-    if len(spec.vendors) == 1:
-        return spec.vendors[0]
-    w = np.asarray(spec.vendor_weights or [1.0] * len(spec.vendors), dtype=float)
-    return spec.vendors[int(rng.choice(len(spec.vendors), p=w / w.sum()))]
-
-
 def _plan_site(
     spec: SiteSpec, built: dict[str, Any], out: Path, size: int, seed: int
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, str]], list[dict[str, str]], dict[str, Any]]:
@@ -1063,7 +849,7 @@ def _plan_site(
     n = len(patients)
     rng: np.random.Generator = built["rng"]
     scores, cat = built["scores"], built["category"]
-    start, end = _date(spec.date_start), _date(spec.date_end)
+    start, end = iso_date(spec.date_start), iso_date(spec.date_end)
     span = max((end - start).days, 1)
     dxa_dates = [start + dt.timedelta(days=int(d)) for d in rng.integers(0, span + 1, n)]
 
@@ -1084,7 +870,7 @@ def _plan_site(
     dxa_rows: list[dict[str, str]] = []
     defects: list[dict[str, str]] = []
     for i, p in enumerate(patients):
-        prng = _rng(seed, _site_code(spec.name), p.index, 2 * PATIENT_STREAM)
+        prng = seeded_rng(seed, site_code(spec.name), p.index, 2 * PATIENT_STREAM)
         dxa_date = dxa_dates[i]
         birth = dxa_date - dt.timedelta(days=int(round(p.age * 365.25)))
         defect = defect_of.get(i, "")
@@ -1095,7 +881,7 @@ def _plan_site(
         )
         offsets: list[int] = []
         if n_frontal:
-            offsets.append(_window_days(prng, spec.window_probs))
+            offsets.append(window_days(prng, spec.window_probs))
         while len(offsets) < n_frontal:
             o = int(prng.integers(30, 721)) * (1 if prng.random() < 0.5 else -1)
             if o not in offsets:
@@ -1104,11 +890,11 @@ def _plan_site(
         for j, off in enumerate(offsets):
             view = "AP" if prng.random() < spec.ap_frac else "PA"
             day = dxa_date + dt.timedelta(days=off)
-            jobs.append(_image_job(p, k, view, _pick_vendor(spec, prng), day, birth, j, 1, off, out, size, seed, prng))
+            jobs.append(image_job(p, k, view, pick_vendor(spec, prng), day, birth, j, 1, off, out, size, seed, prng))
             k += 1
             if j == 0 and prng.random() < spec.lateral_frac:
                 jobs.append(
-                    _image_job(p, k, "LAT", _pick_vendor(spec, prng), day, birth, j, 2, off, out, size, seed, prng)
+                    image_job(p, k, "LAT", pick_vendor(spec, prng), day, birth, j, 2, off, out, size, seed, prng)
                 )
                 k += 1
         has_dxa = defect != "cxr_without_dxa"
@@ -1128,13 +914,13 @@ def _plan_site(
     st1 = np.array([int(r["label_stage1"]) for r in with_dxa], dtype=int)
     lat1 = np.array([float(r["latent"]) for r in with_dxa], dtype=float)
     oracle = {
-        "auc": _auc(y, -lat),
+        "auc": auc_or_none(y, -lat),
         "n": int(y.size),
         "prevalence": round(float(y.mean()), 4) if y.size else None,
         "n_normal": int((y == 0).sum()),
         "n_low_bone_mass": int((y == 1).sum()),
         "n_osteoporosis": int(st1.sum()),
-        "auc_stage1": _auc(st1, -lat1),
+        "auc_stage1": auc_or_none(st1, -lat1),
         "label_type": spec.label_type,
         "n_patients": n,
         "n_images": len(jobs),
@@ -1158,15 +944,15 @@ def _dxa_rows(
             t = float(scores[f"t_{s}"][i])
             mean, sd = BMD_REFERENCE[p.sex][s]
             expected = (-0.035 if p.sex == "F" else -0.015) * max(p.age - 30.0, 0.0)
-            row[f"t_{s}"] = _fmt(t)
-            row[f"z_{s}"] = _fmt(round(t - expected, 1))
-            row[f"bmd_{s}"] = _fmt(mean + t * sd, 3)
+            row[f"t_{s}"] = fmt_number(t)
+            row[f"z_{s}"] = fmt_number(round(t - expected, 1))
+            row[f"bmd_{s}"] = fmt_number(mean + t * sd, 3)
         if defect == "t_score_text":
             row["t_femoral_neck"] = "see report"
         if defect == "impossible_t_score":
             row["t_lumbar_spine"] = "15.0"
-    row["height_cm"] = _fmt(p.height_cm)
-    row["weight_kg"] = _fmt(p.weight_kg)
+    row["height_cm"] = fmt_number(p.height_cm)
+    row["weight_kg"] = fmt_number(p.weight_kg)
     row["category"] = cat
     row["device"] = spec.dxa_device
     return [row, dict(row)] if defect == "duplicate_row" else [row]
@@ -1203,12 +989,12 @@ def _plan_pool(
     jobs, truth = [], []
     start = dt.date(2008, 1, 1)
     for i, p in enumerate(patients):
-        prng = _rng(seed, _site_code("pool"), p.index, 2 * PATIENT_STREAM)
+        prng = seeded_rng(seed, site_code("pool"), p.index, 2 * PATIENT_STREAM)
         day = start + dt.timedelta(days=int(prng.integers(0, 365 * 12)))
         birth = day - dt.timedelta(days=int(round(p.age * 365.25)))
         u = prng.random()
         view = "LAT" if u < spec.lateral_frac else ("AP" if u < spec.lateral_frac + spec.ap_frac else "PA")
-        jobs.append(_image_job(p, 0, view, _pick_vendor(spec, prng), day, birth, 0, 1, None, out, size, seed, prng))
+        jobs.append(image_job(p, 0, view, pick_vendor(spec, prng), day, birth, 0, 1, None, out, size, seed, prng))
         truth.append(_truth_row(p, "pool", "hidden", scores, i, str(cat[i]), "", False, 1, ""))
     return jobs, truth
 
@@ -1223,14 +1009,14 @@ def _truth_row(
         "site": site,
         "label_type": label_type,
         "sex": p.sex,
-        "age": _fmt(p.age, 2),
-        "height_cm": _fmt(p.height_cm),
-        "weight_kg": _fmt(p.weight_kg),
-        "bmi": _fmt(p.weight_kg / (p.height_cm / 100) ** 2, 2),
-        "latent": _fmt(p.latent, 4),
-        **{f"t_true_{s}": _fmt(float(scores[f"t_true_{s}"][i]), 3) for s in DXA_SITES},
-        **{f"t_{s}": _fmt(float(scores[f"t_{s}"][i])) for s in DXA_SITES},
-        "t_min": _fmt(float(scores["t_min"][i])),
+        "age": fmt_number(p.age, 2),
+        "height_cm": fmt_number(p.height_cm),
+        "weight_kg": fmt_number(p.weight_kg),
+        "bmi": fmt_number(p.weight_kg / (p.height_cm / 100) ** 2, 2),
+        "latent": fmt_number(p.latent, 4),
+        **{f"t_true_{s}": fmt_number(float(scores[f"t_true_{s}"][i]), 3) for s in DXA_SITES},
+        **{f"t_{s}": fmt_number(float(scores[f"t_{s}"][i])) for s in DXA_SITES},
+        "t_min": fmt_number(float(scores["t_min"][i])),
         "category": c,
         "label": "" if c == "osteoporosis" else str(int(c == "low_bone_mass")),
         "label_stage1": int(c == "osteoporosis"),

@@ -39,7 +39,7 @@ import numpy as np
 from bonescreen.labels import PEDIATRIC_LOW_Z
 
 if TYPE_CHECKING:  # pragma: no cover
-    from bonescreen.phantom.generate import PatientRecord, SiteSpec
+    from bonescreen.phantom.common import PatientRecord, SiteSpec
     from bonescreen.phantom.vendors import VendorProfile
 
 DISEASE_FRAC = 0.65  # children in a tertiary referral population with a chronic disease
@@ -131,11 +131,11 @@ def field_of_view(vendor_fov_mm: float, height_cm: float) -> float:
 
 def draw_children(spec: SiteSpec, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Sex, age, disease burden, growth and the latent Z before the burden effect."""
-    from bonescreen.phantom.generate import _truncnorm
+    from bonescreen.phantom.common import truncnorm
 
     female = rng.random(n) < spec.female_frac
     sex = np.where(female, "F", "M")
-    age = _truncnorm(rng, n, spec.age_mean, spec.age_sd, spec.age_min, spec.age_max)
+    age = truncnorm(rng, n, spec.age_mean, spec.age_sd, spec.age_min, spec.age_max)
     ill = rng.random(n) < DISEASE_FRAC
     burden = np.where(ill, np.minimum(np.abs(rng.normal(0.0, 1.0, n)), MAX_BURDEN), 0.0)
     haz = rng.normal(0.0, 1.0, n) - HAZ_PER_BURDEN * burden
@@ -187,11 +187,11 @@ def calibrated_burden_effect(spec: SiteSpec) -> float:
     Fixed 20,000-child Monte Carlo sample, independent of the user seed (a
     site's population is a property of the site).
     """
-    from bonescreen.phantom.generate import _rng, _site_code
+    from bonescreen.phantom.common import seeded_rng, site_code
 
-    rng = _rng(_site_code(spec.name), 7_778)
+    rng = seeded_rng(site_code(spec.name), 7_778)
     kids = draw_children(spec, 20_000, rng)
-    noise_rng = _rng(_site_code(spec.name), 8_889)
+    noise_rng = seeded_rng(site_code(spec.name), 8_889)
     dev = noise_rng.normal(0.0, SPINE_SD, 20_000) + spec.dxa_offset + noise_rng.normal(0.0, spec.dxa_noise, 20_000)
 
     def prev(k: float) -> float:
@@ -199,7 +199,7 @@ def calibrated_burden_effect(spec: SiteSpec) -> float:
 
     lo, hi = -2.0, 8.0  # prevalence rises with k
     if prev(hi) < spec.prevalence or prev(lo) > spec.prevalence:
-        from bonescreen.phantom.generate import PhantomError
+        from bonescreen.phantom.common import PhantomError
 
         raise PhantomError(
             f"site {spec.name}: prevalence {spec.prevalence} is out of reach of the pediatric model "
@@ -216,9 +216,9 @@ def calibrated_burden_effect(spec: SiteSpec) -> float:
 
 def build_site(spec: SiteSpec, n: int, seed: int) -> dict[str, Any]:
     """Every child of a site (vectorised): people, latent, DXA values, devices."""
-    from bonescreen.phantom.generate import _rng, _site_code
+    from bonescreen.phantom.common import seeded_rng, site_code
 
-    rng = _rng(seed, _site_code(spec.name), 0)
+    rng = seeded_rng(seed, site_code(spec.name), 0)
     kids = draw_children(spec, n, rng)
     k = calibrated_burden_effect(spec)
     latent = _disease_effect(kids["latent0"], kids["burden"], k)
@@ -229,7 +229,7 @@ def build_site(spec: SiteSpec, n: int, seed: int) -> dict[str, Any]:
 
 def patients(spec: SiteSpec, built: dict[str, Any]) -> list[PatientRecord]:
     """PatientRecords for the renderer: ``latent`` is the *image* density (absolute mineral)."""
-    from bonescreen.phantom.generate import PatientRecord
+    from bonescreen.phantom.common import PatientRecord
 
     kids = built["kids"]
     dens = image_density(built["latent"], kids["age"], kids["sex"])
@@ -289,21 +289,21 @@ def plan_site(
     spec: SiteSpec, n: int, out: Any, size: int, seed: int
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]], list[dict[str, str]], dict[str, Any], float]:
     """Images, adult-format truth rows, pediatric truth rows, DXA rows, oracle, burden effect."""
-    from bonescreen.phantom.generate import (
-        _date,
-        _fmt,
-        _image_job,
-        _pick_vendor,
-        _rng,
-        _site_code,
-        _window_days,
+    from bonescreen.phantom.common import (
+        iso_date,
+        fmt_number,
+        image_job,
+        pick_vendor,
+        seeded_rng,
+        site_code,
+        window_days,
     )
 
     built = build_site(spec, n, seed)
     kids = built["kids"]
     recs = patients(spec, built)
     rng: np.random.Generator = built["rng"]
-    start, end = _date(spec.date_start), _date(spec.date_end)
+    start, end = iso_date(spec.date_start), iso_date(spec.date_end)
     span = max((end - start).days, 1)
     dxa_dates = [start + dt.timedelta(days=int(d)) for d in rng.integers(0, span + 1, n)]
     bmd_meas = z_to_bmd(built["z_meas"], kids["age"], kids["sex"])
@@ -315,11 +315,11 @@ def plan_site(
     ped_truth: list[dict[str, Any]] = []
     dxa_rows: list[dict[str, str]] = []
     for i, p in enumerate(recs):
-        prng = _rng(seed, _site_code(spec.name), p.index, 2_000_000)
+        prng = seeded_rng(seed, site_code(spec.name), p.index, 2_000_000)
         dxa_date = dxa_dates[i]
         birth = dxa_date - dt.timedelta(days=round(p.age * 365.25))
         n_frontal = 1 + int(prng.choice(len(spec.cxr_count_probs), p=spec.cxr_count_probs))
-        offsets = [_window_days(prng, spec.window_probs)]
+        offsets = [window_days(prng, spec.window_probs)]
         while len(offsets) < n_frontal:
             o = int(prng.integers(30, 721)) * (1 if prng.random() < 0.5 else -1)
             if o not in offsets:
@@ -330,11 +330,11 @@ def plan_site(
             day = dxa_date + dt.timedelta(days=off)
             if day < birth:  # no radiograph before birth
                 continue
-            jobs.append(_image_job(p, k, view, _pick_vendor(spec, prng), day, birth, j, 1, off, out, size, seed, prng))
+            jobs.append(image_job(p, k, view, pick_vendor(spec, prng), day, birth, j, 1, off, out, size, seed, prng))
             k += 1
             if j == 0 and prng.random() < spec.lateral_frac:
                 jobs.append(
-                    _image_job(p, k, "LAT", _pick_vendor(spec, prng), day, birth, j, 2, off, out, size, seed, prng)
+                    image_job(p, k, "LAT", pick_vendor(spec, prng), day, birth, j, 2, off, out, size, seed, prng)
                 )
                 k += 1
         bmi = p.weight_kg / (p.height_cm / 100) ** 2
@@ -345,11 +345,11 @@ def plan_site(
                 "site": spec.name,
                 "label_type": "z_score",
                 "sex": p.sex,
-                "age": _fmt(p.age, 2),
-                "height_cm": _fmt(p.height_cm),
-                "weight_kg": _fmt(p.weight_kg),
-                "bmi": _fmt(bmi, 2),
-                "latent": _fmt(float(built["latent"][i]), 4),
+                "age": fmt_number(p.age, 2),
+                "height_cm": fmt_number(p.height_cm),
+                "weight_kg": fmt_number(p.weight_kg),
+                "bmi": fmt_number(bmi, 2),
+                "latent": fmt_number(float(built["latent"][i]), 4),
                 "label": int(low[i]),
                 "dxa_date": dxa_date.isoformat(),
                 "has_dxa": 1,
@@ -363,20 +363,20 @@ def plan_site(
                 "patient_id": p.patient_id,
                 "site": spec.name,
                 "sex": p.sex,
-                "age": _fmt(p.age, 2),
-                "height_cm": _fmt(p.height_cm),
-                "weight_kg": _fmt(p.weight_kg),
-                "bmi": _fmt(bmi, 2),
-                "height_z": _fmt(float(kids["haz"][i]), 3),
-                "bmi_z": _fmt(float(kids["bmiz"][i]), 3),
+                "age": fmt_number(p.age, 2),
+                "height_cm": fmt_number(p.height_cm),
+                "weight_kg": fmt_number(p.weight_kg),
+                "bmi": fmt_number(bmi, 2),
+                "height_z": fmt_number(float(kids["haz"][i]), 3),
+                "bmi_z": fmt_number(float(kids["bmiz"][i]), 3),
                 "chronic_disease": int(kids["ill"][i]),
-                "burden": _fmt(float(kids["burden"][i]), 3),
-                "latent": _fmt(float(built["latent"][i]), 4),
-                "image_density": _fmt(p.latent, 4),
-                "bmd_skeleton": _fmt(float(bmd_skel[i]), 4),
-                "z_true_lumbar_spine": _fmt(float(built["z_true"][i]), 3),
-                "z_lumbar_spine": _fmt(z_m),
-                "bmd_lumbar_spine": _fmt(float(bmd_meas[i]), 3),
+                "burden": fmt_number(float(kids["burden"][i]), 3),
+                "latent": fmt_number(float(built["latent"][i]), 4),
+                "image_density": fmt_number(p.latent, 4),
+                "bmd_skeleton": fmt_number(float(bmd_skel[i]), 4),
+                "z_true_lumbar_spine": fmt_number(float(built["z_true"][i]), 3),
+                "z_lumbar_spine": fmt_number(z_m),
+                "bmd_lumbar_spine": fmt_number(float(bmd_meas[i]), 3),
                 "low_bmd": int(low[i]),
                 "dxa_date": dxa_date.isoformat(),
                 "n_images": k,
@@ -388,11 +388,11 @@ def plan_site(
                 "exam_date": dxa_date.isoformat(),
                 "sex": p.sex,
                 # children's ages matter to the month: one decimal, not whole years
-                "age": _fmt(math.floor(p.age * 10) / 10, 1),
-                "z_lumbar_spine": _fmt(z_m),
-                "bmd_lumbar_spine": _fmt(float(bmd_meas[i]), 3),
-                "height_cm": _fmt(p.height_cm),
-                "weight_kg": _fmt(p.weight_kg),
+                "age": fmt_number(math.floor(p.age * 10) / 10, 1),
+                "z_lumbar_spine": fmt_number(z_m),
+                "bmd_lumbar_spine": fmt_number(float(bmd_meas[i]), 3),
+                "height_cm": fmt_number(p.height_cm),
+                "weight_kg": fmt_number(p.weight_kg),
                 "device": spec.dxa_device,
             }
         )
@@ -405,13 +405,13 @@ def site_oracle(
     latent: np.ndarray, z_meas: np.ndarray, bmd_skel: np.ndarray, bmd_meas: np.ndarray
 ) -> dict[str, Any]:
     """AUC of the latent for measured low BMD and the best achievable correlations."""
-    from bonescreen.phantom.generate import _auc
+    from bonescreen.phantom.common import auc_or_none
 
     low = _low(z_meas).astype(int)
     r = float(np.corrcoef(latent, z_meas)[0, 1]) if len(latent) > 2 else None
     r_bmd = float(np.corrcoef(bmd_skel, bmd_meas)[0, 1]) if len(latent) > 2 else None
     return {
-        "auc": _auc(low, -np.asarray(latent)),
+        "auc": auc_or_none(low, -np.asarray(latent)),
         "r": None if r is None else round(r, 4),
         "r_bmd": None if r_bmd is None else round(r_bmd, 4),
         "mae_z": round(float(np.mean(np.abs(latent - z_meas))), 4),
@@ -447,7 +447,7 @@ def default_pediatric_sites() -> list[SiteSpec]:
 
     Median age ~13, ~25 % low BMD, CXR and DXA within three months.
     """
-    from bonescreen.phantom.generate import SiteSpec
+    from bonescreen.phantom.common import SiteSpec
     from bonescreen.phantom.vendors import VendorProfile
 
     return [

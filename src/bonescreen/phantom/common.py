@@ -1,0 +1,266 @@
+"""What the adult and pediatric phantom planners share: site specs, patient records,
+seeded draws and the per-image job a worker renders.
+
+Lives apart from ``generate`` (the adult planner and the writer) so that
+``phantom.pediatric`` can use it without importing ``generate`` back.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bonescreen.errors import BonescreenError
+from bonescreen.phantom.vendors import VendorProfile
+
+__all__ = [
+    "PhantomError",
+    "SiteSpec",
+    "PoolSpec",
+    "site_code",
+    "seeded_rng",
+    "truncnorm",
+    "PatientRecord",
+    "dicom_uid",
+    "iso_date",
+    "age_on",
+    "window_days",
+    "fmt_number",
+    "auc_or_none",
+    "dicom_patient",
+    "image_job",
+    "pick_vendor",
+]
+
+
+class PhantomError(BonescreenError):
+    """The phantom cannot be generated as asked (bad spec, occupied output folder)."""
+
+    reason = "phantom"
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """One hospital: population, DXA practice, radiography systems and label type."""
+
+    name: str
+    n_patients: int = 200
+    role: str = "external"  # "development" | "external"
+    label_type: str = "t_score"  # "t_score" | "category" (institutional category only)
+    age_mean: float = 58.0
+    age_sd: float = 8.0
+    age_min: float = 45.0
+    age_max: float = 90.0
+    female_frac: float = 0.55
+    prevalence: float = 0.40  # target stage-2 prevalence: low bone mass / (normal + low bone mass)
+    vendors: tuple[VendorProfile, ...] = (VendorProfile(),)
+    vendor_weights: tuple[float, ...] | None = None
+    ap_frac: float = 0.05  # frontal views taken AP (portable)
+    lateral_frac: float = 0.15  # patients with an extra lateral view
+    device_frac: float = 0.02  # pacemaker-like implant
+    cxr_count_probs: tuple[float, ...] = (0.5, 0.3, 0.2)  # P(1, 2, 3 frontal CXRs)
+    # nearest CXR to the DXA: same day, 1-90 days, 91-180 days, 181-400 days
+    window_probs: tuple[float, float, float, float] = (0.5, 0.3, 0.12, 0.08)
+    date_start: str = "2012-01-01"
+    date_end: str = "2019-12-31"
+    dxa_device: str = "GE Lunar Prodigy"
+    dxa_offset: float = 0.0  # device calibration shift (T-score units)
+    dxa_noise: float = 0.12  # precision error (T-score units)
+    messy: bool = False  # add realistic DXA-table defects
+    pediatric: bool = False  # ages 0-17, growth, Z-scores (bonescreen.phantom.pediatric)
+
+    def __post_init__(self) -> None:
+        if not self.name or any(c in self.name for c in "/\\. "):
+            raise PhantomError(f"site name {self.name!r} must be a plain folder name")
+        if self.name.lower() == "pool":
+            raise PhantomError("site name 'pool' is reserved for the unlabelled pool")
+        if self.label_type not in ("t_score", "category"):
+            raise PhantomError(f"label_type must be 't_score' or 'category', got {self.label_type!r}")
+        if not 0.05 <= self.prevalence <= 0.95:
+            raise PhantomError(f"prevalence must be in [0.05, 0.95], got {self.prevalence}")
+        if self.age_min >= self.age_max:
+            raise PhantomError(f"age_min {self.age_min} must be below age_max {self.age_max}")
+        if self.pediatric and (self.age_min < 0 or self.age_max >= 18.0):
+            raise PhantomError(
+                f"pediatric site {self.name}: ages must lie in [0, 18), got {self.age_min}..{self.age_max}"
+            )
+        if not self.vendors:
+            raise PhantomError(f"site {self.name} needs at least one vendor profile")
+        if self.vendor_weights is not None and len(self.vendor_weights) != len(self.vendors):
+            raise PhantomError(f"site {self.name}: one vendor weight per vendor profile")
+        if abs(sum(self.window_probs) - 1.0) > 1e-6 or abs(sum(self.cxr_count_probs) - 1.0) > 1e-6:
+            raise PhantomError(f"site {self.name}: window_probs and cxr_count_probs must each sum to 1")
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """The unlabelled pool (stands in for NIH ChestX-ray14 / CheXpert "No Finding")."""
+
+    age_mean: float = 60.0
+    age_sd: float = 14.0
+    age_min: float = 25.0
+    age_max: float = 95.0
+    female_frac: float = 0.45
+    prevalence: float = 0.40
+    ap_frac: float = 0.25
+    lateral_frac: float = 0.05
+    device_frac: float = 0.0  # "No Finding": no implants
+    vendors: tuple[VendorProfile, ...] = ()
+    vendor_weights: tuple[float, ...] | None = None
+
+
+def site_code(name: str) -> int:
+    return zlib.crc32(name.encode("utf-8"))
+
+
+def seeded_rng(*keys: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]))
+
+
+def truncnorm(rng: np.random.Generator, n: int, mean: float, sd: float, lo: float, hi: float) -> np.ndarray:
+    out = rng.normal(mean, sd, n)
+    bad = (out < lo) | (out > hi)
+    while bad.any():
+        out[bad] = rng.normal(mean, sd, int(bad.sum()))
+        bad = (out < lo) | (out > hi)
+    return out
+
+
+@dataclass(frozen=True)
+class PatientRecord:
+    """What the renderer needs to know about a patient (the truth, not the export)."""
+
+    patient_id: str
+    site: str
+    index: int
+    sex: str
+    age: float
+    height_cm: float
+    weight_kg: float
+    latent: float
+    device: bool = False
+    # pediatric: ``latent`` is the image density (absolute mineral, see
+    # phantom.pediatric.image_density); the body is a child's, collimated to size
+    pediatric: bool = False
+
+
+def dicom_uid(*parts: object) -> str:
+    from pydicom.uid import generate_uid
+
+    return str(generate_uid(entropy_srcs=[str(p) for p in parts]))
+
+
+def iso_date(s: str) -> dt.date:
+    return dt.date.fromisoformat(s)
+
+
+def age_on(birth: dt.date, day: dt.date) -> int:
+    return day.year - birth.year - ((day.month, day.day) < (birth.month, birth.day))
+
+
+def window_days(rng: np.random.Generator, probs: Sequence[float]) -> int:
+    cls = int(rng.choice(4, p=np.asarray(probs, dtype=float)))
+    if cls == 0:
+        return 0
+    lo, hi = [(1, 90), (91, 180), (181, 400)][cls - 1]
+    return int(rng.integers(lo, hi + 1)) * (1 if rng.random() < 0.5 else -1)
+
+
+def fmt_number(v: float, nd: int = 1) -> str:
+    r = round(float(v), nd)
+    return f"{(0.0 if r == 0 else r):.{nd}f}"  # never "-0.0"
+
+
+def auc_or_none(labels: np.ndarray, scores: np.ndarray) -> float | None:
+    if labels.size == 0 or labels.min() == labels.max():
+        return None
+    from sklearn.metrics import roc_auc_score
+
+    return round(float(roc_auc_score(labels, scores)), 4)
+
+
+def dicom_patient(p: PatientRecord, birth: dt.date, study: dt.date) -> dict[str, str]:
+    return {
+        "PatientID": p.patient_id,
+        "PatientName": f"PHANTOM^{p.patient_id.replace('-', '')}",
+        "PatientSex": p.sex,
+        "PatientBirthDate": birth.strftime("%Y%m%d"),
+        "PatientAge": f"{max(age_on(birth, study), 0):03d}Y",
+    }
+
+
+def image_job(
+    p: PatientRecord,
+    k: int,
+    view: str,
+    vendor: VendorProfile,
+    study_date: dt.date,
+    birth: dt.date,
+    study_key: int,
+    series_no: int,
+    days: int | None,
+    out: Path,
+    size: int,
+    seed: int,
+    time_rng: np.random.Generator,
+) -> dict[str, Any]:
+    image_id = f"{p.patient_id}_{k:02d}"
+    rel = f"{p.site}/images/{image_id}.dcm"
+    study_uid = dicom_uid(seed, p.site, p.patient_id, "study", study_key)
+    series_uid = dicom_uid(seed, p.site, p.patient_id, "series", k)
+    sop_uid = dicom_uid(seed, p.site, p.patient_id, "image", k)
+    hh, mm, ss = int(time_rng.integers(7, 19)), int(time_rng.integers(0, 60)), int(time_rng.integers(0, 60))
+    acc = f"PH{site_code(p.site) % 1000:03d}{p.index:05d}{study_key:02d}"
+    return {
+        "patient": p,
+        "k": k,
+        "view": view,
+        "vendor": vendor,
+        "size": size,
+        "seed": seed,
+        "institution": "PHANTOM " + p.site,
+        "abs_path": str(out / rel),
+        "dicom_patient": dicom_patient(p, birth, study_date),
+        "dicom_study": {
+            "StudyInstanceUID": study_uid,
+            "SeriesInstanceUID": series_uid,
+            "SOPInstanceUID": sop_uid,
+            "StudyDate": study_date.strftime("%Y%m%d"),
+            "StudyTime": f"{hh:02d}{mm:02d}{ss:02d}",
+            "AccessionNumber": acc,
+            "SeriesNumber": str(series_no),
+            "InstanceNumber": "1",
+        },
+        "row": {
+            "image_id": image_id,
+            "path": rel,
+            "patient_id": p.patient_id,
+            "site": p.site,
+            "k": k,
+            "study_date": study_date.isoformat(),
+            "days_from_dxa": "" if days is None else days,
+            "view": view,
+            "vendor": vendor.name,
+            "modality": vendor.modality,
+            "manufacturer": vendor.manufacturer,
+            "photometric": vendor.photometric,
+            "bits_stored": vendor.bits_stored,
+            "transfer_syntax": vendor.transfer_syntax,
+            "device": int(p.device),
+            "study_instance_uid": study_uid,
+            "sop_instance_uid": sop_uid,
+        },
+    }
+
+
+def pick_vendor(spec: SiteSpec | PoolSpec, rng: np.random.Generator) -> VendorProfile:
+    if len(spec.vendors) == 1:
+        return spec.vendors[0]
+    w = np.asarray(spec.vendor_weights or [1.0] * len(spec.vendors), dtype=float)
+    return spec.vendors[int(rng.choice(len(spec.vendors), p=w / w.sum()))]
