@@ -186,14 +186,14 @@ def test_clinical_table_lookup(tmp_path: Path) -> None:
 def test_header_height_is_metres_and_implausible_values_are_ignored(tmp_path: Path) -> None:
     from conftest import build_dicom
 
-    from bonescreen.screen import _header_body_size
+    from bonescreen.screen import header_body_size
 
     ok = tmp_path / "ok.dcm"
     build_dicom(radiograph(0, shape=(32, 32)), PatientSize=1.42, PatientWeight=36.5).save_as(ok)
-    assert _header_body_size(str(ok)) == (142.0, 36.5, [])
+    assert header_body_size(str(ok)) == (142.0, 36.5, [])
     cm = tmp_path / "cm.dcm"  # PatientSize written in centimetres, weight 0 ("unknown")
     build_dicom(radiograph(0, shape=(32, 32)), PatientSize=142, PatientWeight=0).save_as(cm)
-    h, w, notes = _header_body_size(str(cm))
+    h, w, notes = header_body_size(str(cm))
     assert h is None and w is None and any("metres" in n for n in notes)
 
 

@@ -45,7 +45,7 @@ from bonescreen.site_shift import from_config as site_shift_from_config
 from bonescreen.train import (
     LossFn,
     TrainResult,
-    _write_skipped,
+    write_skipped,
     build_model,
     check_trainable,
     classifier_job,
@@ -160,7 +160,7 @@ def distill(
             "test": prepare_split(splits["test"], cache_root, cfg.image_size, cfg, env, progress),
         }
         check_trainable(preps["train"])
-        n_skipped = _write_skipped(out, list(preps.values()), env)
+        n_skipped = write_skipped(out, list(preps.values()), env)
         train_frame = preps["train"].frame
         if loaded.size == cfg.image_size:
             teacher_source = preps["train"].source

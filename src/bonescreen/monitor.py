@@ -536,10 +536,10 @@ def monitor_store(url_or_engine: Any, dxa: Any, **kw: Any) -> MonitorResult:
 
 # --------------------------------------------------------------------------- output
 def _figures(res: MonitorResult) -> dict[str, bytes]:
-    from bonescreen.evaluate.plots import _plt, _png
+    from bonescreen.evaluate.plots import pyplot, figure_png
 
     out: dict[str, bytes] = {}
-    plt = _plt()
+    plt = pyplot()
     if res.rolling:
         months = list(res.rolling)
         x = np.arange(len(months))
@@ -565,7 +565,7 @@ def _figures(res: MonitorResult) -> dict[str, bytes]:
         for ax in (ax1, ax2):
             ax.set_xticks(x, months, rotation=45, ha="right", fontsize=7)
             ax.legend(fontsize=7, frameon=False, loc="lower left")
-        out["trend"] = _png(fig)
+        out["trend"] = figure_png(fig)
     if res.drift:
         months = list(res.drift)
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 3.6), layout="constrained")
@@ -586,7 +586,7 @@ def _figures(res: MonitorResult) -> dict[str, bytes]:
         ax2.step(centres, last / max(last.sum(), 1), where="mid", color="C4", label=f"{months[-1]}")
         ax2.set(xlabel="score", ylabel="share of screens", title="Score distribution", xlim=(0, 1))
         ax2.legend(fontsize=7, frameon=False)
-        out["drift"] = _png(fig)
+        out["drift"] = figure_png(fig)
     return out
 
 

@@ -105,7 +105,7 @@ def pseudolabel(
 
     Runs under ``torchrun`` too: each process scores a shard, rank 0 writes.
     """
-    from bonescreen.train import _cpu_workers, _softmax, infer_logits_distributed
+    from bonescreen.train import cpu_workers, softmax_rows, infer_logits_distributed
 
     env = init_distributed(device)
     try:
@@ -122,7 +122,7 @@ def pseudolabel(
         frame = pool_frame(pool)
         if env.is_main:
             prepared = prepare_images(
-                frame, cache_root, loaded.size, preload="false", workers=_cpu_workers(), progress=progress
+                frame, cache_root, loaded.size, preload="false", workers=cpu_workers(), progress=progress
             )
         from bonescreen.distributed import barrier
 
@@ -139,7 +139,7 @@ def pseudolabel(
             progress=progress,
             desc="pseudolabel",
         )
-        probs = _softmax(logits) if len(logits) else np.zeros((0, len(names)))
+        probs = softmax_rows(logits) if len(logits) else np.zeros((0, len(names)))
         cls, keep = select_proxy_labels(probs, thresholds)
 
         out_csv = Path(out_csv)

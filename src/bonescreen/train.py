@@ -248,7 +248,7 @@ def infer_logits_distributed(
     return full
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
+def softmax_rows(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
@@ -332,7 +332,7 @@ def predict_manifest(
     col = TASK_LABEL_COLUMN.get(task)
     if labelled_only and col in frame.columns:
         frame = task_labels(frame, task)
-    prepared = prepare_images(frame, cache_root, loaded.size, preload="false", workers=_cpu_workers(), progress=progress)
+    prepared = prepare_images(frame, cache_root, loaded.size, preload="false", workers=cpu_workers(), progress=progress)
     dev = resolve_device(device)
     logits = infer_logits(
         loaded.model,
@@ -344,7 +344,7 @@ def predict_manifest(
         progress=progress,
     )
     name = model_name or (Path(loaded.path).stem if loaded.path else loaded.spec.arch)
-    out = predictions_frame(prepared.frame, _softmax(logits), task, model_name=name, split=split)
+    out = predictions_frame(prepared.frame, softmax_rows(logits), task, model_name=name, split=split)
     out.attrs["skipped"] = prepared.skipped.to_dict("records")
     return out
 
@@ -361,7 +361,7 @@ def classification_metrics(labels: np.ndarray, logits: np.ndarray) -> dict[str, 
     if len(labels) == 0:
         return {"loss": float("nan"), "auc": float("nan"), "accuracy": float("nan")}
     loss = float(F.cross_entropy(torch.as_tensor(logits), torch.as_tensor(labels)).item())
-    probs = _softmax(logits)
+    probs = softmax_rows(logits)
     n_classes = probs.shape[1]
     auc = float("nan")
     if len(np.unique(labels)) == n_classes:
@@ -436,7 +436,7 @@ def shifted_selection_score(clean: dict[str, float], shifted_aucs: list[float]) 
 # --- small utilities ------------------------------------------------------------------
 
 
-def _cpu_workers() -> int:
+def cpu_workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
@@ -453,7 +453,7 @@ def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _write_frame(frame: pd.DataFrame, path: Path) -> None:
+def write_frame(frame: pd.DataFrame, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -461,12 +461,12 @@ def _write_frame(frame: pd.DataFrame, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _plain(value: Any) -> Any:
+def plain_python(value: Any) -> Any:
     """Numpy scalars and containers -> plain Python (artifacts load with weights_only)."""
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): plain_python(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain_python(v) for v in value]
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, Path):
@@ -532,7 +532,7 @@ def prepare_split(
     prepared = None
     if env.is_main:
         prepared = prepare_images(
-            frame, cache_root, size, preload=cfg.preload, workers=_cpu_workers(), progress=progress
+            frame, cache_root, size, preload=cfg.preload, workers=cpu_workers(), progress=progress
         )
         rows = prepared.frame["_row"].tolist()
     else:
@@ -843,7 +843,7 @@ def _fit(job: TrainJob, out_dir: str | Path, cfg: TrainConfig, env: DistEnv, *, 
         tune_hist = None
         if job.evaluate_fn is not None:
             m, score = job.evaluate_fn(model, env)
-            record.update(_plain(dict(m)))
+            record.update(plain_python(dict(m)))
             score = float(score)
             if math.isnan(score):
                 score = -math.inf
@@ -852,7 +852,7 @@ def _fit(job: TrainJob, out_dir: str | Path, cfg: TrainConfig, env: DistEnv, *, 
             m = classification_metrics(job.tune_ds.labels, logits)
             record.update({f"tune_{k}": v for k, v in m.items()})
             score = _selection_score(m)
-            tune_hist = _score_histogram(_softmax(logits), job.task)
+            tune_hist = _score_histogram(softmax_rows(logits), job.task)
             if shifted_tune:
                 extra_m, score = _shifted_selection(model, job.tune_ds, shifted_tune, m, env, cfg)
                 record.update(extra_m)
@@ -860,14 +860,14 @@ def _fit(job: TrainJob, out_dir: str | Path, cfg: TrainConfig, env: DistEnv, *, 
             score = -record["train_loss"]
         improved = broadcast_object(best is None or score > best["score"], env)
         if improved:
-            best = {"score": float(score), "epoch": epoch + 1, "step": global_step, "metrics": _plain(record),
+            best = {"score": float(score), "epoch": epoch + 1, "step": global_step, "metrics": plain_python(record),
                     "tune_score_histogram": tune_hist}
             bad_epochs = 0
-            save_best(_plain(record))
+            save_best(plain_python(record))
         elif not partial:
             bad_epochs += 1
         record["best"] = bool(improved)
-        history.append(_plain(record))
+        history.append(plain_python(record))
         if env.is_main:
             tune_msg = f", tune AUC {record.get('tune_auc', float('nan')):.4f}" if "tune_auc" in record else ""
             if job.evaluate_fn is not None:
@@ -934,14 +934,14 @@ def _fit(job: TrainJob, out_dir: str | Path, cfg: TrainConfig, env: DistEnv, *, 
     if job.evaluate_fn is None and job.test_ds is not None and len(job.test_ds):
         logits = _evaluate(model, job.test_ds, env, cfg, progress, "test")
         test_m = classification_metrics(job.test_ds.labels, logits)
-        card["test_metrics"] = _plain(test_m)
+        card["test_metrics"] = plain_python(test_m)
         if env.is_main:
-            preds = predictions_frame(job.test_frame, _softmax(logits), job.task, model_name=job.model_name, split="test")
+            preds = predictions_frame(job.test_frame, softmax_rows(logits), job.task, model_name=job.model_name, split="test")
             predictions_path = out / "predictions.csv"
-            _write_frame(preds, predictions_path)
+            write_frame(preds, predictions_path)
     if env.is_main:
-        save_artifact(artifact_path, model, _spec_with_card(job.spec, _plain(card)))
-        (out / "model_card.json").write_text(json.dumps(_plain(card), indent=1, default=str))
+        save_artifact(artifact_path, model, _spec_with_card(job.spec, plain_python(card)))
+        (out / "model_card.json").write_text(json.dumps(plain_python(card), indent=1, default=str))
     barrier(env)
     return TrainResult(
         out_dir=out,
@@ -955,7 +955,7 @@ def _fit(job: TrainJob, out_dir: str | Path, cfg: TrainConfig, env: DistEnv, *, 
         global_step=global_step,
         stopped=stopped,
         n_skipped_images=job.n_skipped_images,
-        model_card=_plain(card),
+        model_card=plain_python(card),
     )
 
 
@@ -974,7 +974,7 @@ def fit_artifact_ood(artifact_path: Path, preps: dict[str, PreparedImages], trai
 def _spec_with_card(spec: ModelSpec, card: dict[str, Any]) -> ModelSpec:
     from dataclasses import replace
 
-    return replace(spec, model_card=_plain(card))
+    return replace(spec, model_card=plain_python(card))
 
 
 # --- public entry point -------------------------------------------------------------
@@ -1021,11 +1021,11 @@ def check_trainable(prep: PreparedImages) -> None:
         raise TableError("the readable training images hold a single class", reason="no_data")
 
 
-def _write_skipped(out: Path, preps: list[PreparedImages], env: DistEnv) -> int:
+def write_skipped(out: Path, preps: list[PreparedImages], env: DistEnv) -> int:
     skipped = pd.concat([p.skipped for p in preps], ignore_index=True) if preps else pd.DataFrame()
     if env.is_main and len(skipped):
         out.mkdir(parents=True, exist_ok=True)
-        _write_frame(skipped, out / "skipped.csv")
+        write_frame(skipped, out / "skipped.csv")
     return len(skipped)
 
 
@@ -1109,7 +1109,7 @@ def train_model(
             for s, f in splits.items()
         }
         check_trainable(preps["train"])
-        n_skipped = _write_skipped(out, list(preps.values()), env)
+        n_skipped = write_skipped(out, list(preps.values()), env)
         spec = make_spec(cfg, task)
         seed_everything(cfg.seed)
         model, pretrained_desc = build_model(cfg, spec.num_classes)

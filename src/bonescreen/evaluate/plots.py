@@ -19,7 +19,7 @@ from numpy.typing import NDArray
 DPI = 110
 
 
-def _plt() -> Any:
+def pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -28,8 +28,8 @@ def _plt() -> Any:
     return plt
 
 
-def _png(fig: Any) -> bytes:
-    plt = _plt()
+def figure_png(fig: Any) -> bytes:
+    plt = pyplot()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
     plt.close(fig)
@@ -52,7 +52,7 @@ class Curve:
 
 
 def _grid(n: int, size: float = 4.0) -> tuple[Any, Any, list[Any]]:
-    plt = _plt()
+    plt = pyplot()
     ncols = min(3, max(1, n))
     nrows = math.ceil(n / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows + 0.4), squeeze=False,
@@ -94,7 +94,7 @@ def roc_figure(panels: Mapping[str, Sequence[Curve]], oracle: Mapping[str, float
         if ax.get_legend_handles_labels()[0]:
             ax.legend(loc="lower right", fontsize=7, frameon=False)
     fig.suptitle("ROC curves (shaded: 95% bootstrap band)", fontsize=11)
-    return _png(fig)
+    return figure_png(fig)
 
 
 def pr_figure(panels: Mapping[str, Sequence[Curve]]) -> bytes:
@@ -117,7 +117,7 @@ def pr_figure(panels: Mapping[str, Sequence[Curve]]) -> bytes:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(loc="lower left", fontsize=7, frameon=False)
     fig.suptitle("Precision–recall curves", fontsize=11)
-    return _png(fig)
+    return figure_png(fig)
 
 
 def calibration_figure(panels: Mapping[str, Sequence[Curve]]) -> bytes:
@@ -134,12 +134,12 @@ def calibration_figure(panels: Mapping[str, Sequence[Curve]]) -> bytes:
         ax.set_aspect("equal")
         ax.legend(loc="upper left", fontsize=7, frameon=False)
     fig.suptitle("Calibration (10 equal-width bins)", fontsize=11)
-    return _png(fig)
+    return figure_png(fig)
 
 
 def severity_figure(rows: Mapping[str, Sequence[Mapping[str, Any]]]) -> bytes:
     """Figure 2: accuracy per severity grade, grouped by dataset, Wilson 95% CI."""
-    plt = _plt()
+    plt = pyplot()
     grades = ["normal", "mild", "moderate", "advanced"]
     names = list(rows)
     fig, ax = plt.subplots(figsize=(min(12.0, max(6.0, 0.8 * len(grades) * max(1, len(names)))), 4.2))
@@ -164,12 +164,12 @@ def severity_figure(rows: Mapping[str, Sequence[Mapping[str, Any]]]) -> bytes:
            "grades of low bone mass: sensitivity)")
     ax.title.set_fontsize(9)
     ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return _png(fig)
+    return figure_png(fig)
 
 
 def flow_figure(flows: Mapping[str, Sequence[Mapping[str, Any]]]) -> bytes:
     """Figure 1: boxes for the remaining count at each step, exclusions to the side."""
-    plt = _plt()
+    plt = pyplot()
     n_flows = len(flows)
     max_steps = max(len(s) for s in flows.values())
     fig, axes = plt.subplots(1, n_flows, figsize=(5.5 * n_flows, 1.0 * max_steps + 0.8), squeeze=False)
@@ -198,7 +198,7 @@ def flow_figure(flows: Mapping[str, Sequence[Mapping[str, Any]]]) -> bytes:
                 ax.annotate("", xy=(5.6, y + 0.6), xytext=(3.0, y + 0.6), arrowprops={"arrowstyle": "-|>", "lw": 0.6})
                 ax.text(5.7, y + 0.6, txt, ha="left", va="center", fontsize=7, bbox=xbox)
     fig.suptitle("Figure 1. Cohort flow", fontsize=11)
-    return _png(fig)
+    return figure_png(fig)
 
 
 def decision_figure(panels: Mapping[str, Sequence[Any]]) -> bytes:
@@ -230,4 +230,4 @@ def decision_figure(panels: Mapping[str, Sequence[Any]]) -> bytes:
                ylim=(-0.05, max(0.05, top * 1.1)))
         ax.legend(loc="upper right", fontsize=7, frameon=False)
     fig.suptitle("Decision curves (net benefit of referring for DXA)", fontsize=11)
-    return _png(fig)
+    return figure_png(fig)

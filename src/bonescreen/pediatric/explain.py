@@ -22,7 +22,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from bonescreen.errors import BonescreenError
+from bonescreen.gradcam import ExplainError, find_target_layer, overlay
 from bonescreen.labels import PEDIATRIC_LOW_Z
 from bonescreen.pediatric.model import (
     CLINICAL_FEATURES,
@@ -39,6 +40,9 @@ from bonescreen.pediatric.model import (
     spread_z,
     z_source,
 )
+
+if TYPE_CHECKING:  # pragma: no cover
+    from bonescreen.artifact import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +171,6 @@ def gradcam_low_bmd(loaded: Any, images: np.ndarray, clinical_raw: np.ndarray) -
     import torch
     from pytorch_grad_cam import GradCAM
 
-    from bonescreen.explain import find_target_layer
-
     model = loaded.model
     layer = find_target_layer(model.backbone, int(loaded.spec.in_chans), min(int(loaded.size), 128))
     st = Standardizer.from_extra(loaded.spec.extra)
@@ -202,7 +204,6 @@ def patient_figure(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from bonescreen.explain import overlay
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 4.4), gridspec_kw={"width_ratios": [1.1, 1, 0.9]})
     ax = axes[0]
@@ -317,3 +318,21 @@ def explain_manifest(
     mean_abs = {f: float(np.mean([abs(r[f"shap_{f}"]) for r in records])) for f in CLINICAL_FEATURES}
     return {"explained": len(records), "csv": str(out / "shap.csv"), "mean_abs_shap": mean_abs,
             "skipped": prep.skipped.to_dict("records")}
+
+
+class PediatricExplainer:
+    """Grad-CAM of a pediatric model towards "lower predicted Z" (the low-BMD direction)."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        if getattr(loaded, "model", None) is None:
+            raise ExplainError("Grad-CAM needs the PyTorch model (.pt artifact), not an ONNX file")
+        if loaded.spec.task != "pediatric":
+            raise ExplainError(f"PediatricExplainer needs a pediatric model, this one is {loaded.spec.task!r}")
+        self.loaded = loaded
+
+    def cams(self, images: np.ndarray, clinical_raw: np.ndarray) -> np.ndarray:
+        """Maps in [0, 1], ``(N, H, W)``; ``clinical_raw`` is ``(N, 4)`` age, sex (F=1), height cm, weight kg."""
+        arr = np.asarray(images)
+        if arr.ndim == 2:
+            arr = arr[None]
+        return gradcam_low_bmd(self.loaded, arr, np.asarray(clinical_raw, dtype=float))

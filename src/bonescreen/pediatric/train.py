@@ -177,8 +177,8 @@ def train_pediatric(
     from bonescreen.site_shift import from_config as site_shift_from_config
     from bonescreen.train import (
         TrainJob,
-        _plain,
-        _write_frame,
+        plain_python,
+        write_frame,
         fit,
         prepare_split,
         resolve_pretrained,
@@ -362,7 +362,7 @@ def train_pediatric(
             z_tune = spread_z(cands[chosen], extra)
             extra["residual_sd_z"] = float(np.std(f["_z"].to_numpy() - z_tune, ddof=1))
             tune_path = out / "tune_predictions.csv"
-            _write_frame(predictions_table(f, z_tune, bmd, extra["residual_sd_z"], model_name=model_name,
+            write_frame(predictions_table(f, z_tune, bmd, extra["residual_sd_z"], model_name=model_name,
                                            split="tune", z_parts=cands), tune_path)
         else:
             log.warning("no tuning split: the low-BMD score uses a residual SD of 1.0 and no spread calibration")
@@ -372,9 +372,9 @@ def train_pediatric(
             preds = predictions_table(f, spread_z(cands[chosen], extra), bmd, extra["residual_sd_z"],
                                       model_name=model_name, split="test", z_parts=cands)
             test_path = out / "predictions.csv"
-            _write_frame(preds, test_path)
+            write_frame(preds, test_path)
             regression = regression_metrics(preds, n_boot=200, seed=cfg.seed)
-            (out / "regression.json").write_text(json.dumps(_plain(regression), indent=1, default=str))
+            (out / "regression.json").write_text(json.dumps(plain_python(regression), indent=1, default=str))
         card = dict(result.model_card)
         card["residual_sd_z"] = extra["residual_sd_z"]
         card["z_from"] = chosen
@@ -388,12 +388,12 @@ def train_pediatric(
             card["z_reference_fit"] = {k: {"transform": c.transform, "n": c.n, "cv_rmse_z": c.rmse_z}
                                        for k, c in reference.curves.items()}
         card["test_regression"] = {k: v for k, v in regression.items() if k != "per_site"}
-        spec = replace(spec, extra=_plain(extra), model_card=_plain(card))
+        spec = replace(spec, extra=plain_python(extra), model_card=plain_python(card))
         save_artifact(result.artifact_path, model, spec)
         # the OOD part (one class: a regression), on the training split, threshold on tuning
         attach_ood(result.artifact_path, preps["train"].source, None, preps["tune"].source,
                    quantile=cfg.ood_quantile)
-        (out / "model_card.json").write_text(json.dumps(_plain(card), indent=1, default=str))
+        (out / "model_card.json").write_text(json.dumps(plain_python(card), indent=1, default=str))
         return PediatricTrainResult(
             out, result.artifact_path, test_path, tune_path, regression, float(extra["residual_sd_z"]),
             result.history, dropped, z_from=chosen, best_epoch=result.best_epoch, z_from_selection=selection,

@@ -35,7 +35,7 @@ from bonescreen.screen.gate import GateDecision, GatePolicy, check_header, check
 from bonescreen.screen.inputs import (
     ClinicalTable,
     InputItem,
-    _header_body_size,
+    header_body_size,
     clinical_raw,
     count_inputs,
     iter_inputs,
@@ -67,7 +67,7 @@ __all__ = [
     "ScreenOptions",
     "ScreenSummary",
     "ScreeningEngine",
-    "_header_body_size",
+    "header_body_size",
     "apply_ood",
     "check_header",
     "check_pixels",

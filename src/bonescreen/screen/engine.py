@@ -231,7 +231,8 @@ class ScreeningEngine:
             if models.main_torch is None:
                 raise ScreenError("Grad-CAM needs the .pt artifact (an ONNX file has no gradients); "
                                   "pass the .pt with --backend onnx instead")
-            from bonescreen.explain import Explainer, PediatricExplainer
+            from bonescreen.gradcam import Explainer
+            from bonescreen.pediatric.explain import PediatricExplainer
 
             self.explainers["main"] = (PediatricExplainer if models.pediatric else Explainer)(models.main_torch)
             if models.stage1_torch is not None:
@@ -386,7 +387,7 @@ class ScreeningEngine:
 
         Rows that were not scored get None; so does a group whose Grad-CAM failed (the score stands).
         """
-        from bonescreen.explain import overlay
+        from bonescreen.gradcam import overlay
 
         out: list[np.ndarray | None] = [None] * len(batch)
         if not self.explainers:

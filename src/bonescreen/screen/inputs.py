@@ -121,7 +121,7 @@ def count_inputs(inputs: Iterable[str | os.PathLike[str]], *, exclude: Iterable[
     return sum(1 for _ in iter_inputs(inputs, exclude=exclude))
 
 
-def _num(value: Any) -> float | None:
+def optional_float(value: Any) -> float | None:
     """A finite float, or None for empty / unreadable / NaN values."""
     if value is None:
         return None
@@ -203,7 +203,7 @@ class ClinicalTable:
         return None, ""
 
 
-def _header_body_size(path: str) -> tuple[float | None, float | None, list[str]]:
+def header_body_size(path: str) -> tuple[float | None, float | None, list[str]]:
     """(height cm, weight kg, notes) from PatientSize (metres) and PatientWeight (kg).
 
     Read here, header only, because ``bonescreen.io.ImageMeta`` does not carry them.
@@ -217,7 +217,7 @@ def _header_body_size(path: str) -> tuple[float | None, float | None, list[str]]
     except Exception:
         return None, None, []
     notes: list[str] = []
-    size_m, weight = _num(ds.get("PatientSize")), _num(ds.get("PatientWeight"))
+    size_m, weight = optional_float(ds.get("PatientSize")), optional_float(ds.get("PatientWeight"))
     height = None if size_m is None else round(size_m * 100.0, 2)
     if height is not None and not _in_range(height, HEIGHT_CM_RANGE):
         notes.append(f"PatientSize {size_m:g} m is implausible (metres expected); ignored")
@@ -232,8 +232,8 @@ def fill_from_clinical(meta: Any, row: Mapping[str, str] | None) -> None:
     """A --clinical row fills age/sex only where the header and manifest have none."""
     if not row:
         return
-    if meta.age is None and _num(row.get("age")) is not None:
-        meta.age = _num(row.get("age"))
+    if meta.age is None and optional_float(row.get("age")) is not None:
+        meta.age = optional_float(row.get("age"))
     if meta.sex is None and row.get("sex"):
         s = row["sex"].strip().upper()[:1]
         meta.sex = s if s in ("F", "M", "O") else None
@@ -252,7 +252,7 @@ def clinical_inputs(item: InputItem, meta: Any, csv_row: Mapping[str, str] | Non
     values: dict[str, float | None] = {"height_cm": None, "weight_kg": None}
     sources: list[str] = []
     if meta.source == "dicom":
-        h, w, notes = _header_body_size(item.path)
+        h, w, notes = header_body_size(item.path)
         values.update(height_cm=h, weight_kg=w)
         if h is not None or w is not None:
             sources.append("dicom")
@@ -261,7 +261,7 @@ def clinical_inputs(item: InputItem, meta: Any, csv_row: Mapping[str, str] | Non
         for key, rng in (("height_cm", HEIGHT_CM_RANGE), ("weight_kg", WEIGHT_KG_RANGE)):
             if values[key] is not None or not table.get(key):
                 continue
-            v = _num(table.get(key))
+            v = optional_float(table.get(key))
             if _in_range(v, rng):
                 values[key], used = v, True
             else:

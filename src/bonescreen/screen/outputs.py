@@ -27,7 +27,7 @@ from bonescreen.schema import (
     STUDY_COLUMNS,
 )
 from bonescreen.screen.decide import rollup_study
-from bonescreen.screen.inputs import PEDIATRIC_Z_COLUMN, _num, read_labels
+from bonescreen.screen.inputs import PEDIATRIC_Z_COLUMN, optional_float, read_labels
 from bonescreen.screen.journal import ResultStore, csv_value
 
 __all__ = [
@@ -75,7 +75,7 @@ def _note(row: dict[str, Any], text: str) -> None:
 def write_image_files(rows: Sequence[dict[str, Any]], rgbs: Sequence[np.ndarray | None], out: Path, *,
                       png: bool, sc: bool, model_id: str) -> None:
     """Grad-CAM overlay PNG (``overlay`` column) and secondary capture (``sc``) per scored image."""
-    from bonescreen.explain import save_png
+    from bonescreen.gradcam import save_png
 
     for row, rgb in zip(rows, rgbs):
         if rgb is None:
@@ -122,9 +122,9 @@ def write_predictions(store: ResultStore, dest: Path, labels: str | os.PathLike[
             rec = {k: row.get(k) for k in columns}
             rec["label"] = lab.get("label", "")
             if mode == "pediatric":
-                z_true = _num(lab.get(PEDIATRIC_Z_COLUMN))
+                z_true = optional_float(lab.get(PEDIATRIC_Z_COLUMN))
                 rec.update(z_pred=row.get("pred_z"), bmd_pred=row.get("pred_bmd"), z_true=z_true,
-                           bmd_true=_num(lab.get("bmd_lumbar_spine")))
+                           bmd_true=optional_float(lab.get("bmd_lumbar_spine")))
                 if z_true is not None:
                     rec["label"] = int(bool(pediatric_low_bmd(z_true)))
             rec["label_stage1"] = lab.get("label_stage1", "")

@@ -17,9 +17,7 @@ import csv
 import datetime as dt
 import io
 import logging
-import secrets
 import time
-from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -30,10 +28,11 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from bonescreen import __version__
-from bonescreen.service.auth import Principal, role_at_least
+from bonescreen.service.auth import Principal
 from bonescreen.service.intake import IntakeError
 from bonescreen.service.runtime import Service
 from bonescreen.service.store import AUDIT_ACTIONS, CATEGORY_LABELS, FORWARD_STATUSES, REVIEW_STATUSES, StoreError
+from bonescreen.service.web import client_ip, require
 from bonescreen.service.worker import service_pseudonymiser
 
 __all__ = ["PUBLIC_ROUTES", "create_app", "client_ip", "require"]
@@ -42,7 +41,6 @@ log = logging.getLogger("bonescreen.service.http")
 
 UID_PATTERN = r"^[0-9]+(\.[0-9]+)*$"
 CATEGORIES = tuple(CATEGORY_LABELS)
-UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 #: (method, path) that answer without a principal; every other route is checked by the tests.
 PUBLIC_ROUTES = frozenset({("GET", "/health"), ("GET", "/"), ("GET", "/login"), ("POST", "/login"),
                            ("GET", "/logout"), ("POST", "/logout"), ("GET", "/login/oidc"),
@@ -83,30 +81,6 @@ class UploadOut(BaseModel):
     sop_instance_uid: str
     duplicate: bool
     status: str
-
-
-def client_ip(request: Request) -> str | None:
-    """The peer address (uvicorn applies X-Forwarded-For only from ``forwarded_allow_ips``)."""
-    return request.client.host if request.client else None
-
-
-def require(service: Service, role: str) -> Callable[[Request], Principal]:
-    """A dependency: the request's principal, at least ``role``; CSRF-checked for cookie writes."""
-
-    def dep(request: Request) -> Principal:
-        p = service.auth.principal(request.headers, request.cookies)
-        if p is None:
-            raise HTTPException(401, "missing or wrong credentials", headers={"WWW-Authenticate": "Bearer"})
-        if not role_at_least(p.role, role):
-            raise HTTPException(403, f"this needs the {role} role")
-        if p.via == "session" and request.method in UNSAFE:
-            given = request.headers.get("x-csrf-token", "")
-            if not p.csrf or not secrets.compare_digest(given.encode(), p.csrf.encode()):
-                raise HTTPException(403, "missing or wrong CSRF token")
-        request.state.principal = p
-        return p
-
-    return dep
 
 
 def _csv(rows: list[dict[str, Any]], columns: list[str]) -> str:

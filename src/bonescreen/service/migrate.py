@@ -20,12 +20,11 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from sqlalchemy import inspect, text
+from sqlalchemy import Engine, inspect, text
 
 from bonescreen.errors import BonescreenError
-from bonescreen.service.store import Store
 
 __all__ = ["MigrationError", "current", "ensure_schema", "head", "upgrade"]
 
@@ -35,6 +34,17 @@ logging.getLogger("alembic").setLevel(logging.WARNING)  # the one line per upgra
 MIGRATIONS = Path(__file__).with_name("migrations")
 BASELINE = "0001"
 _PG_LOCK_KEY = 0x626F6E65  # "bone"
+
+
+class Store(Protocol):
+    """What migrating needs of ``service.store.Store`` (structural, so that the store can
+    call ``upgrade`` without the two modules importing each other)."""
+
+    engine: Engine
+    dialect: str
+
+    def audit(self, action: str, actor: str | None = None, target: str | None = None, detail: Any = None,
+              ip: str | None = None) -> None: ...
 
 
 class MigrationError(BonescreenError):

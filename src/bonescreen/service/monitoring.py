@@ -39,8 +39,7 @@ def _monitor(service: Service) -> Any:
 
 def add_monitor_routes(app: FastAPI, service: Service) -> None:
     from bonescreen.errors import BonescreenError
-    from bonescreen.service.api import require
-    from bonescreen.service.worklist import PAGE_HEADERS
+    from bonescreen.service.web import PAGE_HEADERS, require
 
     # the page embeds its figures as data: URIs (self-contained, as the report)
     headers = {**PAGE_HEADERS, "Content-Security-Policy": PAGE_HEADERS["Content-Security-Policy"].replace(

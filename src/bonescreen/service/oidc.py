@@ -71,8 +71,7 @@ def add_oidc_routes(app: FastAPI, service: Service) -> None:
     from authlib.integrations.starlette_client import OAuth, OAuthError
 
     from bonescreen.pseudonym import load_or_create_key
-    from bonescreen.service.api import client_ip
-    from bonescreen.service.worklist import set_session
+    from bonescreen.service.web import client_ip, set_session
 
     cfg = service.config
     secret = read_secret_file(cfg.oidc_client_secret_file or "", "oidc_client_secret_file")
@@ -104,9 +103,10 @@ def add_oidc_routes(app: FastAPI, service: Service) -> None:
             token = await client.authorize_access_token(request)
             claims = dict(token.get("userinfo") or {})
         except (OAuthError, Exception) as exc:  # bad state, code, signature, nonce, audience, expiry...
-            log.warning("single sign-on refused: %s", type(exc).__name__)
+            why = type(exc).__name__
+            log.warning("single sign-on refused: %s", why)
             await run_in_threadpool(lambda: service.store.audit("login_failed", actor=None, ip=ip,
-                                                                detail={"via": "oidc", "why": type(exc).__name__}))
+                                                                detail={"via": "oidc", "why": why}))
             return RedirectResponse("/login?error=sso", status_code=303)
         user, why = await run_in_threadpool(account_for_claims, service, claims)
         if user is None:

@@ -111,7 +111,7 @@ def screen_files(engine: ScreeningEngine, config: ServiceConfig, paths: list[Pat
 def _write_image_outputs(engine: ScreeningEngine, config: ServiceConfig, src: Path, s: Screened, out_dir: Path,
                          name: str) -> None:
     from bonescreen.dicom_out import write_sc
-    from bonescreen.explain import save_png
+    from bonescreen.gradcam import save_png
 
     if s.overlay_rgb is None:
         return

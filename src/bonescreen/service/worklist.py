@@ -30,15 +30,12 @@ from bonescreen.schema import OOD_FLAG_REASONS
 from bonescreen.service.auth import LOGIN_CSRF_COOKIE, SESSION_COOKIE, Principal, role_at_least
 from bonescreen.service.runtime import Service
 from bonescreen.service.store import AUDIT_ACTIONS, CATEGORY_LABELS, REVIEW_STATUSES
+from bonescreen.service.web import PAGE_HEADERS, client_ip, is_https, principal_at_least, set_session
 
 __all__ = ["add_worklist_routes", "render", "set_session"]
 
 REVIEW_LABELS = {"new": "New", "acknowledged": "Acknowledged", "dxa_ordered": "DXA ordered"}
 DISCLAIMER = "Research software output; not a diagnosis. Confirm with DXA."
-CSP = ("default-src 'self'; script-src 'unsafe-inline' 'self'; style-src 'unsafe-inline' 'self'; "
-       "img-src 'self'; frame-ancestors 'none'; form-action 'self'")
-PAGE_HEADERS = {"Cache-Control": "no-store", "Content-Security-Policy": CSP, "X-Frame-Options": "DENY",
-                "Referrer-Policy": "no-referrer", "X-Content-Type-Options": "nosniff"}
 
 
 @lru_cache(maxsize=1)
@@ -62,22 +59,9 @@ def _date(value: str | None) -> dt.date | None:
         return None
 
 
-def _secure(request: Request) -> bool:
-    return request.url.scheme == "https"
-
-
-def set_session(service: Service, request: Request, response: Response, user: Any) -> None:
-    """Sign the session cookie for ``user`` onto ``response`` (password and single sign-on alike)."""
-    response.set_cookie(SESSION_COOKIE, service.auth.session_cookie(user), httponly=True, samesite="lax",
-                        secure=_secure(request), max_age=service.auth.max_age, path="/")
-
-
 def add_worklist_routes(app: FastAPI, service: Service) -> None:
-    from bonescreen.service.api import client_ip
-
     def page_principal(request: Request, role: str = "viewer") -> Principal | None:
-        p = service.auth.principal(request.headers, request.cookies)
-        return p if p is not None and role_at_least(p.role, role) else None
+        return principal_at_least(service, request, role)
 
     @app.get("/", include_in_schema=False)
     def root() -> RedirectResponse:
@@ -91,7 +75,7 @@ def add_worklist_routes(app: FastAPI, service: Service) -> None:
                "csrf": "The form expired; please sign in again."}.get(error or "")
         resp = HTMLResponse(render("login.html", error=msg, csrf=form_value, version=__version__,
                                    sso=bool(service.config.oidc_issuer)), headers=PAGE_HEADERS)
-        resp.set_cookie(LOGIN_CSRF_COOKIE, cookie, httponly=True, samesite="strict", secure=_secure(request),
+        resp.set_cookie(LOGIN_CSRF_COOKIE, cookie, httponly=True, samesite="strict", secure=is_https(request),
                         max_age=3600, path="/login")
         return resp
 
