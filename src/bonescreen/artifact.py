@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ from torch import nn
 
 from bonescreen import __version__
 from bonescreen.errors import ModelArtifactError
+from bonescreen.fsio import atomic_torch_save
 from bonescreen.models import GRAY_MEAN, GRAY_STD, create_model
 
 log = logging.getLogger(__name__)
@@ -111,20 +110,6 @@ def save_artifact(path: str | Path, model: nn.Module, spec: ModelSpec) -> Path:
     }
     atomic_torch_save(payload, path)
     return path
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temp file then rename: a kill mid-write never leaves a truncated file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

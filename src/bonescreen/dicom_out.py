@@ -41,7 +41,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,6 +49,7 @@ import numpy as np
 
 from bonescreen import __version__
 from bonescreen.errors import BonescreenError
+from bonescreen.fsio import atomic_path
 
 if TYPE_CHECKING:  # pragma: no cover
     from pydicom.dataset import Dataset
@@ -375,15 +375,8 @@ def build_sc(source: Dataset, rgb: np.ndarray, *, model_id: str = "") -> Any:
 
 
 def _atomic_save(ds: Any, dest: Path) -> Path:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.stem}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(dest) as tmp:
         ds.save_as(tmp, enforce_file_format=True)
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return dest
 
 

@@ -15,7 +15,6 @@ The model-level half of explaining: ``screen`` (overlays while screening) and
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bonescreen.errors import BonescreenError
+from bonescreen.fsio import atomic_open
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
@@ -136,13 +136,6 @@ def save_png(path: str | os.PathLike[str], rgb: np.ndarray) -> Path:
     from PIL import Image
 
     dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            Image.fromarray(np.asarray(rgb, dtype=np.uint8)).save(fh, format="PNG")
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_open(dest, "wb") as fh:
+        Image.fromarray(np.asarray(rgb, dtype=np.uint8)).save(fh, format="PNG")
     return dest

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from bonescreen.dates import optional_date
 from bonescreen.errors import (
     ImageReadError,
     MissingDecoderError,
@@ -163,23 +164,6 @@ def parse_dicom_age(value: object) -> float | None:
     return years if 0 <= years < 150 else None
 
 
-def _parse_date(value: object) -> dt.date | None:
-    """DICOM DA (``YYYYMMDD``) or ISO ``YYYY-MM-DD``; anything else is None."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, dt.datetime):
-        return value.date()
-    if isinstance(value, dt.date):
-        return value
-    text = str(value).strip()
-    for fmt in ("%Y%m%d", "%Y-%m-%d", "%Y.%m.%d", "%Y/%m/%d"):
-        try:
-            return dt.datetime.strptime(text[:10] if "-" in text or "/" in text else text[:8], fmt).date()
-        except ValueError:
-            continue
-    return None
-
-
 _VIEW_ALIASES = {
     "PA": "PA",
     "POSTERO-ANTERIOR": "PA",
@@ -270,10 +254,10 @@ def _str_or_none(value: object) -> str | None:
 def _meta_from_dataset(ds: Any, path: str) -> ImageMeta:
     study_date = None
     for kw in ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate"):
-        study_date = _parse_date(ds.get(kw))
+        study_date = optional_date(ds.get(kw))
         if study_date:
             break
-    birth = _parse_date(ds.get("PatientBirthDate"))
+    birth = optional_date(ds.get("PatientBirthDate"))
     age = parse_dicom_age(ds.get("PatientAge"))
     if age is None and birth and study_date and study_date >= birth:
         age = (study_date - birth).days / 365.25
@@ -729,8 +713,8 @@ def load_sidecar(path: str | os.PathLike[str]) -> Sidecar:
 
 def _meta_from_row(path: str, source: str, row: Mapping[str, Any] | None, shape: tuple[int, int], mode: str) -> ImageMeta:
     row = row or {}
-    study_date = _parse_date(row.get("study_date"))
-    birth = _parse_date(row.get("birth_date"))
+    study_date = optional_date(row.get("study_date"))
+    birth = optional_date(row.get("birth_date"))
     age = parse_dicom_age(row.get("age"))
     if age is None and birth and study_date and study_date >= birth:
         age = (study_date - birth).days / 365.25

@@ -25,6 +25,7 @@ import numpy as np
 
 from bonescreen import __version__
 from bonescreen.errors import ModelArtifactError
+from bonescreen.fsio import atomic_path
 
 if TYPE_CHECKING:  # pragma: no cover
     from bonescreen.artifact import LoadedModel, ModelSpec
@@ -72,49 +73,48 @@ def export_onnx(
     module = loaded.scoring_module().eval().cpu()
     size = loaded.size
     example = (torch.rand(2, size, size) * 255).round()
-    tmp = path.with_name(f".{path.name}.tmp")
-    errors: list[str] = []
-    quiet = _Quiet()
-    for use_dynamo in ([True, False] if dynamo else [False]):
-        try:
-            # The exporters print progress on stdout and INFO logs; keep the CLI's output clean.
-            with contextlib.redirect_stdout(io.StringIO()), quiet:
-                if use_dynamo:
-                    batch = torch.export.Dim("batch", min=1, max=4096)
-                    torch.onnx.export(
-                        module, (example,), str(tmp), input_names=[INPUT_NAME],
-                        output_names=[OUTPUT_NAME, FEATURES_NAME], dynamic_shapes={"image": {0: batch}},
-                        opset_version=opset, dynamo=True, external_data=False,
-                    )
-                else:
-                    torch.onnx.export(
-                        module, (example,), str(tmp), input_names=[INPUT_NAME],
-                        output_names=[OUTPUT_NAME, FEATURES_NAME],
-                        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"},
-                                      FEATURES_NAME: {0: "batch"}},
-                        opset_version=min(opset, 17), dynamo=False,
-                    )
-            break
-        except Exception as exc:  # try the other exporter, report both if both fail
-            errors.append(f"{'dynamo' if use_dynamo else 'torchscript'}: {type(exc).__name__}: {exc}")
-            tmp.unlink(missing_ok=True)
-    else:
-        raise ModelArtifactError(f"ONNX export of {loaded.spec.arch} failed: {' | '.join(errors)}")
+    with atomic_path(path) as tmp:
+        errors: list[str] = []
+        quiet = _Quiet()
+        for use_dynamo in ([True, False] if dynamo else [False]):
+            try:
+                # The exporters print progress on stdout and INFO logs; keep the CLI's output clean.
+                with contextlib.redirect_stdout(io.StringIO()), quiet:
+                    if use_dynamo:
+                        batch = torch.export.Dim("batch", min=1, max=4096)
+                        torch.onnx.export(
+                            module, (example,), str(tmp), input_names=[INPUT_NAME],
+                            output_names=[OUTPUT_NAME, FEATURES_NAME], dynamic_shapes={"image": {0: batch}},
+                            opset_version=opset, dynamo=True, external_data=False,
+                        )
+                    else:
+                        torch.onnx.export(
+                            module, (example,), str(tmp), input_names=[INPUT_NAME],
+                            output_names=[OUTPUT_NAME, FEATURES_NAME],
+                            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"},
+                                          FEATURES_NAME: {0: "batch"}},
+                            opset_version=min(opset, 17), dynamo=False,
+                        )
+                break
+            except Exception as exc:  # try the other exporter, report both if both fail
+                errors.append(f"{'dynamo' if use_dynamo else 'torchscript'}: {type(exc).__name__}: {exc}")
+                tmp.unlink(missing_ok=True)
+        else:
+            raise ModelArtifactError(f"ONNX export of {loaded.spec.arch} failed: {' | '.join(errors)}")
 
-    proto = onnx.load(str(tmp))
-    meta = {
-        "format": ONNX_FORMAT,
-        "format_version": str(ONNX_FORMAT_VERSION),
-        "bonescreen_version": __version__,
-        "spec": json.dumps({k: v for k, v in asdict(loaded.spec).items() if k != "ood"}),
-        "source_model": source_id or (Path(loaded.path).name if loaded.path else ""),
-    }
-    del proto.metadata_props[:]
-    for k, v in meta.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = k, v
-    onnx.save(proto, str(tmp))
-    os.replace(tmp, path)
+        proto = onnx.load(str(tmp))
+        meta = {
+            "format": ONNX_FORMAT,
+            "format_version": str(ONNX_FORMAT_VERSION),
+            "bonescreen_version": __version__,
+            "spec": json.dumps({k: v for k, v in asdict(loaded.spec).items() if k != "ood"}),
+            "source_model": source_id or (Path(loaded.path).name if loaded.path else ""),
+        }
+        del proto.metadata_props[:]
+        for k, v in meta.items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = k, v
+        onnx.save(proto, str(tmp))
     return path
 
 

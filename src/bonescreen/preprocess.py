@@ -22,7 +22,6 @@ import multiprocessing
 import multiprocessing.context
 import os
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -34,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from bonescreen.errors import BonescreenError, ImageReadError
+from bonescreen.fsio import atomic_open
 from bonescreen.io import read_image
 
 __all__ = [
@@ -126,20 +126,8 @@ def _atomic_write_png(arr: np.ndarray, dest: Path) -> None:
     """
     from PIL import Image
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            Image.fromarray(arr).save(fh, format="PNG", compress_level=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_open(dest, "wb") as fh:
+        Image.fromarray(arr).save(fh, format="PNG", compress_level=1)
 
 
 class PreprocessCache:
@@ -298,21 +286,11 @@ def _init_worker() -> None:
 def write_skip_list(records: Iterable[SkipRecord], dest: str | os.PathLike[str]) -> Path:
     """Write ``path,reason,message`` CSV atomically."""
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(SKIP_COLUMNS)
-            for r in records:
-                writer.writerow([r.path, r.reason, r.message])
-        os.replace(tmp, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_open(dest, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(SKIP_COLUMNS)
+        for r in records:
+            writer.writerow([r.path, r.reason, r.message])
     return dest
 
 

@@ -103,6 +103,8 @@ def load_or_create_key(path: str | os.PathLike[str] | None = None) -> bytes:
     p = Path(path).expanduser() if path else default_key_path()
     if not p.exists():
         p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Not bonescreen.fsio: its rename would let a second process replace a key the
+        # first one already used; O_EXCL + link keeps whichever was created first.
         tmp = p.with_name(f".{p.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:

@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import random
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -71,6 +70,7 @@ from bonescreen.distributed import (
     state_checksum,
 )
 from bonescreen.errors import BonescreenError, TableError
+from bonescreen.fsio import atomic_open, atomic_path
 from bonescreen.models import GRAY_MEAN, GRAY_STD, create_model
 from bonescreen.site_shift import from_config as site_shift_from_config
 
@@ -445,20 +445,15 @@ def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
     keys: list[str] = []
     for r in rows:
         keys += [k for k in r if k not in keys]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
+    with atomic_open(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=keys)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def write_frame(frame: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
 
 
 def plain_python(value: Any) -> Any:

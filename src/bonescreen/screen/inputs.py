@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from bonescreen import schema
+from bonescreen.dates import optional_date
 from bonescreen.errors import TableError
 from bonescreen.screen.models import model_id
 
@@ -136,19 +137,6 @@ def _in_range(value: float | None, lo_hi: tuple[float, float]) -> bool:
     return value is not None and lo_hi[0] <= value <= lo_hi[1]
 
 
-def _parse_date(value: str | None) -> Any:
-    """ISO ``YYYY-MM-DD`` or DICOM ``YYYYMMDD``; None otherwise."""
-    import datetime as dt
-
-    text = (value or "").strip()
-    for fmt in ("%Y-%m-%d", "%Y%m%d"):
-        try:
-            return dt.datetime.strptime(text[:10], fmt).date()
-        except ValueError:
-            continue
-    return None
-
-
 class ClinicalTable:
     """``--clinical CSV``: height and weight (and age/sex where the header lacks them) per image.
 
@@ -194,7 +182,7 @@ class ClinicalTable:
                 continue
             if len(rows) == 1:
                 return rows[0], ""
-            dated = [(d, r) for r in rows if (d := _parse_date(r.get("study_date") or r.get("exam_date")))]
+            dated = [(d, r) for r in rows if (d := optional_date(r.get("study_date") or r.get("exam_date")))]
             if study_date is not None and len(dated) == len(rows):
                 gaps = sorted((abs((d - study_date).days), i) for i, (d, _r) in enumerate(dated))
                 if len(gaps) == 1 or gaps[0][0] < gaps[1][0]:

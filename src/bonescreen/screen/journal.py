@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from bonescreen.fsio import atomic_open
 from bonescreen.schema import RESULT_COLUMNS
 
 __all__ = ["ResultStore", "csv_value"]
@@ -73,8 +74,7 @@ class ResultStore:
                     fh.truncate(pos)
                     fh.flush()
                     os.fsync(fh.fileno())
-        tmp = self.csv.with_name(f".{self.csv.name}.tmp")
-        with open(tmp, "w", newline="", encoding="utf-8") as out:
+        with atomic_open(self.csv, "w", newline="") as out:
             w = csv.DictWriter(out, fieldnames=self.columns, extrasaction="ignore")
             w.writeheader()
             bad = 0
@@ -89,20 +89,15 @@ class ResultStore:
                         w.writerow({k: csv_value(row.get(k)) for k in self.columns})
                         visit(row)
                         n += 1
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, self.csv)
         if bad:  # a corrupt line in the middle (disk trouble): keep only the parseable rows
             log.warning("%d unreadable row(s) in %s dropped", bad, self.jsonl)
-            jtmp = self.jsonl.with_name(f".{self.jsonl.name}.tmp")
-            with open(jtmp, "w", encoding="utf-8") as out, open(self.jsonl, encoding="utf-8") as fh:
+            with atomic_open(self.jsonl, "w") as out, open(self.jsonl, encoding="utf-8") as fh:
                 for line in fh:
                     try:
                         json.loads(line)
                     except json.JSONDecodeError:
                         continue
                     out.write(line)
-            os.replace(jtmp, self.jsonl)
         return n
 
     def open(self) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from bonescreen.errors import BonescreenError
+from bonescreen.fsio import atomic_open
 from bonescreen.schema import (
     PEDIATRIC_PREDICTION_COLUMNS,
     SCREEN_PREDICTION_COLUMNS,
@@ -110,9 +111,8 @@ def write_predictions(store: ResultStore, dest: Path, labels: str | os.PathLike[
     if labels:
         by_id, by_path = read_labels(labels)
     columns = prediction_columns(mode)
-    tmp = dest.with_name(f".{dest.name}.tmp")
     n = 0
-    with open(tmp, "w", newline="", encoding="utf-8") as out:
+    with atomic_open(dest, "w", newline="") as out:
         w = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore")
         w.writeheader()
         for row in store.iter_rows():
@@ -138,7 +138,6 @@ def write_predictions(store: ResultStore, dest: Path, labels: str | os.PathLike[
             # a cascade row flagged by stage 1 has no stage-2 score; evaluate drops it with a warning
             w.writerow({k: csv_value(v) for k, v in rec.items()})
             n += 1
-    os.replace(tmp, dest)
     return n
 
 
@@ -250,8 +249,7 @@ def write_studies(store: ResultStore, out: Path, *, sr: bool, run: Mapping[str, 
     came in several runs is summarised over all of them.
     """
     groups = group_studies(store.iter_rows())
-    tmp = out / ".studies.csv.tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+    with atomic_open(out / "studies.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=STUDY_COLUMNS, extrasaction="ignore")
         w.writeheader()
         for key, rows in groups.items():
@@ -267,9 +265,6 @@ def write_studies(store: ResultStore, out: Path, *, sr: bool, run: Mapping[str, 
                         log.warning("study SR not written (%s: %s)", type(exc).__name__, exc)
                         res["message"] = f"SR not written ({type(exc).__name__}: {exc})"
             w.writerow({k: csv_value(res.get(k)) for k in STUDY_COLUMNS})
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, out / "studies.csv")
     return len(groups)
 
 

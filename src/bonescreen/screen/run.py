@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from bonescreen.fsio import atomic_write_json
 from bonescreen.pseudonym import Pseudonymiser, key_fingerprint, load_or_create_key
 from bonescreen.schema import OOD_POLICIES, PEDIATRIC_RESULT_COLUMNS, RESULT_COLUMNS
 from bonescreen.screen.engine import Prepared, ScreeningEngine
@@ -156,9 +157,7 @@ def _check_resume(out: Path, config: dict[str, Any], overwrite: bool, info: dict
                 f"{out} holds results from a run with different settings ({', '.join(diff)}); "
                 "pass --overwrite to start again or use another --out folder"
             )
-    tmp = run_json.with_name(".run.json.tmp")
-    tmp.write_text(json.dumps({**config, **(info or {})}, indent=2))
-    os.replace(tmp, run_json)
+    atomic_write_json(run_json, {**config, **(info or {})})
 
 
 @dataclass
@@ -242,9 +241,7 @@ def finish_run(run: RunState, n_new: int, seconds: float, *, backend: str | None
         model_stage1=models.stage1_id, backend=backend or models.backend, mode=models.mode, ood=opts.ood,
         site_profile=opts.site_profile,
     )
-    tmp = out / ".summary.json.tmp"
-    tmp.write_text(json.dumps({**summary.__dict__, "n_predictions": n_pred}, indent=2))
-    os.replace(tmp, out / "summary.json")
+    atomic_write_json(out / "summary.json", {**summary.__dict__, "n_predictions": n_pred})
     return summary
 
 

@@ -16,12 +16,12 @@ import hashlib
 import io
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bonescreen.errors import BonescreenError
+from bonescreen.fsio import atomic_write_bytes
 from bonescreen.service.store import Store
 
 __all__ = ["Intake", "IntakeError", "IntakeResult", "hashed", "validate_dataset"]
@@ -116,23 +116,8 @@ class Intake:
         return f"spool/{h[:2]}/{h[:40]}.dcm"
 
     def _write(self, rel: str, data: bytes) -> None:
-        dest = self.data_dir / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.tmp, prefix="in-", suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, dest)
-            dfd = os.open(dest.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        # durable before it is queued: the file and the rename survive a power cut
+        atomic_write_bytes(self.data_dir / rel, data, tmp_dir=self.tmp, sync_dir=True)
 
     def accept(self, ds: Any, encoded: bytes, source: str) -> IntakeResult:
         """``ds``: the decoded data set; ``encoded``: the Part-10 file bytes to spool."""
