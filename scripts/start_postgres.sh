@@ -7,7 +7,7 @@
 # Needs Debian's `postgresql` package (initdb/pg_ctl under /usr/lib/postgresql/<v>/bin).
 # As root the server runs as the `postgres` user (PostgreSQL refuses to run as root).
 # Trust authentication on 127.0.0.1 only, fsync off: for tests, never for patient data.
-# The pytest fixtures do the same from Python (bonescreen.service.testing.postgres_cluster).
+# The pytest fixtures do the same from Python (tests/_service_support.py: postgres_cluster).
 set -euo pipefail
 
 bin_dir() {

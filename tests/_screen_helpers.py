@@ -29,7 +29,7 @@ def make_artifact(path: Path, task: str = "stage2", *, arch: str = "convnext_att
     if ood:
         from bonescreen.ood import attach_ood
 
-        from bonescreen.service.testing import widen_ood_threshold
+        from _service_support import widen_ood_threshold
 
         imgs = ood_images(size)
         attach_ood(path, imgs[::2], None, imgs[1::2])

@@ -116,7 +116,7 @@ def _pseudonym_key(tmp_path_factory: pytest.TempPathFactory) -> None:
 @pytest.fixture(scope="session")
 def pg_server_url() -> Iterator[str]:
     """One throwaway PostgreSQL server per test process (Debian's postgresql), shared by the service tests."""
-    from bonescreen.service.testing import find_pg_bin, postgres_cluster
+    from _service_support import find_pg_bin, postgres_cluster
 
     if find_pg_bin() is None:
         pytest.skip("PostgreSQL server binaries not installed (apt-get install postgresql)")
@@ -133,7 +133,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """An empty database of each kind the service supports."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'bonescreen.db'}"
-    from bonescreen.service.testing import reset_database
+    from _service_support import reset_database
 
     url = str(request.getfixturevalue("pg_server_url"))
     reset_database(url)

@@ -10,7 +10,7 @@ import pydicom
 import pytest
 
 from bonescreen.screen import ScreenOptions, rollup_study, screen
-from bonescreen.service.testing import make_cxr_bytes, make_tiny_artifact
+from _service_support import make_cxr_bytes, make_tiny_artifact
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -22,7 +22,7 @@ def _noise_cxr(seed: int) -> bytes:
     """A valid adult chest CR header around uniform noise."""
     import io
 
-    from bonescreen.service.testing import make_cxr_dataset
+    from _service_support import make_cxr_dataset
 
     ds = make_cxr_dataset(seed=seed, study_uid="1.2.826.0.1.4242.9")
     ds.PixelData = np.random.default_rng(seed).integers(0, 4096, (64, 64), dtype=np.uint16).tobytes()

@@ -95,7 +95,7 @@ def make_pediatric_artifact(path: Path, calibrate: list[tuple[np.ndarray, pd.Dat
     # the OOD part, as `pediatric train` fits one (one class), on the kind of image screened here
     from bonescreen.ood import attach_ood
     from bonescreen.preprocess import preprocess_array
-    from bonescreen.service.testing import widen_ood_threshold
+    from _service_support import widen_ood_threshold
 
     imgs = np.stack([preprocess_array(radiograph(100 + i, shape=(96, 96)).astype(np.float32), SIZE)
                      for i in range(48)])

@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from bonescreen.service.api import create_app
 from bonescreen.service.config import ServiceConfig
 from bonescreen.service.runtime import Service
-from bonescreen.service.testing import make_cxr_bytes, make_tiny_artifact
+from _service_support import make_cxr_bytes, make_tiny_artifact
 
 TOKEN = "test-token-123"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -19,7 +19,7 @@ import pytest
 pytest.importorskip("pynetdicom")
 pytest.importorskip("uvicorn")
 
-from bonescreen.service.testing import free_port, make_cxr_dataset, make_tiny_artifact
+from _service_support import free_port, make_cxr_dataset, make_tiny_artifact
 
 TOKEN = "crash-test-token"
 N = 24

@@ -18,7 +18,7 @@ pytest.importorskip("pynetdicom")
 from bonescreen.service.config import ServiceConfig
 from bonescreen.service.forward import CStoreSender, ForwardLoop
 from bonescreen.service.runtime import Service
-from bonescreen.service.testing import (
+from _service_support import (
     find_orthanc,
     free_port,
     make_cxr_bytes,

@@ -23,7 +23,7 @@ from bonescreen.service.api import PUBLIC_ROUTES, create_app
 from bonescreen.service.auth import hash_password, new_token, token_digest
 from bonescreen.service.config import ServiceConfig
 from bonescreen.service.runtime import Service
-from bonescreen.service.testing import free_port, make_cxr_dataset
+from _service_support import free_port, make_cxr_dataset
 
 SOP = "1.2.826.0.1.66.1"
 PAGES = {"/worklist", "/admin/audit", "/monitor"}  # HTML: no principal -> redirect to the sign-in page

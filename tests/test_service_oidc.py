@@ -19,7 +19,7 @@ from bonescreen.service.api import create_app
 from bonescreen.service.auth import hash_password
 from bonescreen.service.config import ServiceConfig
 from bonescreen.service.runtime import Service
-from bonescreen.service.testing import FakeOIDCProvider
+from _service_support import FakeOIDCProvider
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):

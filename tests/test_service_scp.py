@@ -20,7 +20,7 @@ pynetdicom = pytest.importorskip("pynetdicom")
 
 from bonescreen.service.config import ServiceConfig
 from bonescreen.service.runtime import Service
-from bonescreen.service.testing import free_port, make_cxr_dataset, make_tiny_artifact
+from _service_support import free_port, make_cxr_dataset, make_tiny_artifact
 
 CR = "1.2.840.10008.5.1.4.1.1.1"
 SENDER = "CXR_MODALITY"

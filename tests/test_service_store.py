@@ -25,7 +25,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
         s = Store(f"sqlite:///{tmp_path / 'q.db'}")
     else:
         url = request.getfixturevalue("pg_url")
-        from bonescreen.service.testing import reset_database
+        from _service_support import reset_database
 
         reset_database(url)
         s = Store(url)
@@ -142,12 +142,12 @@ def test_service_on_postgresql_end_to_end(pg_url: str, tmp_path: Path) -> None:
     """The whole service (intake, worker, results) with PostgreSQL as its database."""
     from bonescreen.service.config import ServiceConfig
     from bonescreen.service.runtime import Service
-    from bonescreen.service.testing import make_cxr_bytes, make_tiny_artifact
+    from _service_support import make_cxr_bytes, make_tiny_artifact
 
     art = make_tiny_artifact(tmp_path / "tiny.pt", size=32, min_size=32)
     cfg = ServiceConfig(model=str(art), data_dir=str(tmp_path / "data"), db_url=pg_url.replace("+psycopg", ""),
                         dicom_enabled=False, explain=False, poll_seconds=0.05).validate()
-    from bonescreen.service.testing import reset_database
+    from _service_support import reset_database
 
     reset_database(pg_url)
     svc = Service(cfg, token="t")

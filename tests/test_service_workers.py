@@ -17,7 +17,7 @@ import pytest
 
 pytest.importorskip("pynetdicom")
 
-from bonescreen.service.testing import free_port, make_cxr_dataset, make_tiny_artifact, reset_database
+from _service_support import free_port, make_cxr_dataset, make_tiny_artifact, reset_database
 
 TOKEN = "two-workers-token"
 N = 30

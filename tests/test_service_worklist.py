@@ -20,7 +20,7 @@ uvicorn = pytest.importorskip("uvicorn")
 from bonescreen.service.api import create_app
 from bonescreen.service.config import ServiceConfig
 from bonescreen.service.runtime import Service
-from bonescreen.service.testing import free_port
+from _service_support import free_port
 
 USER, PASSWORD = "dr.house", "vicodin-and-dxa"
 

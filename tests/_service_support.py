@@ -1,7 +1,8 @@
 """Test support for the service: tiny synthetic CXR DICOMs, a tiny model, a throwaway PostgreSQL.
 
-Lives in the package (not in tests/) so the service tests, CI scripts and a
-developer's shell share one implementation.
+Test support, so it lives under tests/ and does not ship in the package. From a
+checkout, a developer's shell reaches it with ``PYTHONPATH=tests`` (see the README's
+"Try it out locally").
 """
 
 from __future__ import annotations
