@@ -48,7 +48,7 @@ def _wait(cond: Any, what: str, timeout: float, procs: list[subprocess.Popen[byt
         except OSError:
             pass
         time.sleep(0.2)
-    raise AssertionError(f"{what} not within {timeout} s:\n" + "\n".join(l.read_text()[-1500:] for l in logs))
+    raise AssertionError(f"{what} not within {timeout} s:\n" + "\n".join(log.read_text()[-1500:] for log in logs))
 
 
 def test_two_worker_processes_share_the_queue_and_survive_kill_9(pg_server_url: str, tmp_path: Path) -> None:

@@ -161,7 +161,7 @@ def load_preset(name: str) -> dict[str, Any]:
     path = PRESET_DIR / f"{name}.yaml"
     if not path.is_file():
         raise TableError(f"unknown DXA export preset {name!r}; choose from {dxa_presets()}")
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    data: dict[str, Any] = yaml.safe_load(path.read_text(encoding="utf-8"))
     cols = data.get("columns") or {}
     known = {"patient_id", "exam_date", "sex", "age", BIRTH_DATE_COLUMN, *T_SCORE_COLUMNS, *DXA_OPTIONAL}
     bad = sorted(set(cols) - known)

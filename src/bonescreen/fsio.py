@@ -69,6 +69,7 @@ def atomic_open(dest: PathLike, mode: str = "w", *, encoding: str | None = "utf-
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_open writes a new file: mode 'w' or 'wb', not {mode!r}")
     with atomic_path(dest, tmp_dir=tmp_dir, sync_dir=sync_dir) as tmp:
+        fh: IO[Any]
         if mode == "wb":
             fh = open(tmp, "wb")  # noqa: SIM115 - closed below, before the rename
         else:

@@ -557,8 +557,8 @@ def _figures(res: MonitorResult) -> dict[str, bytes]:
             ax1.axhline(res.config.alerts.auc_min, color="C3", ls="--", lw=1, label="floor")
         ax1.set(ylim=(0.4, 1.0), ylabel="AUC (95% CI)", title="Discrimination")
         for key, color in (("sensitivity", "C1"), ("specificity", "C2")):
-            v, l, h = series(res.by.get("month", {}), key)
-            err = [np.clip(np.nan_to_num(v - l), 0, None), np.clip(np.nan_to_num(h - v), 0, None)]
+            v, lo, hi = series(res.by.get("month", {}), key)
+            err = [np.clip(np.nan_to_num(v - lo), 0, None), np.clip(np.nan_to_num(hi - v), 0, None)]
             ax2.errorbar(x, v, yerr=err, marker="o", color=color,
                          capsize=3, lw=1.2, label=key)
         ax2.set(ylim=(0, 1.02), ylabel="share (Wilson 95% CI)", title="Flag vs DXA, by month")
