@@ -24,6 +24,7 @@ __all__ = [
     "atomic_open",
     "atomic_path",
     "atomic_torch_save",
+    "file_sha256",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
@@ -105,3 +106,14 @@ def atomic_torch_save(obj: Any, path: PathLike) -> None:
 
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def file_sha256(path: PathLike, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes, read in chunks (model ids, artifact lineage)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()

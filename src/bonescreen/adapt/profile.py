@@ -207,14 +207,14 @@ def list_profiles(path: str | Path) -> dict[str, SiteProfile]:
 
 def artifact_lineage(path: str | Path) -> list[str]:
     """SHA-256 of this file and of its earlier versions with the same weights (profile edits)."""
-    from bonescreen.screen.models import file_sha256
+    from bonescreen.fsio import file_sha256
 
     return [*list(read_payload(path).get("artifact_lineage") or []), file_sha256(path)]
 
 
 def _save_profiles(path: Path, payload: dict[str, Any], profiles: dict[str, Any], out: Path | None) -> Path:
     from bonescreen.artifact import atomic_torch_save
-    from bonescreen.screen.models import file_sha256
+    from bonescreen.fsio import file_sha256
 
     payload = dict(payload)
     payload["site_profiles"] = profiles

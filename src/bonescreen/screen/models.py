@@ -15,7 +15,6 @@ validated OOD parts (:func:`bonescreen.ood.check_ood_part`).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from bonescreen.errors import BonescreenError, ModelArtifactError
+from bonescreen.fsio import file_sha256
 
 __all__ = [
     "BACKENDS",
@@ -66,14 +66,6 @@ class Predictor(Protocol):
     def predict_proba(self, images: np.ndarray) -> np.ndarray: ...
 
     def predict_with_features(self, images: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]: ...
-
-
-def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def model_id(path: str | os.PathLike[str]) -> str:
