@@ -20,7 +20,7 @@ from bonescreen.adapt.recalibrate import Recalibration
 from bonescreen.artifact import atomic_torch_save, load_artifact, weights_fingerprint
 from bonescreen.screen import ScreenOptions, rollup_study, screen
 from bonescreen.screen.models import ScreenError
-from bonescreen.service.testing import make_cxr_bytes, make_tiny_artifact
+from _service_support import make_cxr_bytes, make_tiny_artifact
 
 PROFILE = "SITE_X"
 N_STUDIES = 5
