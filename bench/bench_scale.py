@@ -251,7 +251,8 @@ def section_accuracy(args: argparse.Namespace, res: dict[str, Any]) -> None:
     from sklearn.metrics import roc_auc_score
 
     from bonescreen.artifact import load_artifact
-    from bonescreen.screen.backends import PRECISION, calibration_images
+    from bonescreen.screen.backends import PRECISION
+    from bonescreen.screen.loading import calibration_images
     from bonescreen.screen.engine import PrepContext, prepare
     from bonescreen.screen.gate import GatePolicy
     from bonescreen.screen.inputs import InputItem

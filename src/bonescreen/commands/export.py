@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -55,31 +54,11 @@ def handler(args: argparse.Namespace) -> int:
         if args.quantize == "static":
             if not args.calibration:
                 raise BonescreenError("--quantize static needs --calibration images", reason="bad_option")
-            calib = _calibration_images(args.calibration, src)
+            from bonescreen.screen.loading import calibration_images
+
+            calib = calibration_images(args.calibration, loaded)
         q = quantize_onnx(out, out.with_suffix(".int8.onnx"), mode=args.quantize, calibration=calib)
         qd = float(np.abs(load_onnx(q).predict_proba(batch) - loaded.predict_proba(batch)).max())
         print(f"wrote {q} (int8 {args.quantize}); max |int8 - torch| on the random batch = {qd:.3f} "
               "(check AUC on labelled data before using it)")
     return 0
-
-
-def _calibration_images(inputs: list[str], src: Path) -> Any:
-    """Up to 64 images that pass screen's gate (the engine's prepare), for static int8 calibration."""
-    import numpy as np
-
-    from bonescreen.errors import BonescreenError
-    from bonescreen.screen import ScreeningEngine, iter_inputs
-
-    # calibration only needs representative pixels: the gate applies, the OOD check is not run here
-    engine = ScreeningEngine.from_paths(src, ood="off")
-    size = engine.models.main.size
-    imgs = []
-    for item in iter_inputs(inputs):
-        prep = engine.prepare(item)
-        if prep.images is not None:
-            imgs.append(prep.images[size])
-        if len(imgs) >= 64:
-            break
-    if not imgs:
-        raise BonescreenError("no eligible calibration image found", reason="bad_option")
-    return np.stack(imgs)

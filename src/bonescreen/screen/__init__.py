@@ -3,7 +3,8 @@
 The package (docs/ARCHITECTURE.md "Screening engine"):
 
 - :mod:`~bonescreen.screen.inputs` — file walk, manifests, file lists, the clinical table, labels;
-- :mod:`~bonescreen.screen.models` — ModelSet, load_models, the backend registry;
+- :mod:`~bonescreen.screen.models` — ModelSet and the backend registry (members: ``backends``, ``auto``);
+- :mod:`~bonescreen.screen.loading` — load_models / load_engine / calibration_images (above the engine);
 - :mod:`~bonescreen.screen.gate` — eligibility: header (modality, anatomy, view, age, size) and pixels;
 - :mod:`~bonescreen.screen.decide` — pure decisions: scores, category, flag, OOD verdict, study roll-up;
 - :mod:`~bonescreen.screen.journal` — the resumable results journal;
@@ -41,7 +42,8 @@ from bonescreen.screen.inputs import (
     iter_inputs,
 )
 from bonescreen.screen.journal import ResultStore
-from bonescreen.screen.models import BACKENDS, ModelSet, ScreenError, load_models, model_id, register_backend
+from bonescreen.screen.loading import calibration_images, load_engine, load_models
+from bonescreen.screen.models import BACKENDS, ModelSet, ScreenError, model_id, register_backend
 from bonescreen.screen.outputs import prediction_columns, safe_name, write_predictions
 from bonescreen.screen.run import ScreenOptions, ScreenSummary, result_columns, screen
 
@@ -78,6 +80,8 @@ __all__ = [
     "decide_outputs",
     "decide_pediatric",
     "iter_inputs",
+    "calibration_images",
+    "load_engine",
     "load_models",
     "model_id",
     "predict_batch",

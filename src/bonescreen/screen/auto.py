@@ -291,9 +291,7 @@ def choose_backend(model: str | os.PathLike[str], stage1: str | os.PathLike[str]
         return Choice(cands[0].backend, cands[0].why, machine.isa)
     calib = None
     if calibration is not None:
-        from bonescreen.screen.backends import calibration_images
-
-        calib = calibration if isinstance(calibration, np.ndarray) else calibration_images(calibration, loaded)
+        calib = np.asarray(calibration)  # preprocessed by bonescreen.screen.loading.calibration_images
     digest = hashlib.sha256(np.ascontiguousarray(calib).tobytes()).hexdigest()[:12] if calib is not None else ""
     ids = [model_id(path)] + ([model_id(stage1)] if stage1 else [])
     key = _cache_key(ids, machine, device, threads, batch_size, [c.backend for c in cands], digest)

@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -49,7 +47,6 @@ __all__ = [
     "PRECISION",
     "OpenVinoModel",
     "TorchPredictor",
-    "calibration_images",
     "resolve_device",
 ]
 
@@ -183,38 +180,11 @@ def exported_onnx(loaded: Any, ctx: BackendContext) -> Path:
     return onnx_path
 
 
-def calibration_images(inputs: Sequence[str | os.PathLike[str]], loaded: Any,
-                       limit: int = CALIBRATION_IMAGES) -> np.ndarray:
-    """Up to ``limit`` images from ``inputs`` that pass the model's gate, preprocessed (uint8 N×S×S).
-
-    Representative pixels for int8 calibration: give preprocessed-able training images (the
-    training manifest or folder). The gate applies; the OOD check does not (no features yet).
-    """
-    from bonescreen.errors import BonescreenError
-    from bonescreen.screen.engine import PrepContext, prepare
-    from bonescreen.screen.gate import GatePolicy
-    from bonescreen.screen.inputs import iter_inputs
-
-    size = int(loaded.size)
-    pol = GatePolicy.from_eligibility(loaded.spec.eligibility, min_size=min(256, size))
-    ctx = PrepContext(pol, (size,), None, False, None)
-    imgs = []
-    for item in iter_inputs(inputs):
-        prep = prepare(item, ctx)
-        if prep.images is not None:
-            imgs.append(prep.images[size])
-        if len(imgs) >= limit:
-            break
-    if not imgs:
-        raise BonescreenError("no eligible calibration image found in --calibration", reason="bad_option")
-    return np.stack(imgs)
-
-
 def _calibration(loaded: Any, ctx: BackendContext) -> np.ndarray:
     if ctx.calibration is None:
         raise ScreenError("an int8 backend needs --calibration IMAGES (eligible training images, up to "
                           f"{CALIBRATION_IMAGES} are used): static quantization sets its scales on them")
-    imgs = ctx.calibration if isinstance(ctx.calibration, np.ndarray) else calibration_images(ctx.calibration, loaded)
+    imgs = np.asarray(ctx.calibration)  # preprocessed by bonescreen.screen.loading.calibration_images
     # every other image calibrates; the rest stay held out for auto's accuracy guard (bonescreen.screen.auto)
     return imgs[0::2] if len(imgs) > 1 else imgs
 

@@ -36,7 +36,7 @@ from bonescreen.screen.inputs import (
     fill_from_clinical,
     fill_meta,
 )
-from bonescreen.screen.models import ModelSet, ScreenError, file_sha256, load_models
+from bonescreen.screen.models import ModelSet, ScreenError, file_sha256
 
 __all__ = ["ALREADY_SCREENED", "PrepContext", "Prepared", "ScreeningEngine", "predict_batch", "prepare"]
 
@@ -237,12 +237,6 @@ class ScreeningEngine:
             self.explainers["main"] = (PediatricExplainer if models.pediatric else Explainer)(models.main_torch)
             if models.stage1_torch is not None:
                 self.explainers["stage1"] = Explainer(models.stage1_torch)
-
-    @classmethod
-    def from_paths(cls, model: str | os.PathLike[str], stage1: str | os.PathLike[str] | None = None, *,
-                   backend: str = "torch", threads: int | None = None,
-                   cache_dir: str | os.PathLike[str] | None = None, **kwargs: Any) -> ScreeningEngine:
-        return cls(load_models(model, stage1, backend=backend, threads=threads, cache_dir=cache_dir), **kwargs)
 
     # ------------------------------------------------------------ facts
 

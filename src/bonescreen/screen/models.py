@@ -34,7 +34,6 @@ __all__ = [
     "Predictor",
     "ScreenError",
     "file_sha256",
-    "load_models",
     "model_id",
     "register_backend",
 ]
@@ -186,87 +185,3 @@ class ModelSet:
 
             out[key] = check_ood_part(pred.spec, fingerprint, name)
         return out
-
-
-def _load_one(path: str | os.PathLike[str], backend: str, threads: int | None, cache_dir: Path | None,
-              expected_task: str | None, device: str = "cpu", compile: bool = False, calibration: Any = None,
-              ) -> tuple[Predictor, Any, str, str | None]:
-    """(predictor, torch LoadedModel or None, model id, weights fingerprint or None)."""
-    from bonescreen.artifact import load_artifact
-
-    path = Path(path)
-    if not path.is_file():
-        raise ModelArtifactError(f"model not found: {path}")
-    if backend not in BACKENDS:
-        raise ScreenError(f"backend must be auto or one of {', '.join(sorted(BACKENDS))}, got {backend!r}")
-    mid = model_id(path)
-    if path.suffix.lower() == ".onnx":
-        if backend != "onnx":
-            raise ModelArtifactError(f"{path.name} is an ONNX file; pass --backend onnx (or the .pt artifact)")
-        from bonescreen.onnx_export import load_onnx, onnx_providers
-
-        onnx_model = load_onnx(path, expected_task=expected_task, threads=threads, providers=onnx_providers(device))
-        if onnx_model.spec.task == "pediatric":
-            raise ModelArtifactError(f"{path.name} is a pediatric model: it has no ONNX export; screen it with "
-                                     "--backend torch")
-        return onnx_model, None, mid, None
-    loaded = load_artifact(path, expected_task=expected_task)
-    if threads:
-        import torch
-
-        torch.set_num_threads(int(threads))
-    ctx = BackendContext(path, mid, threads, cache_dir, device=device, compile=compile, calibration=calibration)
-    predictor = BACKENDS[backend](loaded, ctx)
-    return predictor, loaded, mid, loaded.fingerprint
-
-
-def backend_label(backend: str, device: str = "cpu", compile: bool = False) -> str:
-    """What a row's ``backend`` column says: the registry name, ``+compile``, ``@cuda`` off the CPU."""
-    return backend + ("+compile" if compile else "") + ("" if device == "cpu" else f"@{device}")
-
-
-def load_models(
-    model: str | os.PathLike[str],
-    stage1: str | os.PathLike[str] | None = None,
-    *,
-    backend: str = "torch",
-    threads: int | None = None,
-    cache_dir: str | os.PathLike[str] | None = None,
-    device: str = "cpu",
-    compile: bool = False,
-    calibration: Any = None,
-    batch_size: int = 8,
-) -> ModelSet:
-    """Load the model(s) on ``backend`` (a :data:`BACKENDS` name, or ``auto``: see bonescreen.screen.auto).
-
-    ``backend="onnx"`` (and the OpenVINO/int8 backends) export a .pt artifact to ONNX once
-    (cached in ``cache_dir``) and run that; ``device`` is ``cpu``, ``cuda`` or ``auto``.
-    """
-    from bonescreen.screen.backends import resolve_device
-
-    cache = Path(cache_dir) if cache_dir else None
-    if cache:
-        cache.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(device)
-    choice = None
-    if backend == "auto":
-        from bonescreen.screen.auto import choose_backend
-
-        choice = choose_backend(model, stage1, threads=threads, cache_dir=cache, device=device,
-                                calibration=calibration, batch_size=batch_size)
-        backend = choice.backend
-    main, main_t, main_id, main_fp = _load_one(model, backend, threads, cache, None, device, compile, calibration)
-    s1 = s1_t = None
-    s1_id = ""
-    s1_fp = None
-    if stage1 is not None and main.spec.task == "pediatric":
-        raise ModelArtifactError(PEDIATRIC_CASCADE_REFUSED)
-    if stage1 is not None:
-        s1, s1_t, s1_id, s1_fp = _load_one(stage1, backend, threads, cache, "stage1", device, compile, calibration)
-    ms = ModelSet(main, s1, main_id, s1_id, backend_label(backend, device, compile), main_t, s1_t, main_fp, s1_fp)
-    ms.choice = choice.as_dict() if choice is not None else None
-    return ms
-
-
-# the registry's members (imported last: they register themselves with register_backend)
-from bonescreen.screen import backends as _backends  # noqa: E402,F401

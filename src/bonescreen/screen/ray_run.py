@@ -39,7 +39,8 @@ import numpy as np
 from bonescreen.screen.engine import PrepContext, Prepared, ScreeningEngine, prepare
 from bonescreen.screen.gate import GatePolicy
 from bonescreen.screen.inputs import ClinicalTable, InputItem, count_inputs, iter_inputs
-from bonescreen.screen.models import ScreenError, backend_label, load_models
+from bonescreen.screen.loading import backend_label, load_models
+from bonescreen.screen.models import ScreenError
 from bonescreen.screen.run import ScreenOptions, ScreenSummary, finish_run, open_run
 
 __all__ = ["ACTOR_MEMORY", "CHUNK", "PrepSpec", "init_ray", "ray_screen"]

@@ -33,7 +33,8 @@ from bonescreen.schema import OOD_POLICIES, PEDIATRIC_RESULT_COLUMNS, RESULT_COL
 from bonescreen.screen.engine import Prepared, ScreeningEngine
 from bonescreen.screen.inputs import ClinicalTable, count_inputs, iter_inputs
 from bonescreen.screen.journal import ResultStore
-from bonescreen.screen.models import ModelSet, ScreenError, load_models
+from bonescreen.screen.loading import load_models
+from bonescreen.screen.models import ModelSet, ScreenError
 from bonescreen.screen.outputs import sr_facts, write_image_files, write_parquet, write_predictions, write_studies
 
 __all__ = ["RunState", "ScreenOptions", "ScreenSummary", "finish_run", "open_run", "result_columns", "screen"]

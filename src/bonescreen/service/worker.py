@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from bonescreen.pseudonym import Pseudonymiser
-from bonescreen.screen import ScreeningEngine
+from bonescreen.screen import ScreeningEngine, load_engine
 from bonescreen.service.config import ServiceConfig
 from bonescreen.service.store import ClaimedJob, Store
 
@@ -68,7 +68,7 @@ class Screened:
 def engine_for(config: ServiceConfig) -> ScreeningEngine:
     """The service's engine: ``screen``'s, with the configuration's models, thresholds, gate, OOD policy
     and site profile (``site_profile``: the same decision as ``screen --site-profile``)."""
-    return ScreeningEngine.from_paths(
+    return load_engine(
         config.model, config.stage1, backend=config.backend, threads=config.threads,
         cache_dir=config.data_path / ".onnx", threshold=config.threshold, threshold_stage1=config.threshold_stage1,
         gate=config.gate, ood=config.ood, explain=config.explain and config.backend != "onnx",
