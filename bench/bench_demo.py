@@ -29,8 +29,15 @@ from typing import Any
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
-SITES = ("DEV", "EXT_A", "EXT_B", "EXT_C")
-SITE_LABELS = {"DEV": "DEV (internal test)", "EXT_A": "EXT_A", "EXT_B": "EXT_B", "EXT_C": "EXT_C (categories only)"}
+SITES = ("DEV", "EXT_A", "EXT_B", "EXT_C", "FAR")  # the order of the columns; other sites follow
+SITE_LABELS = {"DEV": "DEV (internal test)", "EXT_A": "EXT_A", "EXT_B": "EXT_B", "EXT_C": "EXT_C (categories only)",
+               "FAR": "FAR (far vendor look)"}
+
+
+def sites_of(res: dict[str, Any]) -> list[str]:
+    """The sites a run scored, in the README's column order (a phantom without FAR has no FAR column)."""
+    seen = {str(r["site"]) for r in res["summary"]}
+    return [s for s in SITES if s in seen] + sorted(seen - set(SITES))
 
 
 def machine() -> dict[str, Any]:
@@ -85,9 +92,10 @@ def training_seconds(out: Path) -> dict[str, float]:
 def markdown(res: dict[str, Any]) -> str:
     """The README tables: AUC (CI) · headroom per model and site, oracle rows, then the cascade per site."""
     rows = {(r["model"], r["site"]): r for r in res["summary"]}
+    SITES = sites_of(res)  # noqa: N806 (shadows the module order on purpose)
     n = {s: rows.get(("student", s), {}).get("n") for s in SITES}
     n1 = {s: rows.get(("stage1", s), {}).get("n") for s in SITES}
-    head = "| model | " + " | ".join(f"{SITE_LABELS[s]} (n {n[s]} / {n1[s]})" for s in SITES) + " |"
+    head = "| model | " + " | ".join(f"{SITE_LABELS.get(s, s)} (n {n[s]} / {n1[s]})" for s in SITES) + " |"
     lines = [head, "|" + "---|" * (len(SITES) + 1)]
 
     def cell(r: dict[str, Any] | None) -> str:
@@ -112,7 +120,7 @@ def markdown(res: dict[str, Any]) -> str:
         if not t:
             continue
         acc = t["accuracy"]
-        out.append(f"Cascade on {SITE_LABELS[site]} ({t['n']} images; accuracy {acc['value']:.2f} "
+        out.append(f"Cascade on {SITE_LABELS.get(site, site)} ({t['n']} images; accuracy {acc['value']:.2f} "
                    f"({acc['lo']:.2f}–{acc['hi']:.2f})): n (share of the true class, 95% CI)")
         out.append("")
         out.append("| true \\ predicted | " + " | ".join(names[c] for c in t["categories"]) + " |")
