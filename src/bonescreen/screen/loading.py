@@ -33,7 +33,7 @@ from bonescreen.screen.models import (
     model_id,
 )
 
-__all__ = ["backend_label", "calibration_images", "load_engine", "load_models"]
+__all__ = ["backend_label", "calibration_for", "calibration_images", "load_engine", "load_models"]
 
 
 def calibration_images(inputs: Sequence[str | os.PathLike[str]], loaded: Any,
@@ -116,12 +116,13 @@ def load_models(
     if cache:
         cache.mkdir(parents=True, exist_ok=True)
     device = resolve_device(device)
+    # the main model's calibration images, read once: auto's accuracy guard and the int8 backends share them
+    main_calib = calibration_for(model, calibration)
     choice = None
     if backend == "auto":
         choice = choose_backend(model, stage1, threads=threads, cache_dir=cache, device=device,
-                                calibration=_calibration_for(model, calibration), batch_size=batch_size)
+                                calibration=main_calib, batch_size=batch_size)
         backend = choice.backend
-    main_calib = _calibration_for(model, calibration)
     main, main_t, main_id, main_fp = _load_one(model, backend, threads, cache, None, device, compile, main_calib)
     s1 = s1_t = None
     s1_id = ""
@@ -130,13 +131,13 @@ def load_models(
         raise ModelArtifactError(PEDIATRIC_CASCADE_REFUSED)
     if stage1 is not None:
         s1, s1_t, s1_id, s1_fp = _load_one(stage1, backend, threads, cache, "stage1", device, compile,
-                                           _calibration_for(stage1, calibration))
+                                           calibration_for(stage1, calibration))
     ms = ModelSet(main, s1, main_id, s1_id, backend_label(backend, device, compile), main_t, s1_t, main_fp, s1_fp)
     ms.choice = choice.as_dict() if choice is not None else None
     return ms
 
 
-def _calibration_for(path: str | os.PathLike[str], calibration: Any) -> np.ndarray | None:
+def calibration_for(path: str | os.PathLike[str], calibration: Any) -> np.ndarray | None:
     """``--calibration`` inputs -> this model's preprocessed calibration images (an array passes through)."""
     if calibration is None or isinstance(calibration, np.ndarray):
         return calibration

@@ -39,9 +39,9 @@ import numpy as np
 from bonescreen.screen.engine import PrepContext, Prepared, ScreeningEngine, prepare
 from bonescreen.screen.gate import GatePolicy
 from bonescreen.screen.inputs import ClinicalTable, InputItem, count_inputs, iter_inputs
-from bonescreen.screen.loading import backend_label, load_models
+from bonescreen.screen.loading import backend_label, calibration_for, load_models
 from bonescreen.screen.models import ScreenError
-from bonescreen.screen.run import ScreenOptions, ScreenSummary, finish_run, open_run
+from bonescreen.screen.run import ScreenOptions, ScreenSummary, engine_policy, finish_run, open_run
 
 __all__ = ["ACTOR_MEMORY", "CHUNK", "PrepSpec", "init_ray", "ray_screen"]
 
@@ -219,7 +219,8 @@ def ray_screen(
             from bonescreen.screen.auto import choose_backend
 
             choice = choose_backend(model, stage1, threads=actor_threads, cache_dir=Path(out_dir) / ".onnx",
-                                    device="cpu", calibration=opts.calibration, batch_size=opts.batch_size)
+                                    device="cpu", calibration=calibration_for(model, opts.calibration),
+                                    batch_size=opts.batch_size)
             backend = choice.backend
         label = backend_label(backend, device, opts.compile) if backend != "auto" else f"auto@{device}"
         # the driver needs the artifact's facts (gate, thresholds, OOD parts) only: plain torch on the CPU
@@ -234,9 +235,7 @@ def ray_screen(
         key_fp = json.loads((run.out / "run.json").read_text()).get("pseudonym_key")
         spec = PrepSpec(engine.policy, engine.ctx.sizes, opts.site, opts.include_patient_id, key_file, key_fp,
                         engine.ctx.pediatric, str(opts.clinical) if opts.clinical else None)
-        engine_kw = {"threshold": opts.threshold, "threshold_stage1": opts.threshold_stage1,
-                     "always_stage2": opts.always_stage2, "gate": opts.gate, "ood": opts.ood, "site": opts.site,
-                     "include_patient_id": opts.include_patient_id, "site_profile": opts.site_profile}
+        engine_kw = engine_policy(opts)
         load_kw = {"threads": actor_threads, "cache_dir": str(Path(out_dir).resolve() / ".onnx"),
                    "device": device, "compile": opts.compile, "calibration": opts.calibration,
                    "batch_size": opts.batch_size}

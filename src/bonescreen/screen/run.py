@@ -175,6 +175,14 @@ class RunState:
     exclude: list[str]
 
 
+def engine_policy(opts: ScreenOptions) -> dict[str, Any]:
+    """The options that decide (thresholds, gate, OOD policy, site, site profile): one list for every
+    runner, so ``screen``'s engine and the Ray actors' engines decide alike."""
+    return {"threshold": opts.threshold, "threshold_stage1": opts.threshold_stage1,
+            "always_stage2": opts.always_stage2, "gate": opts.gate, "ood": opts.ood, "site": opts.site,
+            "include_patient_id": opts.include_patient_id, "site_profile": opts.site_profile}
+
+
 def open_run(
     inputs: Sequence[str | os.PathLike[str]],
     model: str | os.PathLike[str] | ModelSet,
@@ -203,12 +211,8 @@ def open_run(
     if not opts.include_patient_id:
         key = load_or_create_key(opts.pseudonym_key_file)
         pseudonymiser, key_id = Pseudonymiser(key), key_fingerprint(key)
-    engine = ScreeningEngine(
-        models, threshold=opts.threshold, threshold_stage1=opts.threshold_stage1, always_stage2=opts.always_stage2,
-        gate=opts.gate, ood=opts.ood, explain=opts.explain or opts.dicom_sc, site=opts.site,
-        include_patient_id=opts.include_patient_id, pseudonymiser=pseudonymiser, clinical=clinical,
-        site_profile=opts.site_profile,
-    )
+    engine = ScreeningEngine(models, explain=opts.explain or opts.dicom_sc, pseudonymiser=pseudonymiser,
+                             clinical=clinical, **engine_policy(opts))
     if opts.ood == "off":
         log.warning("the out-of-distribution check is off (--ood off): images unlike the training data are "
                     "scored as if they were chest radiographs; every row records ood_check=off")
