@@ -124,7 +124,8 @@ def adult_teacher(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[s
     from bonescreen.config import load_config
     from bonescreen.phantom import default_sites, generate_phantom
     from bonescreen.preprocess import preprocess_files
-    from bonescreen.train import predict_manifest, train_model
+    from bonescreen.training.inference import predict_manifest
+    from bonescreen.training.jobs import train_model
 
     out: dict[str, Any] = {}
     ph, cache = args.out / "phantom", args.out / "cache"
@@ -167,7 +168,7 @@ def pediatric(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, 
     from bonescreen.cohort import CohortConfig, build_cohort, sites_from_phantom
     from bonescreen.config import load_config
     from bonescreen.evaluate.metrics import auc_point
-    from bonescreen.pediatric.train import train_pediatric
+    from bonescreen.training.pediatric import train_pediatric
     from bonescreen.phantom import generate_phantom
     from bonescreen.phantom.pediatric import default_pediatric_sites
 

@@ -49,7 +49,8 @@ def throughput(preset: str, repeats: int, steps: int, overrides: dict) -> dict:
     from bonescreen.config import load_config
     from bonescreen.data import ImageSource, ManifestDataset
     from bonescreen.distributed import resolve_device
-    from bonescreen.train import _autocast, build_model
+    from bonescreen.training.inference import autocast
+    from bonescreen.training.model import build_model
 
     cfg = load_config(preset, {"progress": False, **overrides})
     device = resolve_device(cfg.device)
@@ -80,7 +81,7 @@ def throughput(preset: str, repeats: int, steps: int, overrides: dict) -> dict:
                     t0, seen = time.perf_counter(), 0
                 x = batch["image"].to(device, non_blocking=True)
                 y = batch["label"].to(device, non_blocking=True)
-                with _autocast(device, cfg):
+                with autocast(device, cfg):
                     loss = torch.nn.functional.cross_entropy(model(x).float(), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -104,11 +105,12 @@ def recipe(phantom: Path, preset: str, overrides: dict, n_dev: int, n_ext: int, 
 
     from bonescreen.cohort import CohortConfig, build_cohort, sites_from_phantom
     from bonescreen.config import load_config
-    from bonescreen.distill import distill
+    from bonescreen.training.distill import distill
     from bonescreen.phantom import generate_phantom
     from bonescreen.preprocess import preprocess_files
     from bonescreen.pseudolabel import pseudolabel
-    from bonescreen.train import predict_manifest, train_model
+    from bonescreen.training.inference import predict_manifest
+    from bonescreen.training.jobs import train_model
 
     cfg = load_config(preset, {"progress": False, **overrides})
     timings: dict[str, float] = {}

@@ -95,7 +95,7 @@ _TEACHER: dict[str, object] = {}
 def trained_teacher(tmp_path_factory):  # type: ignore[no-untyped-def]
     """One small cohort and a teacher trained on it, shared by the test modules of a session."""
     if "result" not in _TEACHER:
-        from bonescreen.train import train_model
+        from bonescreen.training.jobs import train_model
 
         root = tmp_path_factory.mktemp("teacher")
         manifest = make_cohort(root / "data")

@@ -11,7 +11,7 @@ import torch
 from _train_helpers import tiny_config, trained_teacher
 
 from bonescreen.artifact import load_artifact
-from bonescreen.distill import distill, distillation_loss
+from bonescreen.training.distill import distill, distillation_loss
 
 
 def test_loss_matches_a_hand_computed_value() -> None:
@@ -88,7 +88,7 @@ def test_student_on_labelled_plus_proxy_data(tmp_path_factory) -> None:  # type:
 
 def test_teacher_soft_targets_are_the_teacher_on_each_orientation(tmp_path_factory) -> None:  # type: ignore[no-untyped-def]
     from bonescreen.data import ImageSource
-    from bonescreen.distill import teacher_soft_targets
+    from bonescreen.training.distill import teacher_soft_targets
     from bonescreen.distributed import DistEnv
 
     t = trained_teacher(tmp_path_factory)

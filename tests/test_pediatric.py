@@ -78,7 +78,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny pediatric phantom -> cohort -> one-epoch fusion model, shared by the tests below."""
     from bonescreen.cli import main
     from bonescreen.config import load_config
-    from bonescreen.pediatric.train import train_pediatric
+    from bonescreen.training.pediatric import train_pediatric
 
     root = tmp_path_factory.mktemp("ped")
     assert main(["pediatric", "phantom", str(root / "ph"), "--n-per-site", "26", "--size", "48", "--quiet"]) == 0
@@ -210,7 +210,7 @@ def test_spread_calibration_undoes_shrinkage_on_known_data() -> None:
     np.testing.assert_array_equal(spread_z(p_new, {}), p_new)
     # selection after the stretch is not fooled by shrinkage: the shrunk regression has the lower
     # raw MAE, but both have the same MAE once stretched (the stretch is affine-invariant)
-    from bonescreen.pediatric.train import z_agreement
+    from bonescreen.training.pediatric import z_agreement
 
     loose, tight = z_agreement(z_tune, spread_z(p_tune, extra)), z_agreement(z_tune, p_tune)
     assert tight["mae"] < loose["mae"]
@@ -274,7 +274,8 @@ def _toy_fit(tmp_path: Path, scores: list[float], patience: int | None) -> tuple
     from bonescreen.artifact import ModelSpec
     from bonescreen.config import load_config
     from bonescreen.distributed import DistEnv
-    from bonescreen.train import TrainJob, fit
+    from bonescreen.training.loop import TrainJob, fit
+    from bonescreen.training.selection import CallbackEvaluation
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 1))
@@ -293,8 +294,7 @@ def _toy_fit(tmp_path: Path, scores: list[float], patience: int | None) -> tuple
                                    "device": "cpu", "balance": "none", "early_stopping_patience": patience,
                                    "warmup_epochs": 0, "lr": 0.05})
     job = TrainJob(task="stage2", spec=ModelSpec.for_task("toy", "stage2"), model=model, train_ds=ds,  # type: ignore[arg-type]
-                   tune_ds=None, tune_frame=pd.DataFrame(), test_ds=ds, test_frame=pd.DataFrame(),  # type: ignore[arg-type]
-                   loss_fn=loss_fn, model_card={}, evaluate_fn=evaluate_fn)
+                   loss_fn=loss_fn, evaluation=CallbackEvaluation(evaluate_fn), model_card={})
     return fit(job, tmp_path, cfg, DistEnv()), calls
 
 
@@ -439,7 +439,7 @@ def test_train_pediatric_selects_on_tuning_mae(run: dict[str, Path]) -> None:
     assert res.best_epoch == best == card["best_epoch"]
     assert metrics["best"].astype(bool).tolist()[best - 1]
     # z_from=auto took the source with the lowest tuning MAE at that epoch, recomputed from the table
-    from bonescreen.pediatric.train import z_agreement
+    from bonescreen.training.pediatric import z_agreement
 
     tune = pd.read_csv(run["tune"])
     parts = {"head": tune["z_pred_head"], "reference": tune["z_pred_ref"],

@@ -121,7 +121,7 @@ def test_config_keys_validate() -> None:
 
 
 def test_training_with_shift_and_shifted_selection(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from bonescreen.train import train_model
+    from bonescreen.training.jobs import train_model
 
     manifest = make_cohort(tmp_path / "data", n_per_split={"train": 32, "tune": 16, "test": 8}, size=32)
     cfg = tiny_config(image_size=32, epochs=2, tensorboard=False, site_shift=0.8, selection="tune_shifted",
@@ -134,7 +134,7 @@ def test_training_with_shift_and_shifted_selection(tmp_path) -> None:  # type: i
     assert r.best_epoch == int(m.loc[m["tune_selection"].idxmax(), "epoch"])
     assert r.model_card["config"]["site_shift"] == 0.8
     # resuming with another shift is refused (the batches would differ)
-    from bonescreen.train import train_model as again
+    from bonescreen.training.jobs import train_model as again
 
     with pytest.raises(ConfigError, match="site_shift"):
         again(manifest, tmp_path / "out", tiny_config(image_size=32, epochs=3, tensorboard=False, site_shift=0.3,
@@ -261,7 +261,7 @@ def test_collimation_and_text_touch_only_borders_and_edges() -> None:
 
 def test_shifted_selection_picks_the_epoch_that_ranks_every_look() -> None:
     """Constructed history: epoch 2 fits DEV's look best but breaks under shifts; epoch 3 is robust."""
-    from bonescreen.train import _selection_score, shifted_selection_score
+    from bonescreen.training.selection import selection_score, shifted_selection_score
 
     history = {  # epoch: (clean tune AUC, AUCs on 4 shifted copies)
         1: (0.70, [0.60, 0.62, 0.58, 0.61]),
@@ -269,7 +269,7 @@ def test_shifted_selection_picks_the_epoch_that_ranks_every_look() -> None:
         3: (0.82, [0.78, 0.80, 0.76, 0.79]),
         4: (0.80, [0.74, 0.76, 0.72, 0.75]),
     }
-    plain = {e: _selection_score({"auc": c}) for e, (c, _) in history.items()}
+    plain = {e: selection_score({"auc": c}) for e, (c, _) in history.items()}
     shifted = {e: shifted_selection_score({"auc": c}, s) for e, (c, s) in history.items()}
     assert max(plain, key=plain.get) == 2  # selecting on DEV's tune AUC rewards fitting DEV
     assert max(shifted, key=lambda e: shifted[e][1]) == 3
@@ -283,7 +283,7 @@ def test_shifted_selection_picks_the_epoch_that_ranks_every_look() -> None:
 
 def test_pediatric_refuses_shifted_selection(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """The pediatric model selects on tuning Z MAE; a setting it would ignore is refused, not dropped."""
-    from bonescreen.pediatric.train import train_pediatric
+    from bonescreen.training.pediatric import train_pediatric
 
     cfg = load_config("pediatric-cpu-tiny", {"selection": "tune_shifted", "site_shift": 0.8})
     with pytest.raises(ConfigError, match="selection='tune_shifted' is not supported by the pediatric"):

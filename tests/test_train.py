@@ -14,7 +14,8 @@ from _train_helpers import make_cohort, tiny_config, trained_teacher
 from bonescreen.artifact import load_artifact
 from bonescreen.errors import TableError
 from bonescreen.schema import PREDICTION_OPTIONAL, PREDICTION_REQUIRED
-from bonescreen.train import predict_manifest, train_model
+from bonescreen.training.inference import predict_manifest
+from bonescreen.training.jobs import train_model
 
 
 @pytest.fixture(scope="module")
@@ -162,3 +163,25 @@ def test_cli_train_writes_the_outputs(tmp_path: Path, capsys) -> None:  # type: 
     rc = main(["train", str(manifest), "--out", str(tmp_path / "o2"), "--set", "no_such_key=1"])
     assert rc == 1
     assert "unknown config key" in capsys.readouterr().err
+
+
+def test_task_registry_and_selection_fallbacks() -> None:
+    """Each task name maps to its hooks and entry point; the evaluations' fallbacks score as documented."""
+    from bonescreen.distributed import DistEnv
+    from bonescreen.training.jobs import ClassifierHooks
+    from bonescreen.training.pediatric import PediatricHooks
+    from bonescreen.training.registry import TASK_TRAINING, train
+    from bonescreen.training.selection import CallbackEvaluation, ClassifierEvaluation, TrainLossSelection
+
+    assert set(TASK_TRAINING) == {"stage1", "stage2", "three_class", "pediatric"}
+    assert TASK_TRAINING["pediatric"].hooks is PediatricHooks and TASK_TRAINING["stage1"].hooks is ClassifierHooks
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        train("nope", "m.csv", "out")
+    cfg, env, model = tiny_config(), DistEnv(), torch.nn.Identity()
+    assert TrainLossSelection().epoch(model, env, cfg, False, 0.25).score == -0.25
+    # a classifier job without tuning images falls back to the training loss, and has no test step
+    empty = ClassifierEvaluation("stage2", None, None, pd.DataFrame())
+    assert empty.epoch(model, env, cfg, False, 0.5).score == -0.5
+    assert empty.test(model, env, cfg, False, "m") == (None, None)
+    nan = CallbackEvaluation(lambda m, e: ({"tune_x": np.float64(1.0)}, float("nan"))).epoch(model, env, cfg, False, 0.1)
+    assert nan.score == -np.inf and type(nan.metrics["tune_x"]) is float  # plain Python for the checkpoint

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bonescreen.config import ConfigError, load_config, parse_overrides, preset_names
-from bonescreen.train import lite0_weights_path, resolve_pretrained
+from bonescreen.training.model import lite0_weights_path, resolve_pretrained
 
 
 def test_presets_hold_the_paper_recipe() -> None:
@@ -72,7 +72,7 @@ def test_pretrained_policy(caplog: pytest.LogCaptureFixture) -> None:
 
 def test_requested_weights_that_cannot_load_fail(tmp_path: Path) -> None:
     from bonescreen.models import PretrainedLoadError
-    from bonescreen.train import build_model
+    from bonescreen.training.model import build_model
 
     with pytest.raises(PretrainedLoadError, match="not found"):
         build_model(load_config("cpu-tiny", {"pretrained": str(tmp_path / "missing.pth")}), 2)
@@ -84,7 +84,7 @@ def test_requested_weights_that_cannot_load_fail(tmp_path: Path) -> None:
 def test_lite0_preset_starts_from_imagenet_weights() -> None:
     import torch
 
-    from bonescreen.train import build_model
+    from bonescreen.training.model import build_model
 
     model, desc = build_model(load_config("cpu-tiny"), 2)
     state = torch.load(lite0_weights_path(), map_location="cpu", weights_only=True)

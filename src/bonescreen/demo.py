@@ -56,13 +56,14 @@ class DemoResult:
 def run_demo(out_dir: str | Path, config: DemoConfig | None = None, *, progress: bool = True) -> DemoResult:
     from bonescreen.cohort import CohortConfig, build_cohort, sites_from_phantom
     from bonescreen.config import load_config
-    from bonescreen.distill import distill
+    from bonescreen.training.distill import distill
     from bonescreen.evaluate.cascade import cascade_by_site
     from bonescreen.evaluate.report import EvaluateConfig, run_evaluation
     from bonescreen.phantom import default_sites, generate_phantom
     from bonescreen.preprocess import preprocess_files
     from bonescreen.pseudolabel import pseudolabel
-    from bonescreen.train import predict_manifest, train_model
+    from bonescreen.training.inference import predict_manifest
+    from bonescreen.training.jobs import train_model
 
     cfg = config or DemoConfig()
     out = Path(out_dir)

@@ -24,9 +24,11 @@ import numpy as np
 import pandas as pd
 
 from bonescreen.artifact import LoadedModel, load_artifact
-from bonescreen.data import TASK_LABEL_COLUMN, prepare_images, read_manifest
-from bonescreen.distributed import cleanup, init_distributed
+from bonescreen.data import TASK_LABEL_COLUMN, PreparedImages, prepare_images, read_manifest
+from bonescreen.distributed import DistEnv, barrier, cleanup, init_distributed
 from bonescreen.errors import TableError
+from bonescreen.training.inference import infer_logits_distributed, softmax_rows
+from bonescreen.training.prepare import cpu_workers
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +85,79 @@ def pool_frame(pool: str | Path | pd.DataFrame | Sequence[str | Path]) -> pd.Dat
         if p.suffix.lower() == ".csv":
             return read_manifest(p)
         pool = [p]
-    frame = pd.DataFrame({"path": [str(x) for x in pool]})  # type: ignore[union-attr]
+    frame = pd.DataFrame({"path": [str(x) for x in pool]})
     if frame.empty:
         raise TableError("the pool is empty")
     return read_manifest(frame)
+
+
+def score_pool(loaded: LoadedModel, frame: pd.DataFrame, cache_root: str | Path, batch_size: int, env: DistEnv,
+               progress: bool) -> tuple[PreparedImages, np.ndarray]:
+    """The pool's readable images (rank 0 fills the cache) and the teacher's probabilities, sharded over ranks."""
+    if env.is_main:
+        prepared = prepare_images(
+            frame, cache_root, loaded.size, preload="false", workers=cpu_workers(), progress=progress
+        )
+    barrier(env)
+    if not env.is_main:
+        prepared = prepare_images(frame, cache_root, loaded.size, preload="false", compute=False, progress=False)
+    logits = infer_logits_distributed(
+        loaded.model,
+        prepared.source,
+        env,
+        mean=float(loaded.spec.preprocess["mean"]),
+        std=float(loaded.spec.preprocess["std"]),
+        batch_size=batch_size,
+        progress=progress,
+        desc="pseudolabel",
+    )
+    probs = softmax_rows(logits) if len(logits) else np.zeros((0, len(loaded.spec.class_names)))
+    return prepared, probs
+
+
+def proxy_tables(loaded: LoadedModel, prepared: PreparedImages, probs: np.ndarray, cls: np.ndarray,
+                 keep: np.ndarray, site: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(every scored image with its probabilities, the kept images as training rows with proxy labels)."""
+    names = list(loaded.spec.class_names)
+    scored = prepared.frame.copy()
+    if "site" not in scored.columns:
+        scored["site"] = site
+    for j, name in enumerate(names):
+        scored[f"prob_{name}"] = probs[:, j]
+    scored["proxy_class"] = [names[c] for c in cls]
+    scored["proxy_confidence"] = probs[np.arange(len(probs)), cls] if len(probs) else []
+    scored["kept"] = keep.astype(int)
+    kept = scored.loc[keep].copy()
+    label_col = TASK_LABEL_COLUMN[loaded.spec.task]
+    kept[label_col] = cls[keep]
+    if loaded.spec.task != "stage2":
+        kept["label"] = np.nan
+    kept["split"] = "train"
+    kept["proxy"] = 1
+    kept["score"] = probs[keep][:, loaded.spec.positive_class] if loaded.spec.num_classes == 2 else np.nan
+    return scored, kept
+
+
+def proxy_counts(loaded: LoadedModel, thresholds: Sequence[float], n_pool: int, prepared: PreparedImages,
+                 cls: np.ndarray, keep: np.ndarray) -> dict[str, Any]:
+    """Kept / excluded per class, unreadable files and their reasons (``<out>.counts.json``)."""
+    names = list(loaded.spec.class_names)
+    counts: dict[str, Any] = {
+        "model": Path(loaded.path).name if loaded.path else loaded.spec.arch,
+        "task": loaded.spec.task,
+        "thresholds": {n: float(t) for n, t in zip(names, thresholds)},
+        "n_pool": n_pool,
+        "n_scored": len(prepared.frame),
+        "n_unreadable": len(prepared.skipped),
+        "unreadable_reasons": dict(Counter(prepared.skipped["reason"]).most_common()),
+        "classes": {
+            n: {"kept": int(((cls == j) & keep).sum()), "excluded": int(((cls == j) & ~keep).sum())}
+            for j, n in enumerate(names)
+        },
+    }
+    counts["n_kept"] = int(keep.sum())
+    counts["n_excluded"] = int((~keep).sum())
+    return counts
 
 
 def pseudolabel(
@@ -105,8 +176,6 @@ def pseudolabel(
 
     Runs under ``torchrun`` too: each process scores a shard, rank 0 writes.
     """
-    from bonescreen.train import cpu_workers, softmax_rows, infer_logits_distributed
-
     env = init_distributed(device)
     try:
         loaded = (
@@ -120,64 +189,15 @@ def pseudolabel(
                 f"{len(thresholds)} thresholds given for the {len(names)} classes {names} of this model"
             )
         frame = pool_frame(pool)
-        if env.is_main:
-            prepared = prepare_images(
-                frame, cache_root, loaded.size, preload="false", workers=cpu_workers(), progress=progress
-            )
-        from bonescreen.distributed import barrier
-
-        barrier(env)
-        if not env.is_main:
-            prepared = prepare_images(frame, cache_root, loaded.size, preload="false", compute=False, progress=False)
-        logits = infer_logits_distributed(
-            loaded.model,
-            prepared.source,
-            env,
-            mean=float(loaded.spec.preprocess["mean"]),
-            std=float(loaded.spec.preprocess["std"]),
-            batch_size=batch_size,
-            progress=progress,
-            desc="pseudolabel",
-        )
-        probs = softmax_rows(logits) if len(logits) else np.zeros((0, len(names)))
+        prepared, probs = score_pool(loaded, frame, cache_root, batch_size, env, progress)
         cls, keep = select_proxy_labels(probs, thresholds)
 
         out_csv = Path(out_csv)
         stem = out_csv.with_suffix("")
         scores_csv = Path(f"{stem}.scores.csv")
         counts_json = Path(f"{stem}.counts.json")
-        scored = prepared.frame.copy()
-        if "site" not in scored.columns:
-            scored["site"] = site
-        for j, name in enumerate(names):
-            scored[f"prob_{name}"] = probs[:, j]
-        scored["proxy_class"] = [names[c] for c in cls]
-        scored["proxy_confidence"] = probs[np.arange(len(probs)), cls] if len(probs) else []
-        scored["kept"] = keep.astype(int)
-        kept = scored.loc[keep].copy()
-        label_col = TASK_LABEL_COLUMN[loaded.spec.task]
-        kept[label_col] = cls[keep]
-        if loaded.spec.task != "stage2":
-            kept["label"] = np.nan
-        kept["split"] = "train"
-        kept["proxy"] = 1
-        kept["score"] = probs[keep][:, loaded.spec.positive_class] if loaded.spec.num_classes == 2 else np.nan
-
-        counts: dict[str, Any] = {
-            "model": Path(loaded.path).name if loaded.path else loaded.spec.arch,
-            "task": loaded.spec.task,
-            "thresholds": {n: float(t) for n, t in zip(names, thresholds)},
-            "n_pool": len(frame),
-            "n_scored": len(scored),
-            "n_unreadable": len(prepared.skipped),
-            "unreadable_reasons": dict(Counter(prepared.skipped["reason"]).most_common()),
-            "classes": {
-                n: {"kept": int(((cls == j) & keep).sum()), "excluded": int(((cls == j) & ~keep).sum())}
-                for j, n in enumerate(names)
-            },
-        }
-        counts["n_kept"] = int(keep.sum())
-        counts["n_excluded"] = int((~keep).sum())
+        scored, kept = proxy_tables(loaded, prepared, probs, cls, keep, site)
+        counts = proxy_counts(loaded, thresholds, len(frame), prepared, cls, keep)
         if env.is_main:
             out_csv.parent.mkdir(parents=True, exist_ok=True)
             kept.to_csv(out_csv, index=False)

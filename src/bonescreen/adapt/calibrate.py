@@ -245,7 +245,7 @@ def pairs_from_manifest(model: Any, manifest: str | Path | Any, cache_root: str 
     """Score a cohort manifest's labelled images (optionally one ``site``/``split``) with ``model``."""
     import pandas as pd
 
-    from bonescreen.train import predict_manifest
+    from bonescreen.training.inference import predict_manifest
 
     frame = select_manifest(manifest, model.spec.task, site=site, split=split)
     preds = predict_manifest(model, frame, cache_root, labelled_only=True, progress=progress)

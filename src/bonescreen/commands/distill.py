@@ -7,7 +7,7 @@ import argparse
 
 def handler(args: argparse.Namespace) -> int:
     from bonescreen.commands.train import config_for, is_rank0, print_result
-    from bonescreen.distill import distill
+    from bonescreen.training.distill import distill
 
     cfg = config_for(args)
     if args.alpha is not None:

@@ -126,7 +126,7 @@ def _cohort(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from bonescreen.config import config_from_args
     from bonescreen.pediatric.metrics import summary_lines
-    from bonescreen.pediatric.train import train_pediatric
+    from bonescreen.training.pediatric import train_pediatric
 
     cfg = config_from_args(args)
     res = train_pediatric(args.manifest, args.out, cfg, cache_root=args.cache, resume=args.resume,

@@ -68,7 +68,7 @@ def print_result(result) -> None:  # type: ignore[no-untyped-def]
 
 
 def handler(args: argparse.Namespace) -> int:
-    from bonescreen.train import train_model
+    from bonescreen.training.jobs import train_model
 
     cfg = config_for(args)
     result = train_model(

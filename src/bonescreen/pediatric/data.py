@@ -3,7 +3,7 @@
 The training stack's :class:`bonescreen.data.ManifestDataset` supplies the
 (augmented, normalised) image; :class:`PediatricDataset` adds the
 standardised clinical vector and the regression targets to every item, so
-``bonescreen.train.fit`` runs unchanged with :func:`regression_loss`.
+``bonescreen.training.loop.fit`` runs unchanged with :func:`regression_loss`.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ class PediatricDataset(Dataset):
 
 
 def regression_loss(bmd_weight: float = 0.5):  # type: ignore[no-untyped-def]
-    """``loss_fn(model, x, batch)`` for ``bonescreen.train.fit``: MSE on standardised Z (+ weighted BMD).
+    """``loss_fn(model, x, batch)`` for ``bonescreen.training.loop.fit``: MSE on standardised Z (+ weighted BMD).
 
     Missing BMD values are masked out; Z is always present (rows without it
     never reach the dataset).

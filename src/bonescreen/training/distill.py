@@ -21,6 +21,7 @@ at a fraction of the cost (no teacher forward per step).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,28 +37,19 @@ from bonescreen.data import (
     TASK_LABEL_COLUMN,
     ImageSource,
     ManifestDataset,
+    PreparedImages,
     read_manifest,
     task_labels,
 )
 from bonescreen.distributed import DistEnv, cleanup, init_distributed
 from bonescreen.errors import TableError
 from bonescreen.site_shift import from_config as site_shift_from_config
-from bonescreen.train import (
-    LossFn,
-    TrainResult,
-    write_skipped,
-    build_model,
-    check_trainable,
-    classifier_job,
-    fit,
-    fit_artifact_ood,
-    infer_logits_distributed,
-    load_splits,
-    make_spec,
-    model_card,
-    prepare_split,
-    seed_everything,
-)
+from bonescreen.training.checkpoint import seed_everything
+from bonescreen.training.hooks import LossFn, TrainResult
+from bonescreen.training.inference import infer_logits_distributed
+from bonescreen.training.jobs import ClassifierHooks, make_spec, model_card, train_task
+from bonescreen.training.model import build_model
+from bonescreen.training.prepare import check_trainable, load_splits, prepare_split, write_skipped
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +116,61 @@ def read_proxy(proxy: str | Path | pd.DataFrame, task: str) -> pd.DataFrame:
     return frame
 
 
+@dataclass
+class DistillHooks(ClassifierHooks):
+    """A classifier task trained as a student: the strong view against the teacher's precomputed logits."""
+
+    soft_targets: np.ndarray | None = None
+
+    def train_dataset(self, prep: PreparedImages, cfg: TrainConfig) -> ManifestDataset:
+        return ManifestDataset(
+            prep.source,
+            prep.frame["_y"].to_numpy(),
+            augment=cfg.student_augment,
+            strong_p=cfg.strong_p,
+            seed=cfg.seed,
+            soft_targets=self.soft_targets,
+            site_shift=site_shift_from_config(cfg),
+        )
+
+    def loss(self, cfg: TrainConfig) -> LossFn:
+        return distill_loss_fn(cfg.distill_alpha, cfg.distill_temperature)
+
+
+def student_splits(manifest: str | Path | pd.DataFrame, proxy: str | Path | pd.DataFrame | None, task: str,
+                   cache_root: str | Path, cfg: TrainConfig, env: DistEnv, progress: bool) -> dict[str, PreparedImages]:
+    """The labelled splits, the proxy-labelled pool rows added to ``train`` (``proxy`` 1), prepared."""
+    splits = load_splits(manifest, task)
+    train = splits["train"].copy()
+    train["proxy"] = 0
+    if proxy is not None:
+        extra = read_proxy(proxy, task)
+        train = pd.concat([train, extra], ignore_index=True, sort=False)
+    return {
+        "train": prepare_split(train, cache_root, cfg.image_size, cfg, env, progress),
+        "tune": prepare_split(splits["tune"], cache_root, cfg.image_size, cfg, env, progress),
+        "test": prepare_split(splits["test"], cache_root, cfg.image_size, cfg, env, progress),
+    }
+
+
+def train_soft_targets(loaded: Any, train: PreparedImages, cache_root: str | Path, cfg: TrainConfig, env: DistEnv,
+                       progress: bool) -> tuple[np.ndarray, float]:
+    """The teacher's logits on the training images (at the teacher's input size) and its accuracy on them."""
+    train_frame = train.frame
+    if loaded.size == cfg.image_size:
+        teacher_source = train.source
+    else:
+        teacher_prep = prepare_split(train_frame.drop(columns="_row"), cache_root, loaded.size, cfg, env, progress)
+        if len(teacher_prep.frame) != len(train_frame):
+            raise TableError("teacher and student preprocessing kept different images")
+        teacher_source = teacher_prep.source
+    soft = teacher_soft_targets(loaded, teacher_source, env, cfg, progress)
+    teacher_probs = torch.softmax(torch.from_numpy(soft[:, 0]), dim=1).numpy()
+    y = train_frame["_y"].to_numpy()
+    agreement = float((teacher_probs.argmax(1) == y).mean()) if len(y) else float("nan")
+    return soft, agreement
+
+
 def distill(
     manifest: str | Path | pd.DataFrame,
     out_dir: str | Path,
@@ -139,7 +186,7 @@ def distill(
     """Train a student on labelled + proxy-labelled data against the teacher's soft targets.
 
     Model selection, checkpoints, early stopping and outputs are those of
-    :func:`bonescreen.train.train_model`. ``proxy=None`` distils on the
+    :func:`bonescreen.training.jobs.train_model`. ``proxy=None`` distils on the
     labelled data alone.
     """
     cfg = (config or load_config("cpu-tiny")).validate()
@@ -148,71 +195,30 @@ def distill(
         out = Path(out_dir)
         progress = cfg.progress and env.is_main
         loaded = load_artifact(teacher, expected_task=task, device="cpu")
-        splits = load_splits(manifest, task)
-        train = splits["train"].copy()
-        train["proxy"] = 0
-        if proxy is not None:
-            extra = read_proxy(proxy, task)
-            train = pd.concat([train, extra], ignore_index=True, sort=False)
-        preps = {
-            "train": prepare_split(train, cache_root, cfg.image_size, cfg, env, progress),
-            "tune": prepare_split(splits["tune"], cache_root, cfg.image_size, cfg, env, progress),
-            "test": prepare_split(splits["test"], cache_root, cfg.image_size, cfg, env, progress),
-        }
+        preps = student_splits(manifest, proxy, task, cache_root, cfg, env, progress)
         check_trainable(preps["train"])
         n_skipped = write_skipped(out, list(preps.values()), env)
-        train_frame = preps["train"].frame
-        if loaded.size == cfg.image_size:
-            teacher_source = preps["train"].source
-        else:
-            teacher_prep = prepare_split(train_frame.drop(columns="_row"), cache_root, loaded.size, cfg, env, progress)
-            if len(teacher_prep.frame) != len(train_frame):
-                raise TableError("teacher and student preprocessing kept different images")
-            teacher_source = teacher_prep.source
-        soft = teacher_soft_targets(loaded, teacher_source, env, cfg, progress)
-        teacher_probs = torch.softmax(torch.from_numpy(soft[:, 0]), dim=1).numpy()
-        y = train_frame["_y"].to_numpy()
-        agreement = float((teacher_probs.argmax(1) == y).mean()) if len(y) else float("nan")
+        soft, agreement = train_soft_targets(loaded, preps["train"], cache_root, cfg, env, progress)
 
         spec = make_spec(cfg, task)
         seed_everything(cfg.seed)
         model, pretrained_desc = build_model(cfg, spec.num_classes)
-        train_ds = ManifestDataset(
-            preps["train"].source,
-            y,
-            augment=cfg.student_augment,
-            strong_p=cfg.strong_p,
-            seed=cfg.seed,
-            soft_targets=soft,
-            site_shift=site_shift_from_config(cfg),
-        )
-
-        card = model_card(
-            "distilled",
-            model_name,
-            cfg,
-            pretrained_desc,
-            spec,
-            preps,
-            n_skipped,
-            teacher={
-                "arch": loaded.spec.arch,
-                "file": Path(teacher).name,
-                "image_size": loaded.size,
-                "tune_metrics": loaded.spec.model_card.get("tune_metrics", {}),
-                "train_agreement": agreement,
-            },
-            distillation={
-                "alpha": cfg.distill_alpha,
-                "temperature": cfg.distill_temperature,
-                "student_augment": cfg.student_augment,
-                "teacher_view": "weak (flip only), precomputed",
-            },
-        )
-        loss = distill_loss_fn(cfg.distill_alpha, cfg.distill_temperature)
-        job = classifier_job(task, spec, model, train_ds, preps, loss, card, model_name, n_skipped)
-        result = fit(job, out, cfg, env, resume=resume)
-        fit_artifact_ood(result.artifact_path, preps, y, cfg, env)
-        return result
+        teacher_card = {
+            "arch": loaded.spec.arch,
+            "file": Path(teacher).name,
+            "image_size": loaded.size,
+            "tune_metrics": loaded.spec.model_card.get("tune_metrics", {}),
+            "train_agreement": agreement,
+        }
+        distillation = {
+            "alpha": cfg.distill_alpha,
+            "temperature": cfg.distill_temperature,
+            "student_augment": cfg.student_augment,
+            "teacher_view": "weak (flip only), precomputed",
+        }
+        card = model_card("distilled", model_name, cfg, pretrained_desc, spec, preps, n_skipped,
+                          teacher=teacher_card, distillation=distillation)
+        return train_task(DistillHooks(task, soft_targets=soft), spec=spec, model=model, card=card, preps=preps,
+                          out=out, cfg=cfg, env=env, resume=resume, model_name=model_name, n_skipped=n_skipped)
     finally:
         cleanup(env)

@@ -1,0 +1,46 @@
+"""Task name -> its training hooks (:class:`bonescreen.training.hooks.TaskHooks`) and its entry point.
+
+Classifier tasks' hooks need only the task name; the pediatric hooks carry
+state fitted on the training split (standardiser, reference curves), so they
+are built by ``train_pediatric``. ``train(task, ...)`` dispatches a training
+run by task name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from bonescreen.training.jobs import ClassifierHooks, train_model
+from bonescreen.training.pediatric import PediatricHooks, train_pediatric
+
+
+@dataclass(frozen=True)
+class TaskTraining:
+    """How one task trains: its hooks class and the entry point that builds them and runs the loop."""
+
+    hooks: type[Any]
+    train: Callable[..., Any]
+
+
+def _classifier(task: str) -> TaskTraining:
+    def run(manifest: Any, out_dir: Any, config: Any = None, **kwargs: Any) -> Any:
+        return train_model(manifest, out_dir, config, task=task, **kwargs)
+
+    return TaskTraining(ClassifierHooks, run)
+
+
+TASK_TRAINING: dict[str, TaskTraining] = {
+    "stage2": _classifier("stage2"),
+    "stage1": _classifier("stage1"),
+    "three_class": _classifier("three_class"),
+    "pediatric": TaskTraining(PediatricHooks, train_pediatric),
+}
+
+
+def train(task: str, manifest: Any, out_dir: Any, config: Any = None, **kwargs: Any) -> Any:
+    """Train ``task`` (``train_model``'s or ``train_pediatric``'s keyword arguments)."""
+    if task not in TASK_TRAINING:
+        raise ValueError(f"unknown task {task!r}; known: {', '.join(TASK_TRAINING)}")
+    return TASK_TRAINING[task].train(manifest, out_dir, config, **kwargs)
