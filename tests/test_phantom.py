@@ -28,7 +28,7 @@ from bonescreen.phantom import (
     generate_phantom,
     render_patient_image,
 )
-from bonescreen.phantom.generate import _build_site, _stage2_prevalence
+from bonescreen.phantom.adult import build_site, stage2_prevalence
 
 CR = "1.2.840.10008.5.1.4.1.1.1"
 DX = "1.2.840.10008.5.1.4.1.1.1.1"
@@ -278,10 +278,10 @@ def test_oracle_and_prevalence(cohort: Path) -> None:
     # on a large sample (no images): prevalence in 25-50 %, osteoporosis present,
     # and the ceiling clearly below 1 because DXA sites and noise differ from the latent
     for spec in default_sites():
-        built = _build_site(spec, spec.name, 8000, 0)
+        built = build_site(spec, spec.name, 8000, 0)
         cat = built["category"]
-        assert 0.25 <= _stage2_prevalence(cat) <= 0.5, spec.name
-        assert abs(_stage2_prevalence(cat) - spec.prevalence) < 0.03, spec.name
+        assert 0.25 <= stage2_prevalence(cat) <= 0.5, spec.name
+        assert abs(stage2_prevalence(cat) - spec.prevalence) < 0.03, spec.name
         assert (cat == "osteoporosis").mean() > 0.02
         keep = cat != "osteoporosis"
         auc = roc_auc_score(cat[keep] == "low_bone_mass", -built["latent"][keep])
