@@ -311,13 +311,26 @@ def _vertebrae(an: Anatomy, y0: float) -> list[tuple[float, float, float]]:
 
 
 def _render_frontal(cv: _Canvas, an: Anatomy, acq: Acquisition, tex_trab: np.ndarray, tex_lung: np.ndarray) -> None:
+    """PA / AP: soft tissue and lungs, then spine, ribs, shoulder girdle and any device, in that order."""
+    diaph = _diaphragm(an, acq, cv.x[None, :])  # (1, n)
+    heart_cy = _frontal_soft_tissue(cv, an, acq, tex_lung, diaph)
+    vert = _vertebrae(an, -18.0 * an.bone_scale)
+    _frontal_spine(cv, an, acq, vert)
+    _frontal_ribs(cv, an, vert, diaph)
+    _clavicles(cv, an, acq)
+    _scapulae(cv, an, acq)
+    _humeri(cv, an)
+    if an.device:
+        _frontal_device(cv, an, heart_cy)
+
+
+def _frontal_soft_tissue(cv: _Canvas, an: Anatomy, acq: Acquisition, tex_lung: np.ndarray, diaph: np.ndarray) -> float:
+    """Torso, neck, arms and breasts minus the lungs' air and the trachea; returns the heart's centre y."""
     X, Y = cv.x[None, :], cv.y[:, None]
     ap = acq.view == "AP"
     w = an.chest_half_width
     d = an.chest_half_depth
     s = an.bone_scale
-    diaph = _diaphragm(an, acq, X)  # (1, n)
-
     # Soft tissue: torso (elliptic cylinder whose top follows the shoulders),
     # neck and arms.
     shoulder_y = -32.0 + an.shoulder_drop * np.abs(X)
@@ -342,7 +355,6 @@ def _render_frontal(cv: _Canvas, an: Anatomy, acq: Acquisition, tex_trab: np.nda
             bx, by = side * 0.55 * w, an.lung_height - 35.0
             r2 = ((X - bx) / (0.5 * w)) ** 2 + ((Y - by) / 70.0) ** 2
             soft = soft + an.breast_mm * np.clip(1.0 - r2, 0.0, None) * _ramp(Y - (by - 40.0), 30.0)
-
     # Lungs: air path length, subtracted from the soft tissue they replace.
     inner_w = w - 6.0
     lung_depth = 2.0 * (d - 14.0) * _chord((X / inner_w) ** 2)
@@ -370,9 +382,11 @@ def _render_frontal(cv: _Canvas, an: Anatomy, acq: Acquisition, tex_trab: np.nda
     # trachea: air column down the upper mediastinum
     trachea = 2.0 * 8.5 * _chord(((X + 3.0) / 8.5) ** 2) * _ramp(70.0 - Y, 10.0)
     cv.A += MU_SOFT * (soft - air - trachea)
+    return heart_cy
 
-    # --- skeleton ---------------------------------------------------------
-    vert = _vertebrae(an, -18.0 * s)
+
+def _frontal_spine(cv: _Canvas, an: Anatomy, acq: Acquisition, vert: list[tuple[float, float, float]]) -> None:
+    """Vertebral bodies (elliptic cylinders) with end plates, pedicles and spinous processes."""
     rho = an.cortex  # scales every cortical thickness below
     cort = 0.8 * rho  # vertebral cortical shell (mm)
     # spine: vertebral bodies (elliptic cylinders) with end plates, pedicles,
@@ -409,6 +423,12 @@ def _render_frontal(cv: _Canvas, an: Anatomy, acq: Acquisition, tex_trab: np.nda
             e2 = ((Xs - 0.3 * acq.rotation) / (0.14 * hw)) ** 2 + ((Ys - (yc + 0.45 * h)) / (0.32 * h)) ** 2
             cv.bone_cort[rr, cols] += 6.0 * rho * _chord(e2)
 
+
+def _frontal_ribs(cv: _Canvas, an: Anatomy, vert: list[tuple[float, float, float]], diaph: np.ndarray) -> None:
+    """Posterior and (fainter) anterior ribs."""
+    w = an.chest_half_width
+    s = an.bone_scale
+    rho = an.cortex
     # ribs: posterior ribs as iso-lines of u = y - g(|x|), anterior ribs as
     # iso-lines of y - k * (w - |x|); nearest rib index by interpolation.
     rib_r = 6.0 * s  # half-height of a rib
@@ -455,16 +475,26 @@ def _render_frontal(cv: _Canvas, an: Anatomy, acq: Acquisition, tex_trab: np.nda
         )
         cv.bone_trab[rows, cols] += 0.6 * extA * 2 * 2.0 * s * _chord(d2A / (rA - 0.8 * rib_c) ** 2)
 
-    # clavicles: S-shaped tubes from the sternal notch to the acromion
-    clav_rise = 0.10 if ap else 0.22
+
+def _clavicles(cv: _Canvas, an: Anatomy, acq: Acquisition) -> None:
+    """S-shaped tubes from the sternal notch to the acromion (flatter on an AP view)."""
+    w = an.chest_half_width
+    s = an.bone_scale
+    rho = an.cortex
+    clav_rise = 0.10 if acq.view == "AP" else 0.22
     for side in (-1.0, 1.0):
         xs = np.linspace(18.0 * s, w + 18.0, 12)
         ys = 18.0 * s - clav_rise * (xs - xs[0]) + 6.0 * np.sin(np.pi * (xs - xs[0]) / (xs[-1] - xs[0]) * 2.0)
         pts = np.stack([side * xs + acq.rotation, ys], axis=1)
         _tube(cv, pts, 7.0 * s, 1.8 * rho, depth_ratio=1.0)
 
-    # scapulae: plate + lateral border + spine + glenoid
-    med_shift = -25.0 if ap else 0.0
+
+def _scapulae(cv: _Canvas, an: Anatomy, acq: Acquisition) -> None:
+    """Plate, lateral border, spine and glenoid of each scapula (pulled medially on an AP view)."""
+    w = an.chest_half_width
+    s = an.bone_scale
+    rho = an.cortex
+    med_shift = -25.0 if acq.view == "AP" else 0.0
     for side in (-1.0, 1.0):
         sup = np.array([side * (0.55 * w + med_shift), 4.0])
         inf = np.array([side * (0.70 * w + med_shift), 150.0 * s])
@@ -494,7 +524,12 @@ def _render_frontal(cv: _Canvas, an: Anatomy, acq: Acquisition, tex_trab: np.nda
             d2 = ((Xb - gx) / 12.0) ** 2 + ((Yb - gy) / 20.0) ** 2
             _shell_into(cv, rows, cols, d2 * 144.0, 12.0, 2.0 * rho, 1.6, False)
 
-    # proximal humeri: head (sphere) and shaft (cylinder with marrow canal)
+
+def _humeri(cv: _Canvas, an: Anatomy) -> None:
+    """Proximal humeri: head (sphere) and shaft (cylinder with marrow canal)."""
+    w = an.chest_half_width
+    s = an.bone_scale
+    rho = an.cortex
     for side in (-1.0, 1.0):
         hx0, hy0 = side * (w + 30.0), 34.0
         R = 23.0 * s
@@ -506,18 +541,20 @@ def _render_frontal(cv: _Canvas, an: Anatomy, acq: Acquisition, tex_trab: np.nda
         shaft = np.array([[hx0 + side * 4.0, hy0 + 0.7 * R], [hx0 + side * 45.0, hy0 + 170.0]])
         _tube(cv, shaft, 12.0 * s, 3.8 * rho, marrow=True)
 
-    # pacemaker-like device in the left infraclavicular region plus its lead
-    if an.device:
-        cx0, cy0 = 0.45 * w, 45.0
-        b = cv.box(cx0 - 25, cx0 + 25, cy0 - 20, cy0 + 20)
-        if b is not None:
-            rows, cols, Xb, Yb = b
-            can = _ramp(22.0 - np.abs(Xb - cx0), 2.0) * _ramp(17.0 - np.abs(Yb - cy0), 2.0)
-            cv.A[rows, cols] += MU_METAL * 7.0 * can
-        lead = np.array(
-            [[cx0 - 10, cy0 + 5], [0.12 * w, 25.0], [-0.05 * w, 90.0], [0.02 * w, heart_cy], [0.2 * w, heart_cy + 30]]
-        )
-        _tube(cv, lead, 1.2, 0.0, wire=True)
+
+def _frontal_device(cv: _Canvas, an: Anatomy, heart_cy: float) -> None:
+    """Pacemaker-like can in the left infraclavicular region plus its lead into the heart."""
+    w = an.chest_half_width
+    cx0, cy0 = 0.45 * w, 45.0
+    b = cv.box(cx0 - 25, cx0 + 25, cy0 - 20, cy0 + 20)
+    if b is not None:
+        rows, cols, Xb, Yb = b
+        can = _ramp(22.0 - np.abs(Xb - cx0), 2.0) * _ramp(17.0 - np.abs(Yb - cy0), 2.0)
+        cv.A[rows, cols] += MU_METAL * 7.0 * can
+    lead = np.array(
+        [[cx0 - 10, cy0 + 5], [0.12 * w, 25.0], [-0.05 * w, 90.0], [0.02 * w, heart_cy], [0.2 * w, heart_cy + 30]]
+    )
+    _tube(cv, lead, 1.2, 0.0, wire=True)
 
 
 # --- lateral -----------------------------------------------------------------
