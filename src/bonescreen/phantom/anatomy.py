@@ -562,11 +562,18 @@ def _frontal_device(cv: _Canvas, an: Anatomy, heart_cy: float) -> None:
 
 def _render_lateral(cv: _Canvas, an: Anatomy, acq: Acquisition, tex_trab: np.ndarray, tex_lung: np.ndarray) -> None:
     """Left lateral: beam right-to-left; anterior at image left, posterior at right."""
+    diaph = _lateral_soft_tissue(cv, an, acq, tex_lung)
+    vert = _vertebrae(an, -18.0 * an.bone_scale)
+    _lateral_spine(cv, an, vert)
+    _lateral_chest_wall(cv, an, vert, diaph)
+
+
+def _lateral_soft_tissue(cv: _Canvas, an: Anatomy, acq: Acquisition, tex_lung: np.ndarray) -> np.ndarray:
+    """Torso and neck minus both lungs' air, the heart and the trachea; returns the diaphragm's y."""
     Z, Y = cv.x[None, :], cv.y[:, None]  # Z: anterior (-) to posterior (+)
     w = an.chest_half_width
     d = an.chest_half_depth
     s = an.bone_scale
-    rho = an.cortex  # scales every cortical thickness below
     dd = d + an.fat_mm
     # torso path across the full width; arms raised out of the field
     shoulder_y = -45.0 + 0.2 * np.clip(-Z, 0, None)
@@ -593,9 +600,13 @@ def _render_lateral(cv: _Canvas, an: Anatomy, acq: Acquisition, tex_trab: np.nda
     air = np.clip(air - heart, 0.0, None)
     trachea = 2.0 * 9.0 * _chord(((Z + 0.05 * d) / 9.0) ** 2) * _ramp(80.0 - Y, 10.0)
     cv.A += MU_SOFT * (soft - air - trachea)
+    return diaph
 
-    # spine: vertebral bodies in profile (boxes), posterior elements behind
-    vert = _vertebrae(an, -18.0 * s)
+
+def _lateral_spine(cv: _Canvas, an: Anatomy, vert: list[tuple[float, float, float]]) -> None:
+    """Vertebral bodies in profile (boxes), posterior elements behind."""
+    d = an.chest_half_depth
+    rho = an.cortex
     z_sp = 0.45 * d
     cort = 1.0 * rho
     for yc, h, hw in vert:
@@ -615,6 +626,15 @@ def _render_lateral(cv: _Canvas, an: Anatomy, acq: Acquisition, tex_trab: np.nda
         # posterior elements: pedicles, laminae and spinous process
         pe = _ramp(Zb - (z_sp + depth_r), 2.0) * _ramp(z_sp + depth_r + 40.0 - Zb, 4.0) * vmask
         cv.bone_cort[rows, cols] += pe * 9.0 * rho
+
+
+def _lateral_chest_wall(cv: _Canvas, an: Anatomy, vert: list[tuple[float, float, float]], diaph: np.ndarray) -> None:
+    """Sternum, both rib families, the scapulae and any device, seen from the side."""
+    d = an.chest_half_depth
+    s = an.bone_scale
+    rho = an.cortex
+    dd = d + an.fat_mm
+    z_sp = 0.45 * d
     # sternum
     sz = -dd + an.fat_mm + 10.0
     b = cv.box(sz - 8, sz + 8, 20.0, 190.0 * s)
