@@ -365,11 +365,28 @@ def dicom_dataset(
     ``study``: StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID, StudyDate,
     StudyTime, AccessionNumber, SeriesNumber, InstanceNumber.
     """
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
+    from pydicom.dataset import Dataset
 
     sop_class = DX_PRESENTATION_STORAGE if vendor.modality == "DX" else CR_IMAGE_STORAGE
     ds = Dataset()
+    _describe(ds, det, vendor, view, spacing_mm, patient, study, institution, sop_class)
+    _image_pixel_module(ds, det, vendor, view)
+    _encode_pixels(ds, det, vendor, sop_class)
+    return ds
+
+
+def _describe(
+    ds: Any,
+    det: Detected,
+    vendor: VendorProfile,
+    view: str,
+    spacing_mm: float,
+    patient: dict[str, str],
+    study: dict[str, str],
+    institution: str,
+    sop_class: str,
+) -> None:
+    """Patient, study, series, equipment and acquisition tags."""
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.ImageType = ["ORIGINAL", "PRIMARY"]
     ds.SOPClassUID = sop_class
@@ -409,6 +426,11 @@ def dicom_dataset(
     ds.StudyID = study["AccessionNumber"][-8:]
     ds.SeriesNumber = int(study["SeriesNumber"])
     ds.InstanceNumber = int(study["InstanceNumber"])
+
+
+def _image_pixel_module(ds: Any, det: Detected, vendor: VendorProfile, view: str) -> None:
+    """Orientation, the pixel description, modality LUT (rescale), VOI window and presentation tags."""
+    lateral = view == "LAT"
     # rows run toward the patient's left (PA) or posterior (left lateral); columns toward the feet
     ds.PatientOrientation = ["P", "F"] if lateral else (["L", "F"] if view == "PA" else ["R", "F"])
     ds.ImageLaterality = "U"
@@ -435,6 +457,12 @@ def dicom_dataset(
         ds.DetectorType = "SCINTILLATOR"
     ds.LossyImageCompression = "00"
 
+
+def _encode_pixels(ds: Any, det: Detected, vendor: VendorProfile, sop_class: str) -> None:
+    """File meta and PixelData in the vendor's transfer syntax (explicit VR, RLE or JPEG 2000 lossless)."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
+
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
@@ -450,7 +478,6 @@ def dicom_dataset(
         # openjpeg logs one INFO line per tile; keep batch logs readable
         logging.getLogger("openjpeg").setLevel(logging.WARNING)
         ds.compress(JPEG2000Lossless, arr, encoding_plugin="pylibjpeg", generate_instance_uid=False)
-    return ds
 
 
 def write_dicom(path: str, ds: Any) -> None:
