@@ -423,21 +423,89 @@ def site_oracle(
     }
 
 
+# A pediatric DR room: smaller detector field, AP for the youngest.
+PEDIATRIC_VENDOR = VendorProfile(
+    name="ped_dr",
+    manufacturer="Phantom Imaging",
+    model="PX-DR Peds",
+    modality="DX",
+    bits_stored=12,
+    photometric="MONOCHROME2",
+    response="log",
+    voi_window=True,
+    rescale=(1.0, 0.0),
+    marker="R",
+    fov_mm=380.0,
+)
+
+# PED (development, tertiary children's hospital) and PED_EXT (external, CR room, MONOCHROME1):
+# median age ~13, ~25 % low BMD, CXR and DXA within three months.
+PEDIATRIC_SITES: tuple[SiteSpec, ...] = (
+    SiteSpec(
+        name="PED",
+        role="development",
+        pediatric=True,
+        age_mean=12.5,
+        age_sd=4.0,
+        age_min=0.0,
+        age_max=17.99,
+        female_frac=0.48,
+        prevalence=0.25,
+        vendors=(PEDIATRIC_VENDOR,),
+        ap_frac=0.30,
+        lateral_frac=0.05,
+        device_frac=0.03,  # central lines / ports
+        cxr_count_probs=(0.6, 0.3, 0.1),
+        window_probs=(0.5, 0.5, 0.0, 0.0),
+        date_start="2012-01-01",
+        date_end="2023-12-31",
+        dxa_device="GE Lunar iDXA",
+        dxa_noise=0.12,
+    ),
+    SiteSpec(
+        name="PED_EXT",
+        role="external",
+        pediatric=True,
+        age_mean=12.0,
+        age_sd=4.5,
+        age_min=0.0,
+        age_max=17.99,
+        female_frac=0.5,
+        prevalence=0.27,
+        vendors=(
+            VendorProfile(
+                name="pedext_cr",
+                manufacturer="Acme Medical",
+                model="CR-30 Peds",
+                modality="CR",
+                bits_stored=10,
+                photometric="MONOCHROME1",
+                response="linear",
+                exposure=0.8,
+                detail_gain=1.3,
+                collimation=0.05,
+                collimation_fill="black",
+                marker="L",
+                fov_mm=360.0,
+            ),
+        ),
+        ap_frac=0.4,
+        lateral_frac=0.05,
+        device_frac=0.03,
+        cxr_count_probs=(0.7, 0.3, 0.0),
+        window_probs=(0.4, 0.6, 0.0, 0.0),
+        date_start="2016-01-01",
+        date_end="2023-12-31",
+        dxa_device="Hologic Horizon",
+        dxa_offset=-0.05,
+        dxa_noise=0.15,
+    ),
+)
+
+
 def default_pediatric_vendor() -> VendorProfile:
     """A pediatric DR room: smaller detector field, AP for the youngest."""
-    return VendorProfile(
-        name="ped_dr",
-        manufacturer="Phantom Imaging",
-        model="PX-DR Peds",
-        modality="DX",
-        bits_stored=12,
-        photometric="MONOCHROME2",
-        response="log",
-        voi_window=True,
-        rescale=(1.0, 0.0),
-        marker="R",
-        fov_mm=380.0,
-    )
+    return PEDIATRIC_VENDOR
 
 
 def default_pediatric_sites() -> list[SiteSpec]:
@@ -445,64 +513,4 @@ def default_pediatric_sites() -> list[SiteSpec]:
 
     Median age ~13, ~25 % low BMD, CXR and DXA within three months.
     """
-    return [
-        SiteSpec(
-            name="PED",
-            role="development",
-            pediatric=True,
-            age_mean=12.5,
-            age_sd=4.0,
-            age_min=0.0,
-            age_max=17.99,
-            female_frac=0.48,
-            prevalence=0.25,
-            vendors=(default_pediatric_vendor(),),
-            ap_frac=0.30,
-            lateral_frac=0.05,
-            device_frac=0.03,  # central lines / ports
-            cxr_count_probs=(0.6, 0.3, 0.1),
-            window_probs=(0.5, 0.5, 0.0, 0.0),
-            date_start="2012-01-01",
-            date_end="2023-12-31",
-            dxa_device="GE Lunar iDXA",
-            dxa_noise=0.12,
-        ),
-        SiteSpec(
-            name="PED_EXT",
-            role="external",
-            pediatric=True,
-            age_mean=12.0,
-            age_sd=4.5,
-            age_min=0.0,
-            age_max=17.99,
-            female_frac=0.5,
-            prevalence=0.27,
-            vendors=(
-                VendorProfile(
-                    name="pedext_cr",
-                    manufacturer="Acme Medical",
-                    model="CR-30 Peds",
-                    modality="CR",
-                    bits_stored=10,
-                    photometric="MONOCHROME1",
-                    response="linear",
-                    exposure=0.8,
-                    detail_gain=1.3,
-                    collimation=0.05,
-                    collimation_fill="black",
-                    marker="L",
-                    fov_mm=360.0,
-                ),
-            ),
-            ap_frac=0.4,
-            lateral_frac=0.05,
-            device_frac=0.03,
-            cxr_count_probs=(0.7, 0.3, 0.0),
-            window_probs=(0.4, 0.6, 0.0, 0.0),
-            date_start="2016-01-01",
-            date_end="2023-12-31",
-            dxa_device="Hologic Horizon",
-            dxa_offset=-0.05,
-            dxa_noise=0.15,
-        ),
-    ]
+    return list(PEDIATRIC_SITES)
