@@ -69,7 +69,7 @@ class Anatomy:
     @property
     def cortex(self) -> float:
         """Cortical thickness relative to a young adult."""
-        return self.rho**CORTEX_EXP
+        return float(self.rho**CORTEX_EXP)
 
 
 @dataclass(frozen=True)
@@ -193,7 +193,8 @@ def _vessels(cv: _Canvas, hx: float, hy: float, *, lateral: bool = False) -> np.
     ci = ((theta + np.pi) * (60.0 / cv.spacing) * (1.0 + 0.8 * band)).astype(np.intp) % n
     streak = np.clip(bank[ri, ci], 0.0, None)
     amp = 0.10 * np.exp(-r / 120.0) * (1.0 - np.exp(-r / 25.0))
-    return streak * amp.astype(np.float32)
+    out: np.ndarray = streak * amp.astype(np.float32)
+    return out
 
 
 def _ramp(v: np.ndarray, width: float) -> np.ndarray:
@@ -294,7 +295,8 @@ def _diaphragm(an: Anatomy, acq: Acquisition, X: np.ndarray) -> np.ndarray:
     ax = np.abs(X) / w
     dome = base - 28.0 * np.clip(1.0 - ((ax - 0.45) / 0.6) ** 2, 0.0, None)
     right_side = X < 0  # patient right is image left (PA convention)
-    return dome - np.where(right_side, 12.0, 0.0) + 12.0 * np.clip(ax - 0.85, 0, None) / 0.15
+    y: np.ndarray = dome - np.where(right_side, 12.0, 0.0) + 12.0 * np.clip(ax - 0.85, 0, None) / 0.15
+    return y
 
 
 def _vertebrae(an: Anatomy, y0: float) -> list[tuple[float, float, float]]:
@@ -503,7 +505,7 @@ def _scapulae(cv: _Canvas, an: Anatomy, acq: Acquisition) -> None:
         b = cv.box(tri[:, 0].min() - 10, tri[:, 0].max() + 10, tri[:, 1].min() - 10, tri[:, 1].max() + 10)
         if b is not None:
             rows, cols, Xb, Yb = b
-            inside = None
+            inside: np.ndarray | None = None
             cx, cy = tri.mean(axis=0)
             for p, q in ((sup, inf), (inf, lat), (lat, sup)):
                 nx, ny = q[1] - p[1], -(q[0] - p[0])
@@ -511,6 +513,7 @@ def _scapulae(cv: _Canvas, an: Anatomy, acq: Acquisition) -> None:
                 sgn = 1.0 if ((cx - p[0]) * nx + (cy - p[1]) * ny) > 0 else -1.0
                 sd = sgn * ((Xb - p[0]) * nx + (Yb - p[1]) * ny) / nn
                 inside = sd if inside is None else np.minimum(inside, sd)
+            assert inside is not None  # three edges, always set
             plate = _ramp(inside, 3.0)
             cv.bone_cort[rows, cols] += plate * 3.0 * rho
             cv.bone_trab[rows, cols] += plate * 2.0
@@ -588,7 +591,7 @@ def _lateral_soft_tissue(cv: _Canvas, an: Anatomy, acq: Acquisition, tex_lung: n
     inner_d = d - 12.0
     base = an.lung_height + acq.inspiration
     zn = Z / inner_d
-    diaph = base - 35.0 * np.clip(1.0 - ((zn + 0.15) / 1.0) ** 2, 0.0, None) + 45.0 * np.clip(zn, 0.0, 1.0) ** 2
+    diaph: np.ndarray = base - 35.0 * np.clip(1.0 - ((zn + 0.15) / 1.0) ** 2, 0.0, None) + 45.0 * np.clip(zn, 0.0, 1.0) ** 2
     apex = 8.0 + 60.0 * np.clip(np.abs(zn + 0.1) - 0.35, 0.0, None) ** 2 * 4.0
     lung_mask = _ramp(inner_d - np.abs(Z), 10.0) * _ramp(Y - apex, 14.0) * _ramp(diaph - Y, 8.0)
     lung_mask *= np.sqrt(np.clip((Y - apex) / 60.0, 0.0, 1.0))

@@ -97,7 +97,8 @@ def bmi_reference(age: np.ndarray | float, sex: np.ndarray | str) -> np.ndarray:
     """Median BMI (kg/m^2) at ``age`` for ``sex``."""
     age = np.asarray(age, dtype=float)
     female = np.asarray(sex) == "F"
-    return np.where(female, np.interp(age, _AGES, _BMI["F"]), np.interp(age, _AGES, _BMI["M"]))
+    med: np.ndarray = np.where(female, np.interp(age, _AGES, _BMI["F"]), np.interp(age, _AGES, _BMI["M"]))
+    return med
 
 
 def bmd_reference(age: np.ndarray | float, sex: np.ndarray | str) -> np.ndarray:
@@ -115,7 +116,8 @@ def bmd_reference(age: np.ndarray | float, sex: np.ndarray | str) -> np.ndarray:
 
 def bmd_to_z(bmd: np.ndarray | float, age: np.ndarray | float, sex: np.ndarray | str) -> np.ndarray:
     """Z-score of a lumbar aBMD against the age- and sex-matched reference."""
-    return np.log(np.asarray(bmd, dtype=float) / bmd_reference(age, sex)) / BMD_LOG_SD
+    z: np.ndarray = np.log(np.asarray(bmd, dtype=float) / bmd_reference(age, sex)) / BMD_LOG_SD
+    return z
 
 
 def z_to_bmd(z: np.ndarray | float, age: np.ndarray | float, sex: np.ndarray | str) -> np.ndarray:

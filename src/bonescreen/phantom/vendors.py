@@ -141,7 +141,8 @@ def _lowpass(img: np.ndarray, sigma_px: float) -> np.ndarray:
     i1 = np.minimum(i0 + 1, m - 1)
     t = (pos - i0).astype(np.float32)
     rows = small[i0] * (1 - t)[:, None] + small[i1] * t[:, None]
-    return (rows[:, i0] * (1 - t)[None, :] + rows[:, i1] * t[None, :]).astype(np.float32)
+    out: np.ndarray = (rows[:, i0] * (1 - t)[None, :] + rows[:, i1] * t[None, :]).astype(np.float32)
+    return out
 
 
 def detect(
@@ -326,8 +327,10 @@ def _stored_pixels(val: np.ndarray, vendor: VendorProfile) -> np.ndarray:
         ival = maxv - ival
     if vendor.pixel_representation:
         ival = ival - (1 << (vendor.bits_stored - 1))
-        return ival.astype(np.int16)
-    return ival.astype(np.uint16)
+        signed: np.ndarray = ival.astype(np.int16)
+        return signed
+    unsigned: np.ndarray = ival.astype(np.uint16)
+    return unsigned
 
 
 def _voi_window(vendor: VendorProfile) -> tuple[float, float] | None:
@@ -461,10 +464,10 @@ def _image_pixel_module(ds: Any, det: Detected, vendor: VendorProfile, view: str
 def _encode_pixels(ds: Any, det: Detected, vendor: VendorProfile, sop_class: str) -> None:
     """File meta and PixelData in the vendor's transfer syntax (explicit VR, RLE or JPEG 2000 lossless)."""
     from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
+    from pydicom.uid import UID, ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPClassUID = UID(sop_class)
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta = meta
