@@ -45,6 +45,7 @@ from bonescreen.phantom.common import (
     Table,
     auc_or_none,
     cxr_count,
+    demographics,
     dxa_dates,
     fmt_number,
     image_job,
@@ -258,7 +259,7 @@ def assign_defects(spec: SiteSpec, rng: np.random.Generator, dates: list[dt.date
 def plan_site(spec: SiteSpec, n: int, out: Path, size: int, seed: int) -> SitePlan:
     """Images, truth rows, DXA export rows, defects and the oracle of one adult site."""
     built = build_site(spec, spec.name, n, seed)
-    patients_ = patients(spec.name, built)
+    records = patients(spec.name, built)
     scores, cat = built["scores"], built["category"]
     dates = dxa_dates(spec, built["rng"], n)
     defect_of = assign_defects(spec, built["rng"], dates)
@@ -266,7 +267,7 @@ def plan_site(spec: SiteSpec, n: int, out: Path, size: int, seed: int) -> SitePl
     truth: list[dict[str, Any]] = []
     rows: list[dict[str, str]] = []
     defects: list[dict[str, str]] = []
-    for i, p in enumerate(patients_):
+    for i, p in enumerate(records):
         prng = patient_rng(seed, spec.name, p.index)
         dxa_date = dates[i]
         birth = dxa_date - dt.timedelta(days=int(round(p.age * 365.25)))
@@ -288,6 +289,8 @@ def plan_site(spec: SiteSpec, n: int, out: Path, size: int, seed: int) -> SitePl
     return SitePlan(
         name=spec.name,
         population="adult",
+        spec=spec,
+        patients=records,
         jobs=jobs,
         truth=truth,
         dxa=Table("dxa.csv", dxa_columns(spec), rows),
@@ -361,7 +364,8 @@ def plan_pool(spec: PoolSpec, n: int, out: Path, size: int, seed: int) -> SitePl
     scores, cat = built["scores"], built["category"]
     jobs, truth = [], []
     start = dt.date(2008, 1, 1)
-    for i, p in enumerate(patients("pool", built)):
+    records = patients("pool", built)
+    for i, p in enumerate(records):
         prng = patient_rng(seed, "pool", p.index)
         day = start + dt.timedelta(days=int(prng.integers(0, 365 * 12)))
         birth = day - dt.timedelta(days=int(round(p.age * 365.25)))
@@ -369,7 +373,7 @@ def plan_pool(spec: PoolSpec, n: int, out: Path, size: int, seed: int) -> SitePl
         view = "LAT" if u < spec.lateral_frac else ("AP" if u < spec.lateral_frac + spec.ap_frac else "PA")
         jobs.append(image_job(p, 0, view, pick_vendor(spec, prng), day, birth, 0, 1, None, out, size, seed, prng))
         truth.append(truth_row(p, "pool", "hidden", scores, i, str(cat[i]), "", False, 1, ""))
-    return SitePlan(name="pool", population="pool", jobs=jobs, truth=truth)
+    return SitePlan(name="pool", population="pool", spec=spec, patients=records, jobs=jobs, truth=truth)
 
 
 def truth_row(
@@ -386,14 +390,9 @@ def truth_row(
 ) -> dict[str, Any]:
     """One row of truth.csv: demographics, the latent, true and measured T-scores, labels."""
     return {
-        "patient_id": p.patient_id,
+        **demographics(p),
         "site": site,
         "label_type": label_type,
-        "sex": p.sex,
-        "age": fmt_number(p.age, 2),
-        "height_cm": fmt_number(p.height_cm),
-        "weight_kg": fmt_number(p.weight_kg),
-        "bmi": fmt_number(p.weight_kg / (p.height_cm / 100) ** 2, 2),
         "latent": fmt_number(p.latent, 4),
         **{f"t_true_{s}": fmt_number(float(scores[f"t_true_{s}"][i]), 3) for s in DXA_SITES},
         **{f"t_{s}": fmt_number(float(scores[f"t_{s}"][i])) for s in DXA_SITES},

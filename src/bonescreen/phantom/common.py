@@ -46,6 +46,7 @@ __all__ = [
     "fmt_number",
     "auc_or_none",
     "dicom_patient",
+    "demographics",
     "image_job",
     "pick_vendor",
 ]
@@ -246,6 +247,19 @@ def auc_or_none(labels: np.ndarray, scores: np.ndarray) -> float | None:
     return round(float(roc_auc_score(labels, scores)), 4)
 
 
+def demographics(p: PatientRecord) -> dict[str, str]:
+    """The truth tables' patient columns: id, site, sex, age, height, weight, BMI (as written)."""
+    return {
+        "patient_id": p.patient_id,
+        "site": p.site,
+        "sex": p.sex,
+        "age": fmt_number(p.age, 2),
+        "height_cm": fmt_number(p.height_cm),
+        "weight_kg": fmt_number(p.weight_kg),
+        "bmi": fmt_number(p.weight_kg / (p.height_cm / 100) ** 2, 2),
+    }
+
+
 def dicom_patient(p: PatientRecord, birth: dt.date, study: dt.date) -> dict[str, str]:
     return {
         "PatientID": p.patient_id,
@@ -347,6 +361,8 @@ class SitePlan:
 
     name: str  # site folder ("pool" for the unlabelled pool)
     population: str  # "adult" | "pediatric" | "pool": the planner that made it
+    spec: SiteSpec | PoolSpec  # what was planned
+    patients: list[PatientRecord]  # what the renderer knows of each patient, in order
     jobs: list[dict[str, Any]]  # one per radiograph (``image_job``), in render order
     truth: list[dict[str, Any]]  # rows of truth.csv (TRUTH_COLUMNS)
     dxa: Table | None = None  # the site's DXA export (``<site>/dxa.csv``); None for the pool

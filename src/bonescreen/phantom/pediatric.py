@@ -47,6 +47,7 @@ from bonescreen.phantom.common import (
     Table,
     auc_or_none,
     cxr_count,
+    demographics,
     dxa_dates,
     fmt_number,
     patient_rng,
@@ -303,7 +304,8 @@ def plan_site(spec: SiteSpec, n: int, out: Path, size: int, seed: int) -> SitePl
     truth: list[dict[str, Any]] = []
     ped_truth: list[dict[str, Any]] = []
     rows: list[dict[str, str]] = []
-    for i, p in enumerate(patients(spec, built)):
+    records = patients(spec, built)
+    for i, p in enumerate(records):
         prng = patient_rng(seed, spec.name, p.index)
         dxa_date = dates[i]
         birth = dxa_date - dt.timedelta(days=round(p.age * 365.25))
@@ -320,6 +322,8 @@ def plan_site(spec: SiteSpec, n: int, out: Path, size: int, seed: int) -> SitePl
     return SitePlan(
         name=spec.name,
         population="pediatric",
+        spec=spec,
+        patients=records,
         jobs=jobs,
         truth=truth,
         dxa=Table("dxa.csv", DXA_COLUMNS, rows),
@@ -332,14 +336,8 @@ def plan_site(spec: SiteSpec, n: int, out: Path, size: int, seed: int) -> SitePl
 def truth_row(p: PatientRecord, i: int, built: dict[str, Any], dxa_date: dt.date, n_images: int) -> dict[str, Any]:
     """A child's row of the shared truth.csv (no T-scores; ``label`` is measured low BMD)."""
     return {
-        "patient_id": p.patient_id,
-        "site": p.site,
+        **demographics(p),
         "label_type": "z_score",
-        "sex": p.sex,
-        "age": fmt_number(p.age, 2),
-        "height_cm": fmt_number(p.height_cm),
-        "weight_kg": fmt_number(p.weight_kg),
-        "bmi": fmt_number(p.weight_kg / (p.height_cm / 100) ** 2, 2),
         "latent": fmt_number(float(built["latent"][i]), 4),
         "label": int(built["low"][i]),
         "dxa_date": dxa_date.isoformat(),
@@ -356,13 +354,7 @@ def pediatric_truth_row(
     """A child's row of truth_pediatric.csv: growth, disease, true and measured Z and BMD."""
     kids = built["kids"]
     return {
-        "patient_id": p.patient_id,
-        "site": p.site,
-        "sex": p.sex,
-        "age": fmt_number(p.age, 2),
-        "height_cm": fmt_number(p.height_cm),
-        "weight_kg": fmt_number(p.weight_kg),
-        "bmi": fmt_number(p.weight_kg / (p.height_cm / 100) ** 2, 2),
+        **demographics(p),
         "height_z": fmt_number(float(kids["haz"][i]), 3),
         "bmi_z": fmt_number(float(kids["bmiz"][i]), 3),
         "chronic_disease": int(kids["ill"][i]),
