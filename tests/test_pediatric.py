@@ -36,11 +36,11 @@ def test_growth_references_are_monotone_and_invertible() -> None:
 
 
 def test_population_prevalence_and_healthy_reference() -> None:
-    from bonescreen.phantom.pediatric import _low, build_site, default_pediatric_sites
+    from bonescreen.phantom.pediatric import build_site, default_pediatric_sites, low_bmd
 
     for spec in default_pediatric_sites():
         b = build_site(spec, 6000, seed=1)
-        assert abs(_low(b["z_meas"]).mean() - spec.prevalence) < 0.025
+        assert abs(low_bmd(b["z_meas"]).mean() - spec.prevalence) < 0.025
         healthy = b["latent"][~b["kids"]["ill"]]
         # Z-scores of healthy children are standard normal against the reference
         assert abs(healthy.mean()) < 0.08 and abs(healthy.std() - 1.0) < 0.06
@@ -52,7 +52,7 @@ def test_population_prevalence_and_healthy_reference() -> None:
 
 
 def test_child_image_shows_absolute_mineral() -> None:
-    from bonescreen.phantom.generate import PatientRecord, render_patient_image
+    from bonescreen.phantom import PatientRecord, render_patient_image
     from bonescreen.phantom.pediatric import image_density
 
     def bone(age: float, z: float, height: float, weight: float) -> float:

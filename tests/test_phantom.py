@@ -28,7 +28,7 @@ from bonescreen.phantom import (
     generate_phantom,
     render_patient_image,
 )
-from bonescreen.phantom.generate import _build_site, _stage2_prevalence
+from bonescreen.phantom.adult import build_site, stage2_prevalence
 
 CR = "1.2.840.10008.5.1.4.1.1.1"
 DX = "1.2.840.10008.5.1.4.1.1.1.1"
@@ -278,10 +278,10 @@ def test_oracle_and_prevalence(cohort: Path) -> None:
     # on a large sample (no images): prevalence in 25-50 %, osteoporosis present,
     # and the ceiling clearly below 1 because DXA sites and noise differ from the latent
     for spec in default_sites():
-        built = _build_site(spec, spec.name, 8000, 0)
+        built = build_site(spec, spec.name, 8000, 0)
         cat = built["category"]
-        assert 0.25 <= _stage2_prevalence(cat) <= 0.5, spec.name
-        assert abs(_stage2_prevalence(cat) - spec.prevalence) < 0.03, spec.name
+        assert 0.25 <= stage2_prevalence(cat) <= 0.5, spec.name
+        assert abs(stage2_prevalence(cat) - spec.prevalence) < 0.03, spec.name
         assert (cat == "osteoporosis").mean() > 0.02
         keep = cat != "osteoporosis"
         auc = roc_auc_score(cat[keep] == "low_bone_mass", -built["latent"][keep])
@@ -361,3 +361,36 @@ def test_bad_requests_fail_clearly(tmp_path: Path) -> None:
         VendorProfile(bits_stored=8)
     with pytest.raises(ValueError):
         VendorProfile(photometric="RGB")
+
+
+def test_one_generator_plans_adult_and_pediatric_sites_alike(tmp_path: Path) -> None:
+    """Both planners return a SitePlan; one phantom holds both populations and each site's
+    files are the same as when it is generated alone."""
+    from bonescreen.phantom import SitePlan
+    from bonescreen.phantom.generate import plan_site
+    from bonescreen.phantom.pediatric import default_pediatric_sites
+
+    dev = dataclasses.replace(default_sites()[0], messy=False)
+    ped = default_pediatric_sites()[0]
+    for spec, population, label_type in ((dev, "adult", "t_score"), (ped, "pediatric", "z_score")):
+        plan = plan_site(spec, 5, tmp_path / "plan", 32, 0)
+        assert isinstance(plan, SitePlan) and plan.population == population and plan.spec == spec
+        assert len(plan.truth) == len(plan.patients) == len(plan.dxa.rows) == 5
+        assert plan.summary["label_type"] == label_type and plan.summary["n_images"] == len(plan.jobs)
+        assert sum(int(r["n_images"]) for r in plan.truth) == len(plan.jobs) > 0
+        assert (plan.extra_truth is not None) == (population == "pediatric")
+    assert not (tmp_path / "plan").exists(), "planning writes no files"
+
+    kw: dict = {"n_per_site": 5, "pool_size": 2, "size": 32, "seed": 1, "progress": False}
+    generate_phantom(tmp_path / "both", sites=[dev, ped], **kw)
+    generate_phantom(tmp_path / "ped", sites=[ped], **kw)
+    both, alone = _all_files(tmp_path / "both"), _all_files(tmp_path / "ped")
+    ped_files = [k for k in alone if k.startswith("PED/")]
+    assert ped_files and all(both[k] == alone[k] for k in ped_files)
+    truth = _rows(tmp_path / "both" / "truth.csv")
+    assert {r["label_type"] for r in truth} == {"t_score", "z_score", "hidden"}
+    assert {r["site"] for r in _rows(tmp_path / "both" / "truth_pediatric.csv")} == {"PED"}
+    config = json.loads((tmp_path / "both" / "phantom.json").read_text())
+    assert "pediatric" in config["model"] and "latent_sd" in config["model"]
+    assert config["summary"]["PED"]["burden_effect"] and config["summary"]["DEV"]["intercept"] is not None
+    assert set(json.loads((tmp_path / "both" / "oracle.json").read_text())) == {"DEV", "PED"}

@@ -8,30 +8,26 @@ achievable AUC (the oracle) is known.
 
 from __future__ import annotations
 
+from bonescreen.phantom.adult import MESSY_DEFECTS
 from bonescreen.phantom.anatomy import (
     Acquisition,
     Anatomy,
     anatomy_from_patient,
     render_attenuation,
 )
-from bonescreen.phantom.generate import (
+from bonescreen.phantom.common import (
     DXA_SITES,
     IMAGE_COLUMNS,
-    MESSY_DEFECTS,
     TRUTH_COLUMNS,
     PatientRecord,
     PhantomError,
-    PhantomResult,
     PoolSpec,
-    RenderedImage,
+    SitePlan,
     SiteSpec,
-    default_pool,
-    default_sites,
-    far_site,
-    far_vendor,
-    generate_phantom,
-    render_patient_image,
 )
+from bonescreen.phantom.generate import PhantomResult, generate_phantom
+from bonescreen.phantom.render import RenderedImage, render_patient_image
+from bonescreen.phantom.sites import default_pool, default_sites, far_site, far_vendor
 from bonescreen.phantom.vendors import VendorProfile
 
 __all__ = [
@@ -46,6 +42,7 @@ __all__ = [
     "PhantomResult",
     "PoolSpec",
     "RenderedImage",
+    "SitePlan",
     "SiteSpec",
     "VendorProfile",
     "anatomy_from_patient",

@@ -69,7 +69,7 @@ class Anatomy:
     @property
     def cortex(self) -> float:
         """Cortical thickness relative to a young adult."""
-        return self.rho**CORTEX_EXP
+        return float(self.rho**CORTEX_EXP)
 
 
 @dataclass(frozen=True)
@@ -193,7 +193,8 @@ def _vessels(cv: _Canvas, hx: float, hy: float, *, lateral: bool = False) -> np.
     ci = ((theta + np.pi) * (60.0 / cv.spacing) * (1.0 + 0.8 * band)).astype(np.intp) % n
     streak = np.clip(bank[ri, ci], 0.0, None)
     amp = 0.10 * np.exp(-r / 120.0) * (1.0 - np.exp(-r / 25.0))
-    return streak * amp.astype(np.float32)
+    out: np.ndarray = streak * amp.astype(np.float32)
+    return out
 
 
 def _ramp(v: np.ndarray, width: float) -> np.ndarray:
@@ -294,7 +295,8 @@ def _diaphragm(an: Anatomy, acq: Acquisition, X: np.ndarray) -> np.ndarray:
     ax = np.abs(X) / w
     dome = base - 28.0 * np.clip(1.0 - ((ax - 0.45) / 0.6) ** 2, 0.0, None)
     right_side = X < 0  # patient right is image left (PA convention)
-    return dome - np.where(right_side, 12.0, 0.0) + 12.0 * np.clip(ax - 0.85, 0, None) / 0.15
+    y: np.ndarray = dome - np.where(right_side, 12.0, 0.0) + 12.0 * np.clip(ax - 0.85, 0, None) / 0.15
+    return y
 
 
 def _vertebrae(an: Anatomy, y0: float) -> list[tuple[float, float, float]]:
@@ -311,13 +313,26 @@ def _vertebrae(an: Anatomy, y0: float) -> list[tuple[float, float, float]]:
 
 
 def _render_frontal(cv: _Canvas, an: Anatomy, acq: Acquisition, tex_trab: np.ndarray, tex_lung: np.ndarray) -> None:
+    """PA / AP: soft tissue and lungs, then spine, ribs, shoulder girdle and any device, in that order."""
+    diaph = _diaphragm(an, acq, cv.x[None, :])  # (1, n)
+    heart_cy = _frontal_soft_tissue(cv, an, acq, tex_lung, diaph)
+    vert = _vertebrae(an, -18.0 * an.bone_scale)
+    _frontal_spine(cv, an, acq, vert)
+    _frontal_ribs(cv, an, vert, diaph)
+    _clavicles(cv, an, acq)
+    _scapulae(cv, an, acq)
+    _humeri(cv, an)
+    if an.device:
+        _frontal_device(cv, an, heart_cy)
+
+
+def _frontal_soft_tissue(cv: _Canvas, an: Anatomy, acq: Acquisition, tex_lung: np.ndarray, diaph: np.ndarray) -> float:
+    """Torso, neck, arms and breasts minus the lungs' air and the trachea; returns the heart's centre y."""
     X, Y = cv.x[None, :], cv.y[:, None]
     ap = acq.view == "AP"
     w = an.chest_half_width
     d = an.chest_half_depth
     s = an.bone_scale
-    diaph = _diaphragm(an, acq, X)  # (1, n)
-
     # Soft tissue: torso (elliptic cylinder whose top follows the shoulders),
     # neck and arms.
     shoulder_y = -32.0 + an.shoulder_drop * np.abs(X)
@@ -342,7 +357,6 @@ def _render_frontal(cv: _Canvas, an: Anatomy, acq: Acquisition, tex_trab: np.nda
             bx, by = side * 0.55 * w, an.lung_height - 35.0
             r2 = ((X - bx) / (0.5 * w)) ** 2 + ((Y - by) / 70.0) ** 2
             soft = soft + an.breast_mm * np.clip(1.0 - r2, 0.0, None) * _ramp(Y - (by - 40.0), 30.0)
-
     # Lungs: air path length, subtracted from the soft tissue they replace.
     inner_w = w - 6.0
     lung_depth = 2.0 * (d - 14.0) * _chord((X / inner_w) ** 2)
@@ -370,9 +384,11 @@ def _render_frontal(cv: _Canvas, an: Anatomy, acq: Acquisition, tex_trab: np.nda
     # trachea: air column down the upper mediastinum
     trachea = 2.0 * 8.5 * _chord(((X + 3.0) / 8.5) ** 2) * _ramp(70.0 - Y, 10.0)
     cv.A += MU_SOFT * (soft - air - trachea)
+    return heart_cy
 
-    # --- skeleton ---------------------------------------------------------
-    vert = _vertebrae(an, -18.0 * s)
+
+def _frontal_spine(cv: _Canvas, an: Anatomy, acq: Acquisition, vert: list[tuple[float, float, float]]) -> None:
+    """Vertebral bodies (elliptic cylinders) with end plates, pedicles and spinous processes."""
     rho = an.cortex  # scales every cortical thickness below
     cort = 0.8 * rho  # vertebral cortical shell (mm)
     # spine: vertebral bodies (elliptic cylinders) with end plates, pedicles,
@@ -409,6 +425,12 @@ def _render_frontal(cv: _Canvas, an: Anatomy, acq: Acquisition, tex_trab: np.nda
             e2 = ((Xs - 0.3 * acq.rotation) / (0.14 * hw)) ** 2 + ((Ys - (yc + 0.45 * h)) / (0.32 * h)) ** 2
             cv.bone_cort[rr, cols] += 6.0 * rho * _chord(e2)
 
+
+def _frontal_ribs(cv: _Canvas, an: Anatomy, vert: list[tuple[float, float, float]], diaph: np.ndarray) -> None:
+    """Posterior and (fainter) anterior ribs."""
+    w = an.chest_half_width
+    s = an.bone_scale
+    rho = an.cortex
     # ribs: posterior ribs as iso-lines of u = y - g(|x|), anterior ribs as
     # iso-lines of y - k * (w - |x|); nearest rib index by interpolation.
     rib_r = 6.0 * s  # half-height of a rib
@@ -455,16 +477,26 @@ def _render_frontal(cv: _Canvas, an: Anatomy, acq: Acquisition, tex_trab: np.nda
         )
         cv.bone_trab[rows, cols] += 0.6 * extA * 2 * 2.0 * s * _chord(d2A / (rA - 0.8 * rib_c) ** 2)
 
-    # clavicles: S-shaped tubes from the sternal notch to the acromion
-    clav_rise = 0.10 if ap else 0.22
+
+def _clavicles(cv: _Canvas, an: Anatomy, acq: Acquisition) -> None:
+    """S-shaped tubes from the sternal notch to the acromion (flatter on an AP view)."""
+    w = an.chest_half_width
+    s = an.bone_scale
+    rho = an.cortex
+    clav_rise = 0.10 if acq.view == "AP" else 0.22
     for side in (-1.0, 1.0):
         xs = np.linspace(18.0 * s, w + 18.0, 12)
         ys = 18.0 * s - clav_rise * (xs - xs[0]) + 6.0 * np.sin(np.pi * (xs - xs[0]) / (xs[-1] - xs[0]) * 2.0)
         pts = np.stack([side * xs + acq.rotation, ys], axis=1)
         _tube(cv, pts, 7.0 * s, 1.8 * rho, depth_ratio=1.0)
 
-    # scapulae: plate + lateral border + spine + glenoid
-    med_shift = -25.0 if ap else 0.0
+
+def _scapulae(cv: _Canvas, an: Anatomy, acq: Acquisition) -> None:
+    """Plate, lateral border, spine and glenoid of each scapula (pulled medially on an AP view)."""
+    w = an.chest_half_width
+    s = an.bone_scale
+    rho = an.cortex
+    med_shift = -25.0 if acq.view == "AP" else 0.0
     for side in (-1.0, 1.0):
         sup = np.array([side * (0.55 * w + med_shift), 4.0])
         inf = np.array([side * (0.70 * w + med_shift), 150.0 * s])
@@ -473,7 +505,7 @@ def _render_frontal(cv: _Canvas, an: Anatomy, acq: Acquisition, tex_trab: np.nda
         b = cv.box(tri[:, 0].min() - 10, tri[:, 0].max() + 10, tri[:, 1].min() - 10, tri[:, 1].max() + 10)
         if b is not None:
             rows, cols, Xb, Yb = b
-            inside = None
+            inside: np.ndarray | None = None
             cx, cy = tri.mean(axis=0)
             for p, q in ((sup, inf), (inf, lat), (lat, sup)):
                 nx, ny = q[1] - p[1], -(q[0] - p[0])
@@ -481,6 +513,7 @@ def _render_frontal(cv: _Canvas, an: Anatomy, acq: Acquisition, tex_trab: np.nda
                 sgn = 1.0 if ((cx - p[0]) * nx + (cy - p[1]) * ny) > 0 else -1.0
                 sd = sgn * ((Xb - p[0]) * nx + (Yb - p[1]) * ny) / nn
                 inside = sd if inside is None else np.minimum(inside, sd)
+            assert inside is not None  # three edges, always set
             plate = _ramp(inside, 3.0)
             cv.bone_cort[rows, cols] += plate * 3.0 * rho
             cv.bone_trab[rows, cols] += plate * 2.0
@@ -494,7 +527,12 @@ def _render_frontal(cv: _Canvas, an: Anatomy, acq: Acquisition, tex_trab: np.nda
             d2 = ((Xb - gx) / 12.0) ** 2 + ((Yb - gy) / 20.0) ** 2
             _shell_into(cv, rows, cols, d2 * 144.0, 12.0, 2.0 * rho, 1.6, False)
 
-    # proximal humeri: head (sphere) and shaft (cylinder with marrow canal)
+
+def _humeri(cv: _Canvas, an: Anatomy) -> None:
+    """Proximal humeri: head (sphere) and shaft (cylinder with marrow canal)."""
+    w = an.chest_half_width
+    s = an.bone_scale
+    rho = an.cortex
     for side in (-1.0, 1.0):
         hx0, hy0 = side * (w + 30.0), 34.0
         R = 23.0 * s
@@ -506,18 +544,20 @@ def _render_frontal(cv: _Canvas, an: Anatomy, acq: Acquisition, tex_trab: np.nda
         shaft = np.array([[hx0 + side * 4.0, hy0 + 0.7 * R], [hx0 + side * 45.0, hy0 + 170.0]])
         _tube(cv, shaft, 12.0 * s, 3.8 * rho, marrow=True)
 
-    # pacemaker-like device in the left infraclavicular region plus its lead
-    if an.device:
-        cx0, cy0 = 0.45 * w, 45.0
-        b = cv.box(cx0 - 25, cx0 + 25, cy0 - 20, cy0 + 20)
-        if b is not None:
-            rows, cols, Xb, Yb = b
-            can = _ramp(22.0 - np.abs(Xb - cx0), 2.0) * _ramp(17.0 - np.abs(Yb - cy0), 2.0)
-            cv.A[rows, cols] += MU_METAL * 7.0 * can
-        lead = np.array(
-            [[cx0 - 10, cy0 + 5], [0.12 * w, 25.0], [-0.05 * w, 90.0], [0.02 * w, heart_cy], [0.2 * w, heart_cy + 30]]
-        )
-        _tube(cv, lead, 1.2, 0.0, wire=True)
+
+def _frontal_device(cv: _Canvas, an: Anatomy, heart_cy: float) -> None:
+    """Pacemaker-like can in the left infraclavicular region plus its lead into the heart."""
+    w = an.chest_half_width
+    cx0, cy0 = 0.45 * w, 45.0
+    b = cv.box(cx0 - 25, cx0 + 25, cy0 - 20, cy0 + 20)
+    if b is not None:
+        rows, cols, Xb, Yb = b
+        can = _ramp(22.0 - np.abs(Xb - cx0), 2.0) * _ramp(17.0 - np.abs(Yb - cy0), 2.0)
+        cv.A[rows, cols] += MU_METAL * 7.0 * can
+    lead = np.array(
+        [[cx0 - 10, cy0 + 5], [0.12 * w, 25.0], [-0.05 * w, 90.0], [0.02 * w, heart_cy], [0.2 * w, heart_cy + 30]]
+    )
+    _tube(cv, lead, 1.2, 0.0, wire=True)
 
 
 # --- lateral -----------------------------------------------------------------
@@ -525,11 +565,18 @@ def _render_frontal(cv: _Canvas, an: Anatomy, acq: Acquisition, tex_trab: np.nda
 
 def _render_lateral(cv: _Canvas, an: Anatomy, acq: Acquisition, tex_trab: np.ndarray, tex_lung: np.ndarray) -> None:
     """Left lateral: beam right-to-left; anterior at image left, posterior at right."""
+    diaph = _lateral_soft_tissue(cv, an, acq, tex_lung)
+    vert = _vertebrae(an, -18.0 * an.bone_scale)
+    _lateral_spine(cv, an, vert)
+    _lateral_chest_wall(cv, an, vert, diaph)
+
+
+def _lateral_soft_tissue(cv: _Canvas, an: Anatomy, acq: Acquisition, tex_lung: np.ndarray) -> np.ndarray:
+    """Torso and neck minus both lungs' air, the heart and the trachea; returns the diaphragm's y."""
     Z, Y = cv.x[None, :], cv.y[:, None]  # Z: anterior (-) to posterior (+)
     w = an.chest_half_width
     d = an.chest_half_depth
     s = an.bone_scale
-    rho = an.cortex  # scales every cortical thickness below
     dd = d + an.fat_mm
     # torso path across the full width; arms raised out of the field
     shoulder_y = -45.0 + 0.2 * np.clip(-Z, 0, None)
@@ -544,7 +591,7 @@ def _render_lateral(cv: _Canvas, an: Anatomy, acq: Acquisition, tex_trab: np.nda
     inner_d = d - 12.0
     base = an.lung_height + acq.inspiration
     zn = Z / inner_d
-    diaph = base - 35.0 * np.clip(1.0 - ((zn + 0.15) / 1.0) ** 2, 0.0, None) + 45.0 * np.clip(zn, 0.0, 1.0) ** 2
+    diaph: np.ndarray = base - 35.0 * np.clip(1.0 - ((zn + 0.15) / 1.0) ** 2, 0.0, None) + 45.0 * np.clip(zn, 0.0, 1.0) ** 2
     apex = 8.0 + 60.0 * np.clip(np.abs(zn + 0.1) - 0.35, 0.0, None) ** 2 * 4.0
     lung_mask = _ramp(inner_d - np.abs(Z), 10.0) * _ramp(Y - apex, 14.0) * _ramp(diaph - Y, 8.0)
     lung_mask *= np.sqrt(np.clip((Y - apex) / 60.0, 0.0, 1.0))
@@ -556,9 +603,13 @@ def _render_lateral(cv: _Canvas, an: Anatomy, acq: Acquisition, tex_trab: np.nda
     air = np.clip(air - heart, 0.0, None)
     trachea = 2.0 * 9.0 * _chord(((Z + 0.05 * d) / 9.0) ** 2) * _ramp(80.0 - Y, 10.0)
     cv.A += MU_SOFT * (soft - air - trachea)
+    return diaph
 
-    # spine: vertebral bodies in profile (boxes), posterior elements behind
-    vert = _vertebrae(an, -18.0 * s)
+
+def _lateral_spine(cv: _Canvas, an: Anatomy, vert: list[tuple[float, float, float]]) -> None:
+    """Vertebral bodies in profile (boxes), posterior elements behind."""
+    d = an.chest_half_depth
+    rho = an.cortex
     z_sp = 0.45 * d
     cort = 1.0 * rho
     for yc, h, hw in vert:
@@ -578,6 +629,15 @@ def _render_lateral(cv: _Canvas, an: Anatomy, acq: Acquisition, tex_trab: np.nda
         # posterior elements: pedicles, laminae and spinous process
         pe = _ramp(Zb - (z_sp + depth_r), 2.0) * _ramp(z_sp + depth_r + 40.0 - Zb, 4.0) * vmask
         cv.bone_cort[rows, cols] += pe * 9.0 * rho
+
+
+def _lateral_chest_wall(cv: _Canvas, an: Anatomy, vert: list[tuple[float, float, float]], diaph: np.ndarray) -> None:
+    """Sternum, both rib families, the scapulae and any device, seen from the side."""
+    d = an.chest_half_depth
+    s = an.bone_scale
+    rho = an.cortex
+    dd = d + an.fat_mm
+    z_sp = 0.45 * d
     # sternum
     sz = -dd + an.fat_mm + 10.0
     b = cv.box(sz - 8, sz + 8, 20.0, 190.0 * s)

@@ -1,8 +1,9 @@
-"""What the adult and pediatric phantom planners share: site specs, patient records,
-seeded draws and the per-image job a worker renders.
+"""What every phantom planner shares: site specs, patient records, seeded draws, the
+per-image job a worker renders and the :class:`SitePlan` each planner returns.
 
-Lives apart from ``generate`` (the adult planner and the writer) so that
-``phantom.pediatric`` can use it without importing ``generate`` back.
+The planners (``phantom.adult``, ``phantom.pediatric``) turn a :class:`SiteSpec`
+into a :class:`SitePlan`; ``phantom.generate`` renders and writes any plan the
+same way, so nothing here knows which population a site holds.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,17 @@ from bonescreen.errors import BonescreenError
 from bonescreen.phantom.vendors import VendorProfile
 
 __all__ = [
+    "DXA_SITES",
+    "TRUTH_COLUMNS",
+    "IMAGE_COLUMNS",
+    "PATIENT_STREAM",
+    "Table",
+    "SitePlan",
+    "patient_rng",
+    "dxa_dates",
+    "cxr_count",
+    "plan_radiographs",
+    "site_summary",
     "PhantomError",
     "SiteSpec",
     "PoolSpec",
@@ -34,8 +46,58 @@ __all__ = [
     "fmt_number",
     "auc_or_none",
     "dicom_patient",
+    "demographics",
     "image_job",
     "pick_vendor",
+]
+
+
+DXA_SITES = ("lumbar_spine", "femoral_neck", "total_hip")
+PATIENT_STREAM = 1_000_000  # generator stream id for patient-level (anatomy) draws
+# truth.csv: one row per patient of every site and the pool (pediatric sites fill what they have)
+TRUTH_COLUMNS = [
+    "patient_id",
+    "site",
+    "label_type",
+    "sex",
+    "age",
+    "height_cm",
+    "weight_kg",
+    "bmi",
+    "latent",
+    *[f"t_true_{s}" for s in DXA_SITES],
+    *[f"t_{s}" for s in DXA_SITES],
+    "t_min",
+    "category",
+    "label",
+    "label_stage1",
+    "dxa_date",
+    "has_dxa",
+    "n_images",
+    "device",
+    "defect",
+]
+# truth_images.csv: one row per radiograph
+IMAGE_COLUMNS = [
+    "image_id",
+    "path",
+    "patient_id",
+    "site",
+    "k",
+    "study_date",
+    "days_from_dxa",
+    "view",
+    "view_position",
+    "vendor",
+    "modality",
+    "manufacturer",
+    "photometric",
+    "bits_stored",
+    "transfer_syntax",
+    "marker",
+    "device",
+    "study_instance_uid",
+    "sop_instance_uid",
 ]
 
 
@@ -185,6 +247,19 @@ def auc_or_none(labels: np.ndarray, scores: np.ndarray) -> float | None:
     return round(float(roc_auc_score(labels, scores)), 4)
 
 
+def demographics(p: PatientRecord) -> dict[str, str]:
+    """The truth tables' patient columns: id, site, sex, age, height, weight, BMI (as written)."""
+    return {
+        "patient_id": p.patient_id,
+        "site": p.site,
+        "sex": p.sex,
+        "age": fmt_number(p.age, 2),
+        "height_cm": fmt_number(p.height_cm),
+        "weight_kg": fmt_number(p.weight_kg),
+        "bmi": fmt_number(p.weight_kg / (p.height_cm / 100) ** 2, 2),
+    }
+
+
 def dicom_patient(p: PatientRecord, birth: dt.date, study: dt.date) -> dict[str, str]:
     return {
         "PatientID": p.patient_id,
@@ -264,3 +339,107 @@ def pick_vendor(spec: SiteSpec | PoolSpec, rng: np.random.Generator) -> VendorPr
         return spec.vendors[0]
     w = np.asarray(spec.vendor_weights or [1.0] * len(spec.vendors), dtype=float)
     return spec.vendors[int(rng.choice(len(spec.vendors), p=w / w.sum()))]
+
+
+@dataclass(frozen=True)
+class Table:
+    """A CSV table a plan contributes: file name, column order, rows."""
+
+    name: str
+    columns: Sequence[str]
+    rows: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class SitePlan:
+    """Everything one site (or the pool) adds to a phantom, before any pixel is rendered.
+
+    Every planner returns this type, so one writer renders the ``jobs`` and
+    writes the truth tables, ``oracle.json`` and ``phantom.json`` for adult,
+    pediatric and pool plans alike.
+    """
+
+    name: str  # site folder ("pool" for the unlabelled pool)
+    population: str  # "adult" | "pediatric" | "pool": the planner that made it
+    spec: SiteSpec | PoolSpec  # what was planned
+    patients: list[PatientRecord]  # what the renderer knows of each patient, in order
+    jobs: list[dict[str, Any]]  # one per radiograph (``image_job``), in render order
+    truth: list[dict[str, Any]]  # rows of truth.csv (TRUTH_COLUMNS)
+    dxa: Table | None = None  # the site's DXA export (``<site>/dxa.csv``); None for the pool
+    oracle: dict[str, Any] | None = None  # oracle.json entry; None for the pool
+    summary: dict[str, Any] | None = None  # phantom.json "summary" entry; None for the pool
+    defects: list[dict[str, str]] = field(default_factory=list)  # messy-export defects
+    extra_truth: Table | None = None  # a population's own truth table (truth_pediatric.csv)
+
+
+def patient_rng(seed: int, site: str, index: int) -> np.random.Generator:
+    """The stream a planner draws one patient's radiographs (count, dates, views, vendors) from."""
+    return seeded_rng(seed, site_code(site), index, 2 * PATIENT_STREAM)
+
+
+def dxa_dates(spec: SiteSpec, rng: np.random.Generator, n: int) -> list[dt.date]:
+    """One DXA exam date per patient, uniform over the site's date range."""
+    start, end = iso_date(spec.date_start), iso_date(spec.date_end)
+    span = max((end - start).days, 1)
+    return [start + dt.timedelta(days=int(d)) for d in rng.integers(0, span + 1, n)]
+
+
+def cxr_count(spec: SiteSpec, prng: np.random.Generator) -> int:
+    """How many frontal radiographs a patient has (1-3, ``spec.cxr_count_probs``)."""
+    return 1 + int(prng.choice(len(spec.cxr_count_probs), p=spec.cxr_count_probs))
+
+
+def plan_radiographs(
+    p: PatientRecord,
+    spec: SiteSpec,
+    prng: np.random.Generator,
+    dxa_date: dt.date,
+    birth: dt.date,
+    n_frontal: int,
+    out: Path,
+    size: int,
+    seed: int,
+    *,
+    skip_before_birth: bool = False,
+) -> list[dict[str, Any]]:
+    """The image jobs of one patient: ``n_frontal`` frontal CXRs around the DXA, maybe a lateral.
+
+    The nearest one falls in the pairing window (``spec.window_probs``), the
+    others 30-720 days away; the first study may add a lateral view.
+    ``skip_before_birth`` drops a study dated before the child was born.
+    """
+    offsets: list[int] = []
+    if n_frontal:
+        offsets.append(window_days(prng, spec.window_probs))
+    while len(offsets) < n_frontal:
+        o = int(prng.integers(30, 721)) * (1 if prng.random() < 0.5 else -1)
+        if o not in offsets:
+            offsets.append(o)
+    jobs: list[dict[str, Any]] = []
+    for j, off in enumerate(offsets):
+        view = "AP" if prng.random() < spec.ap_frac else "PA"
+        day = dxa_date + dt.timedelta(days=off)
+        if skip_before_birth and day < birth:
+            continue
+        k = len(jobs)
+        jobs.append(image_job(p, k, view, pick_vendor(spec, prng), day, birth, j, 1, off, out, size, seed, prng))
+        if j == 0 and prng.random() < spec.lateral_frac:
+            jobs.append(
+                image_job(p, k + 1, "LAT", pick_vendor(spec, prng), day, birth, j, 2, off, out, size, seed, prng)
+            )
+    return jobs
+
+
+def site_summary(
+    spec: SiteSpec, label_type: str, n: int, n_images: int, n_dxa_rows: int, **extra: Any
+) -> dict[str, Any]:
+    """The phantom.json "summary" entry of one site (``extra``: the planner's own facts)."""
+    return {
+        "role": spec.role,
+        "label_type": label_type,
+        "n_patients": n,
+        "n_images": n_images,
+        "n_dxa_rows": n_dxa_rows,
+        **extra,
+        "vendors": [v.name for v in spec.vendors],
+    }

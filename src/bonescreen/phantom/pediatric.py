@@ -32,15 +32,32 @@ from __future__ import annotations
 import datetime as dt
 import math
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from bonescreen.labels import PEDIATRIC_LOW_Z
-
-if TYPE_CHECKING:  # pragma: no cover
-    from bonescreen.phantom.common import PatientRecord, SiteSpec
-    from bonescreen.phantom.vendors import VendorProfile
+from bonescreen.phantom.anatomy import DENSITY_PER_SD
+from bonescreen.phantom.common import (
+    PatientRecord,
+    PhantomError,
+    SitePlan,
+    SiteSpec,
+    Table,
+    auc_or_none,
+    cxr_count,
+    demographics,
+    dxa_dates,
+    fmt_number,
+    patient_rng,
+    plan_radiographs,
+    seeded_rng,
+    site_code,
+    site_summary,
+    truncnorm,
+)
+from bonescreen.phantom.vendors import VendorProfile
 
 DISEASE_FRAC = 0.65  # children in a tertiary referral population with a chronic disease
 HAZ_PER_BURDEN = 0.6  # height-for-age Z lost per unit of disease burden
@@ -81,7 +98,8 @@ def bmi_reference(age: np.ndarray | float, sex: np.ndarray | str) -> np.ndarray:
     """Median BMI (kg/m^2) at ``age`` for ``sex``."""
     age = np.asarray(age, dtype=float)
     female = np.asarray(sex) == "F"
-    return np.where(female, np.interp(age, _AGES, _BMI["F"]), np.interp(age, _AGES, _BMI["M"]))
+    med: np.ndarray = np.where(female, np.interp(age, _AGES, _BMI["F"]), np.interp(age, _AGES, _BMI["M"]))
+    return med
 
 
 def bmd_reference(age: np.ndarray | float, sex: np.ndarray | str) -> np.ndarray:
@@ -99,7 +117,8 @@ def bmd_reference(age: np.ndarray | float, sex: np.ndarray | str) -> np.ndarray:
 
 def bmd_to_z(bmd: np.ndarray | float, age: np.ndarray | float, sex: np.ndarray | str) -> np.ndarray:
     """Z-score of a lumbar aBMD against the age- and sex-matched reference."""
-    return np.log(np.asarray(bmd, dtype=float) / bmd_reference(age, sex)) / BMD_LOG_SD
+    z: np.ndarray = np.log(np.asarray(bmd, dtype=float) / bmd_reference(age, sex)) / BMD_LOG_SD
+    return z
 
 
 def z_to_bmd(z: np.ndarray | float, age: np.ndarray | float, sex: np.ndarray | str) -> np.ndarray:
@@ -114,8 +133,6 @@ def image_density(z: np.ndarray | float, age: np.ndarray | float, sex: np.ndarra
     ``rho = 1 + RHO_GAIN (BMD / BMD_young_adult - 1)``, compressed so that an
     infant's skeleton stays inside the renderer's range.
     """
-    from bonescreen.phantom.anatomy import DENSITY_PER_SD
-
     rho = 1.0 + RHO_GAIN * (z_to_bmd(z, age, sex) / YA_LUMBAR_BMD - 1.0)
     return (rho - 1.0) / DENSITY_PER_SD
 
@@ -131,8 +148,6 @@ def field_of_view(vendor_fov_mm: float, height_cm: float) -> float:
 
 def draw_children(spec: SiteSpec, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Sex, age, disease burden, growth and the latent Z before the burden effect."""
-    from bonescreen.phantom.common import truncnorm
-
     female = rng.random(n) < spec.female_frac
     sex = np.where(female, "F", "M")
     age = truncnorm(rng, n, spec.age_mean, spec.age_sd, spec.age_min, spec.age_max)
@@ -171,7 +186,7 @@ def measured_z(
     return true, meas
 
 
-def _low(z: np.ndarray) -> np.ndarray:
+def low_bmd(z: np.ndarray) -> np.ndarray:
     return np.round(z, 1) <= PEDIATRIC_LOW_Z
 
 
@@ -187,20 +202,16 @@ def calibrated_burden_effect(spec: SiteSpec) -> float:
     Fixed 20,000-child Monte Carlo sample, independent of the user seed (a
     site's population is a property of the site).
     """
-    from bonescreen.phantom.common import seeded_rng, site_code
-
     rng = seeded_rng(site_code(spec.name), 7_778)
     kids = draw_children(spec, 20_000, rng)
     noise_rng = seeded_rng(site_code(spec.name), 8_889)
     dev = noise_rng.normal(0.0, SPINE_SD, 20_000) + spec.dxa_offset + noise_rng.normal(0.0, spec.dxa_noise, 20_000)
 
     def prev(k: float) -> float:
-        return float(_low(_disease_effect(kids["latent0"], kids["burden"], k) + dev).mean())
+        return float(low_bmd(_disease_effect(kids["latent0"], kids["burden"], k) + dev).mean())
 
     lo, hi = -2.0, 8.0  # prevalence rises with k
     if prev(hi) < spec.prevalence or prev(lo) > spec.prevalence:
-        from bonescreen.phantom.common import PhantomError
-
         raise PhantomError(
             f"site {spec.name}: prevalence {spec.prevalence} is out of reach of the pediatric model "
             f"({prev(lo):.3f}..{prev(hi):.3f})"
@@ -216,8 +227,6 @@ def calibrated_burden_effect(spec: SiteSpec) -> float:
 
 def build_site(spec: SiteSpec, n: int, seed: int) -> dict[str, Any]:
     """Every child of a site (vectorised): people, latent, DXA values, devices."""
-    from bonescreen.phantom.common import seeded_rng, site_code
-
     rng = seeded_rng(seed, site_code(spec.name), 0)
     kids = draw_children(spec, n, rng)
     k = calibrated_burden_effect(spec)
@@ -229,8 +238,6 @@ def build_site(spec: SiteSpec, n: int, seed: int) -> dict[str, Any]:
 
 def patients(spec: SiteSpec, built: dict[str, Any]) -> list[PatientRecord]:
     """PatientRecords for the renderer: ``latent`` is the *image* density (absolute mineral)."""
-    from bonescreen.phantom.common import PatientRecord
-
     kids = built["kids"]
     dens = image_density(built["latent"], kids["age"], kids["sex"])
     return [
@@ -285,129 +292,116 @@ DXA_COLUMNS = [
 ]
 
 
-def plan_site(
-    spec: SiteSpec, n: int, out: Any, size: int, seed: int
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]], list[dict[str, str]], dict[str, Any], float]:
-    """Images, adult-format truth rows, pediatric truth rows, DXA rows, oracle, burden effect."""
-    from bonescreen.phantom.common import (
-        iso_date,
-        fmt_number,
-        image_job,
-        pick_vendor,
-        seeded_rng,
-        site_code,
-        window_days,
-    )
-
+def plan_site(spec: SiteSpec, n: int, out: Path, size: int, seed: int) -> SitePlan:
+    """Images, adult-format truth rows, pediatric truth rows, DXA rows and the oracle of one site."""
     built = build_site(spec, n, seed)
     kids = built["kids"]
-    recs = patients(spec, built)
-    rng: np.random.Generator = built["rng"]
-    start, end = iso_date(spec.date_start), iso_date(spec.date_end)
-    span = max((end - start).days, 1)
-    dxa_dates = [start + dt.timedelta(days=int(d)) for d in rng.integers(0, span + 1, n)]
-    bmd_meas = z_to_bmd(built["z_meas"], kids["age"], kids["sex"])
-    bmd_skel = z_to_bmd(built["latent"], kids["age"], kids["sex"])
-    low = _low(built["z_meas"])
-
+    dates = dxa_dates(spec, built["rng"], n)
+    built["bmd_meas"] = z_to_bmd(built["z_meas"], kids["age"], kids["sex"])
+    built["bmd_skel"] = z_to_bmd(built["latent"], kids["age"], kids["sex"])
+    built["low"] = low_bmd(built["z_meas"])
     jobs: list[dict[str, Any]] = []
     truth: list[dict[str, Any]] = []
     ped_truth: list[dict[str, Any]] = []
-    dxa_rows: list[dict[str, str]] = []
-    for i, p in enumerate(recs):
-        prng = seeded_rng(seed, site_code(spec.name), p.index, 2_000_000)
-        dxa_date = dxa_dates[i]
+    rows: list[dict[str, str]] = []
+    records = patients(spec, built)
+    for i, p in enumerate(records):
+        prng = patient_rng(seed, spec.name, p.index)
+        dxa_date = dates[i]
         birth = dxa_date - dt.timedelta(days=round(p.age * 365.25))
-        n_frontal = 1 + int(prng.choice(len(spec.cxr_count_probs), p=spec.cxr_count_probs))
-        offsets = [window_days(prng, spec.window_probs)]
-        while len(offsets) < n_frontal:
-            o = int(prng.integers(30, 721)) * (1 if prng.random() < 0.5 else -1)
-            if o not in offsets:
-                offsets.append(o)
-        k = 0
-        for j, off in enumerate(offsets):
-            view = "AP" if prng.random() < spec.ap_frac else "PA"
-            day = dxa_date + dt.timedelta(days=off)
-            if day < birth:  # no radiograph before birth
-                continue
-            jobs.append(image_job(p, k, view, pick_vendor(spec, prng), day, birth, j, 1, off, out, size, seed, prng))
-            k += 1
-            if j == 0 and prng.random() < spec.lateral_frac:
-                jobs.append(
-                    image_job(p, k, "LAT", pick_vendor(spec, prng), day, birth, j, 2, off, out, size, seed, prng)
-                )
-                k += 1
-        bmi = p.weight_kg / (p.height_cm / 100) ** 2
-        z_m = float(built["z_meas"][i])
-        truth.append(
-            {
-                "patient_id": p.patient_id,
-                "site": spec.name,
-                "label_type": "z_score",
-                "sex": p.sex,
-                "age": fmt_number(p.age, 2),
-                "height_cm": fmt_number(p.height_cm),
-                "weight_kg": fmt_number(p.weight_kg),
-                "bmi": fmt_number(bmi, 2),
-                "latent": fmt_number(float(built["latent"][i]), 4),
-                "label": int(low[i]),
-                "dxa_date": dxa_date.isoformat(),
-                "has_dxa": 1,
-                "n_images": k,
-                "device": int(p.device),
-                "defect": "",
-            }
+        n_frontal = cxr_count(spec, prng)
+        p_jobs = plan_radiographs(
+            p, spec, prng, dxa_date, birth, n_frontal, out, size, seed, skip_before_birth=True
         )
-        ped_truth.append(
-            {
-                "patient_id": p.patient_id,
-                "site": spec.name,
-                "sex": p.sex,
-                "age": fmt_number(p.age, 2),
-                "height_cm": fmt_number(p.height_cm),
-                "weight_kg": fmt_number(p.weight_kg),
-                "bmi": fmt_number(bmi, 2),
-                "height_z": fmt_number(float(kids["haz"][i]), 3),
-                "bmi_z": fmt_number(float(kids["bmiz"][i]), 3),
-                "chronic_disease": int(kids["ill"][i]),
-                "burden": fmt_number(float(kids["burden"][i]), 3),
-                "latent": fmt_number(float(built["latent"][i]), 4),
-                "image_density": fmt_number(p.latent, 4),
-                "bmd_skeleton": fmt_number(float(bmd_skel[i]), 4),
-                "z_true_lumbar_spine": fmt_number(float(built["z_true"][i]), 3),
-                "z_lumbar_spine": fmt_number(z_m),
-                "bmd_lumbar_spine": fmt_number(float(bmd_meas[i]), 3),
-                "low_bmd": int(low[i]),
-                "dxa_date": dxa_date.isoformat(),
-                "n_images": k,
-            }
-        )
-        dxa_rows.append(
-            {
-                "patient_id": p.patient_id,
-                "exam_date": dxa_date.isoformat(),
-                "sex": p.sex,
-                # children's ages matter to the month: one decimal, not whole years
-                "age": fmt_number(math.floor(p.age * 10) / 10, 1),
-                "z_lumbar_spine": fmt_number(z_m),
-                "bmd_lumbar_spine": fmt_number(float(bmd_meas[i]), 3),
-                "height_cm": fmt_number(p.height_cm),
-                "weight_kg": fmt_number(p.weight_kg),
-                "device": spec.dxa_device,
-            }
-        )
-    oracle = site_oracle(built["latent"], built["z_meas"], bmd_skel, bmd_meas)
+        jobs += p_jobs
+        truth.append(truth_row(p, i, built, dxa_date, len(p_jobs)))
+        ped_truth.append(pediatric_truth_row(p, i, built, dxa_date, len(p_jobs)))
+        rows.append(dxa_row(spec, p, i, built, dxa_date))
+    oracle = site_oracle(built["latent"], built["z_meas"], built["bmd_skel"], built["bmd_meas"])
     oracle.update({"n_patients": n, "n_images": len(jobs), "label_type": "z_score"})
-    return jobs, truth, ped_truth, dxa_rows, oracle, built["k"]
+    return SitePlan(
+        name=spec.name,
+        population="pediatric",
+        spec=spec,
+        patients=records,
+        jobs=jobs,
+        truth=truth,
+        dxa=Table("dxa.csv", DXA_COLUMNS, rows),
+        oracle=oracle,
+        summary=site_summary(spec, "z_score", n, len(jobs), len(rows), burden_effect=built["k"]),
+        extra_truth=Table("truth_pediatric.csv", TRUTH_COLUMNS, ped_truth),
+    )
+
+
+def truth_row(p: PatientRecord, i: int, built: dict[str, Any], dxa_date: dt.date, n_images: int) -> dict[str, Any]:
+    """A child's row of the shared truth.csv (no T-scores; ``label`` is measured low BMD)."""
+    return {
+        **demographics(p),
+        "label_type": "z_score",
+        "latent": fmt_number(float(built["latent"][i]), 4),
+        "label": int(built["low"][i]),
+        "dxa_date": dxa_date.isoformat(),
+        "has_dxa": 1,
+        "n_images": n_images,
+        "device": int(p.device),
+        "defect": "",
+    }
+
+
+def pediatric_truth_row(
+    p: PatientRecord, i: int, built: dict[str, Any], dxa_date: dt.date, n_images: int
+) -> dict[str, Any]:
+    """A child's row of truth_pediatric.csv: growth, disease, true and measured Z and BMD."""
+    kids = built["kids"]
+    return {
+        **demographics(p),
+        "height_z": fmt_number(float(kids["haz"][i]), 3),
+        "bmi_z": fmt_number(float(kids["bmiz"][i]), 3),
+        "chronic_disease": int(kids["ill"][i]),
+        "burden": fmt_number(float(kids["burden"][i]), 3),
+        "latent": fmt_number(float(built["latent"][i]), 4),
+        "image_density": fmt_number(p.latent, 4),
+        "bmd_skeleton": fmt_number(float(built["bmd_skel"][i]), 4),
+        "z_true_lumbar_spine": fmt_number(float(built["z_true"][i]), 3),
+        "z_lumbar_spine": fmt_number(float(built["z_meas"][i])),
+        "bmd_lumbar_spine": fmt_number(float(built["bmd_meas"][i]), 3),
+        "low_bmd": int(built["low"][i]),
+        "dxa_date": dxa_date.isoformat(),
+        "n_images": n_images,
+    }
+
+
+def dxa_row(spec: SiteSpec, p: PatientRecord, i: int, built: dict[str, Any], dxa_date: dt.date) -> dict[str, str]:
+    """A child's DXA export row (``DXA_COLUMNS``): lumbar-spine Z and aBMD only."""
+    return {
+        "patient_id": p.patient_id,
+        "exam_date": dxa_date.isoformat(),
+        "sex": p.sex,
+        # children's ages matter to the month: one decimal, not whole years
+        "age": fmt_number(math.floor(p.age * 10) / 10, 1),
+        "z_lumbar_spine": fmt_number(float(built["z_meas"][i])),
+        "bmd_lumbar_spine": fmt_number(float(built["bmd_meas"][i]), 3),
+        "height_cm": fmt_number(p.height_cm),
+        "weight_kg": fmt_number(p.weight_kg),
+        "device": spec.dxa_device,
+    }
+
+
+def model_description() -> dict[str, Any]:
+    """The pediatric model's parameters, as phantom.json records them under "model"/"pediatric"."""
+    return {
+        "disease_frac": DISEASE_FRAC,
+        "spine_sd": SPINE_SD,
+        "rho_gain": RHO_GAIN,
+        "oracle": "latent = true skeletal Z: AUC of -latent for measured Z <= -2, Pearson r with measured Z",
+    }
 
 
 def site_oracle(
     latent: np.ndarray, z_meas: np.ndarray, bmd_skel: np.ndarray, bmd_meas: np.ndarray
 ) -> dict[str, Any]:
     """AUC of the latent for measured low BMD and the best achievable correlations."""
-    from bonescreen.phantom.common import auc_or_none
-
-    low = _low(z_meas).astype(int)
+    low = low_bmd(z_meas).astype(int)
     r = float(np.corrcoef(latent, z_meas)[0, 1]) if len(latent) > 2 else None
     r_bmd = float(np.corrcoef(bmd_skel, bmd_meas)[0, 1]) if len(latent) > 2 else None
     return {
@@ -423,23 +417,89 @@ def site_oracle(
     }
 
 
+# A pediatric DR room: smaller detector field, AP for the youngest.
+PEDIATRIC_VENDOR = VendorProfile(
+    name="ped_dr",
+    manufacturer="Phantom Imaging",
+    model="PX-DR Peds",
+    modality="DX",
+    bits_stored=12,
+    photometric="MONOCHROME2",
+    response="log",
+    voi_window=True,
+    rescale=(1.0, 0.0),
+    marker="R",
+    fov_mm=380.0,
+)
+
+# PED (development, tertiary children's hospital) and PED_EXT (external, CR room, MONOCHROME1):
+# median age ~13, ~25 % low BMD, CXR and DXA within three months.
+PEDIATRIC_SITES: tuple[SiteSpec, ...] = (
+    SiteSpec(
+        name="PED",
+        role="development",
+        pediatric=True,
+        age_mean=12.5,
+        age_sd=4.0,
+        age_min=0.0,
+        age_max=17.99,
+        female_frac=0.48,
+        prevalence=0.25,
+        vendors=(PEDIATRIC_VENDOR,),
+        ap_frac=0.30,
+        lateral_frac=0.05,
+        device_frac=0.03,  # central lines / ports
+        cxr_count_probs=(0.6, 0.3, 0.1),
+        window_probs=(0.5, 0.5, 0.0, 0.0),
+        date_start="2012-01-01",
+        date_end="2023-12-31",
+        dxa_device="GE Lunar iDXA",
+        dxa_noise=0.12,
+    ),
+    SiteSpec(
+        name="PED_EXT",
+        role="external",
+        pediatric=True,
+        age_mean=12.0,
+        age_sd=4.5,
+        age_min=0.0,
+        age_max=17.99,
+        female_frac=0.5,
+        prevalence=0.27,
+        vendors=(
+            VendorProfile(
+                name="pedext_cr",
+                manufacturer="Acme Medical",
+                model="CR-30 Peds",
+                modality="CR",
+                bits_stored=10,
+                photometric="MONOCHROME1",
+                response="linear",
+                exposure=0.8,
+                detail_gain=1.3,
+                collimation=0.05,
+                collimation_fill="black",
+                marker="L",
+                fov_mm=360.0,
+            ),
+        ),
+        ap_frac=0.4,
+        lateral_frac=0.05,
+        device_frac=0.03,
+        cxr_count_probs=(0.7, 0.3, 0.0),
+        window_probs=(0.4, 0.6, 0.0, 0.0),
+        date_start="2016-01-01",
+        date_end="2023-12-31",
+        dxa_device="Hologic Horizon",
+        dxa_offset=-0.05,
+        dxa_noise=0.15,
+    ),
+)
+
+
 def default_pediatric_vendor() -> VendorProfile:
     """A pediatric DR room: smaller detector field, AP for the youngest."""
-    from bonescreen.phantom.vendors import VendorProfile
-
-    return VendorProfile(
-        name="ped_dr",
-        manufacturer="Phantom Imaging",
-        model="PX-DR Peds",
-        modality="DX",
-        bits_stored=12,
-        photometric="MONOCHROME2",
-        response="log",
-        voi_window=True,
-        rescale=(1.0, 0.0),
-        marker="R",
-        fov_mm=380.0,
-    )
+    return PEDIATRIC_VENDOR
 
 
 def default_pediatric_sites() -> list[SiteSpec]:
@@ -447,67 +507,4 @@ def default_pediatric_sites() -> list[SiteSpec]:
 
     Median age ~13, ~25 % low BMD, CXR and DXA within three months.
     """
-    from bonescreen.phantom.common import SiteSpec
-    from bonescreen.phantom.vendors import VendorProfile
-
-    return [
-        SiteSpec(
-            name="PED",
-            role="development",
-            pediatric=True,
-            age_mean=12.5,
-            age_sd=4.0,
-            age_min=0.0,
-            age_max=17.99,
-            female_frac=0.48,
-            prevalence=0.25,
-            vendors=(default_pediatric_vendor(),),
-            ap_frac=0.30,
-            lateral_frac=0.05,
-            device_frac=0.03,  # central lines / ports
-            cxr_count_probs=(0.6, 0.3, 0.1),
-            window_probs=(0.5, 0.5, 0.0, 0.0),
-            date_start="2012-01-01",
-            date_end="2023-12-31",
-            dxa_device="GE Lunar iDXA",
-            dxa_noise=0.12,
-        ),
-        SiteSpec(
-            name="PED_EXT",
-            role="external",
-            pediatric=True,
-            age_mean=12.0,
-            age_sd=4.5,
-            age_min=0.0,
-            age_max=17.99,
-            female_frac=0.5,
-            prevalence=0.27,
-            vendors=(
-                VendorProfile(
-                    name="pedext_cr",
-                    manufacturer="Acme Medical",
-                    model="CR-30 Peds",
-                    modality="CR",
-                    bits_stored=10,
-                    photometric="MONOCHROME1",
-                    response="linear",
-                    exposure=0.8,
-                    detail_gain=1.3,
-                    collimation=0.05,
-                    collimation_fill="black",
-                    marker="L",
-                    fov_mm=360.0,
-                ),
-            ),
-            ap_frac=0.4,
-            lateral_frac=0.05,
-            device_frac=0.03,
-            cxr_count_probs=(0.7, 0.3, 0.0),
-            window_probs=(0.4, 0.6, 0.0, 0.0),
-            date_start="2016-01-01",
-            date_end="2023-12-31",
-            dxa_device="Hologic Horizon",
-            dxa_offset=-0.05,
-            dxa_noise=0.15,
-        ),
-    ]
+    return list(PEDIATRIC_SITES)

@@ -141,7 +141,8 @@ def _lowpass(img: np.ndarray, sigma_px: float) -> np.ndarray:
     i1 = np.minimum(i0 + 1, m - 1)
     t = (pos - i0).astype(np.float32)
     rows = small[i0] * (1 - t)[:, None] + small[i1] * t[:, None]
-    return (rows[:, i0] * (1 - t)[None, :] + rows[:, i1] * t[None, :]).astype(np.float32)
+    out: np.ndarray = (rows[:, i0] * (1 - t)[None, :] + rows[:, i1] * t[None, :]).astype(np.float32)
+    return out
 
 
 def detect(
@@ -157,10 +158,33 @@ def detect(
 
     ``bone_mask`` (outline of the bones, independent of their density) is left
     out of the auto-ranging histogram, so exposure processing never rescales
-    an image because its bones are denser or fainter.
+    an image because its bones are denser or fainter. The steps draw from
+    ``rng`` in a fixed order (exposure, collimation, ranging, noise, markers).
     """
-    n = A.shape[0]
-    spacing = (fov_mm or vendor.fov_mm) / n
+    spacing = (fov_mm or vendor.fov_mm) / A.shape[0]
+    kvp, mas, S = _expose(A, vendor, rng, view, spacing)
+    box = _collimation(A, vendor, rng)
+    lo, hi = _auto_range(S, vendor, rng, box, bone_mask)
+    val = _tone_curve(S, vendor, rng, lo, hi)
+    _fill_collimation(val, vendor, box)
+    marker = _burn_markers(val, vendor, rng, view, spacing, box)
+    if vendor.annotation:
+        _burn_text(val, vendor.annotation, rng, spacing, box)
+    return Detected(
+        stored=_stored_pixels(val, vendor),
+        display=val.astype(np.float32),
+        window=_voi_window(vendor),
+        kvp=kvp,
+        exposure_mas=round(mas, 2),
+        field_box=box,
+        marker=marker,
+    )
+
+
+def _expose(
+    A: np.ndarray, vendor: VendorProfile, rng: np.random.Generator, view: str, spacing: float
+) -> tuple[float, float, np.ndarray]:
+    """(kVp, mAs, log signal): quantum-limited exposure with scatter, blur and multi-scale processing."""
     portable = view == "AP"
     lateral = view == "LAT"
     kvp = float(rng.choice([110.0, 115.0, 120.0, 125.0])) if not portable else float(rng.choice([85.0, 90.0, 95.0]))
@@ -185,10 +209,17 @@ def detect(
         # coarse range, lift local detail (ribs and spine through the heart)
         coarse = _lowpass(S, 12.0 / spacing)
         S = vendor.range_compression * coarse + vendor.detail_gain * (S - coarse)
+    return kvp, mas, S
 
-    # collimation: the technologist closes the side blades onto the body's
-    # outline (so thin and broad patients fill the field alike) with a
-    # per-image gap; top and bottom blades vary freely. Never sees the bones.
+
+def _collimation(A: np.ndarray, vendor: VendorProfile, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """The collimated field (r0, r1, c0, c1).
+
+    The technologist closes the side blades onto the body's outline (so thin
+    and broad patients fill the field alike) with a per-image gap; top and
+    bottom blades vary freely. Never sees the bones.
+    """
+    n = A.shape[0]
     m = [min(0.2, vendor.collimation * float(np.exp(rng.normal(0.0, 0.6)))) for _ in range(4)]
     r0, r1 = int(round(m[0] * n)), n - int(round(m[1] * n))
     profile = A[n // 3 : 2 * n // 3].mean(axis=0)
@@ -196,38 +227,57 @@ def detect(
     b0, b1 = (int(body[0]), int(body[-1]) + 1) if body.size else (0, n)
     c0 = max(0, b0 - int(round(m[2] * n)))
     c1 = min(n, b1 + int(round(m[3] * n)))
-    step = 2 if n < 256 else 4
+    return r0, r1, c0, c1
+
+
+def _auto_range(
+    S: np.ndarray,
+    vendor: VendorProfile,
+    rng: np.random.Generator,
+    box: tuple[int, int, int, int],
+    bone_mask: np.ndarray | None,
+) -> tuple[float, float]:
+    """The (lo, hi) signal the display range spans, from bone-free pixels of the field.
+
+    Anchors on air/lung (low) and thick soft tissue (the upper percentile);
+    bone uses the headroom above ``display_range[1]``.
+    """
+    r0, r1, c0, c1 = box
+    step = 2 if S.shape[0] < 256 else 4
     if (r1 - r0) > 8 and (c1 - c0) > 8:
         field_s, field_m = S[r0:r1:step, c0:c1:step], None if bone_mask is None else bone_mask[r0:r1:step, c0:c1:step]
     else:
         field_s, field_m = S[::step, ::step], None if bone_mask is None else bone_mask[::step, ::step]
     inside = field_s if field_m is None or field_m.all() else field_s[~field_m]
-    # auto-ranging anchors on air/lung (low) and thick soft tissue (the upper
-    # percentile) of bone-free pixels; bone uses the headroom above
-    # display_range[1].
     lo, hi = np.percentile(inside, vendor.range_percentiles)
     rng_w = max(float(hi - lo), 1e-3)
     lo = float(lo) + float(rng.normal(0.0, vendor.range_jitter)) * rng_w
     hi = float(hi) + float(rng.normal(0.0, vendor.range_jitter)) * rng_w
-    hi = max(hi, lo + 0.2 * rng_w)
+    return lo, max(hi, lo + 0.2 * rng_w)
+
+
+def _tone_curve(S: np.ndarray, vendor: VendorProfile, rng: np.random.Generator, lo: float, hi: float) -> np.ndarray:
+    """Signal -> display value in [0, 1]: the response, the display range, a soft knee, electronic noise."""
     t = (S - lo) / (hi - lo)
     if vendor.response == "linear":
         k = vendor.linear_k * (hi - lo)
         t = (1.0 - np.exp(-k * t)) / (1.0 - math.exp(-k))
     d0, d1 = vendor.display_range
-    maxv = (1 << vendor.bits_stored) - 1
     val = d0 + t * (d1 - d0)
     # soft knee above the soft-tissue anchor: dense bone keeps its contrast
     # instead of clipping to white
     head = 1.0 - d1
     over = np.maximum(val - d1, 0.0)
     val = np.minimum(val, d1) + head * (1.0 - np.exp(-over / head))
-    val = val + vendor.electronic_noise * rng.standard_normal(A.shape, dtype=np.float32)
-    val = np.clip(val, 0.0, 1.0)
-    if vendor.collimation_fill == "white":
-        fill = 1.0
-    else:
-        fill = 0.0
+    val = val + vendor.electronic_noise * rng.standard_normal(S.shape, dtype=np.float32)
+    return np.clip(val, 0.0, 1.0)
+
+
+def _fill_collimation(val: np.ndarray, vendor: VendorProfile, box: tuple[int, int, int, int]) -> None:
+    """Outside the field: white (unexposed) or black (masked), as the vendor fills it."""
+    n = val.shape[0]
+    r0, r1, c0, c1 = box
+    fill = 1.0 if vendor.collimation_fill == "white" else 0.0
     if r0 > 0:
         val[:r0] = fill
     if r1 < n:
@@ -237,58 +287,69 @@ def detect(
     if c1 < n:
         val[:, c1:] = fill
 
-    marker: str | None = None
-    if vendor.marker and rng.random() < vendor.marker_prob:
-        letters = ["L"] if lateral else (["R", "L"] if vendor.marker == "both" else [vendor.marker])
-        h = max(5, int(round(14.0 / spacing)))
-        for letter in letters:
-            g = _glyph(letter, h)
-            gh, gw = g.shape
-            # R on the patient's right (image left in PA), L on the image right
-            on_left = letter == "R" and not lateral
-            top = min(max(r0 + int(rng.integers(2, max(3, n // 12))), 0), n - gh)
-            if on_left:
-                left = c0 + int(rng.integers(2, max(3, n // 12)))
-            else:
-                left = c1 - gw - int(rng.integers(2, max(3, n // 12)))
-            left = min(max(left, 0), n - gw)
-            val[top : top + gh, left : left + gw][g] = 1.0
-        marker = "".join(letters)
-    if vendor.annotation:
-        _burn_text(val, vendor.annotation, rng, spacing, (r0, r1, c0, c1))
 
-    display = val.astype(np.float32)
+def _burn_markers(
+    val: np.ndarray,
+    vendor: VendorProfile,
+    rng: np.random.Generator,
+    view: str,
+    spacing: float,
+    box: tuple[int, int, int, int],
+) -> str | None:
+    """Burn the lead-marker letters into the field's corners; returns the letters (None if none)."""
+    if not (vendor.marker and rng.random() < vendor.marker_prob):
+        return None
+    n = val.shape[0]
+    r0, _, c0, c1 = box
+    lateral = view == "LAT"
+    letters = ["L"] if lateral else (["R", "L"] if vendor.marker == "both" else [vendor.marker])
+    h = max(5, int(round(14.0 / spacing)))
+    for letter in letters:
+        g = _glyph(letter, h)
+        gh, gw = g.shape
+        # R on the patient's right (image left in PA), L on the image right
+        on_left = letter == "R" and not lateral
+        top = min(max(r0 + int(rng.integers(2, max(3, n // 12))), 0), n - gh)
+        if on_left:
+            left = c0 + int(rng.integers(2, max(3, n // 12)))
+        else:
+            left = c1 - gw - int(rng.integers(2, max(3, n // 12)))
+        left = min(max(left, 0), n - gw)
+        val[top : top + gh, left : left + gw][g] = 1.0
+    return "".join(letters)
+
+
+def _stored_pixels(val: np.ndarray, vendor: VendorProfile) -> np.ndarray:
+    """Display values -> stored integers: bit depth, MONOCHROME1 inversion, signed representation."""
+    maxv = (1 << vendor.bits_stored) - 1
     ival = np.rint(val * maxv).astype(np.int64)
     if vendor.photometric == "MONOCHROME1":
         ival = maxv - ival
     if vendor.pixel_representation:
         ival = ival - (1 << (vendor.bits_stored - 1))
-        stored = ival.astype(np.int16)
-    else:
-        stored = ival.astype(np.uint16)
+        signed: np.ndarray = ival.astype(np.int16)
+        return signed
+    unsigned: np.ndarray = ival.astype(np.uint16)
+    return unsigned
 
-    window = None
-    if vendor.voi_window:
-        # lung .. dense bone (most of the headroom), in the stored MONOCHROME2 sense
-        a, b = d0 * maxv, (d1 + 0.85 * (1.0 - d1)) * maxv
-        if vendor.photometric == "MONOCHROME1":
-            a, b = maxv - b, maxv - a
-        if vendor.pixel_representation:
-            a -= 1 << (vendor.bits_stored - 1)
-            b -= 1 << (vendor.bits_stored - 1)
-        slope, icpt = vendor.rescale or (1.0, 0.0)
-        a, b = sorted((a * slope + icpt, b * slope + icpt))
-        width = (b - a) * 1.04
-        window = (round((a + b) / 2.0, 1), round(width, 1))
-    return Detected(
-        stored=stored,
-        display=display,
-        window=window,
-        kvp=kvp,
-        exposure_mas=round(mas, 2),
-        field_box=(r0, r1, c0, c1),
-        marker=marker,
-    )
+
+def _voi_window(vendor: VendorProfile) -> tuple[float, float] | None:
+    """(center, width) from lung to dense bone (most of the headroom), in modality-LUT units."""
+    if not vendor.voi_window:
+        return None
+    d0, d1 = vendor.display_range
+    maxv = (1 << vendor.bits_stored) - 1
+    # in the stored MONOCHROME2 sense first
+    a, b = d0 * maxv, (d1 + 0.85 * (1.0 - d1)) * maxv
+    if vendor.photometric == "MONOCHROME1":
+        a, b = maxv - b, maxv - a
+    if vendor.pixel_representation:
+        a -= 1 << (vendor.bits_stored - 1)
+        b -= 1 << (vendor.bits_stored - 1)
+    slope, icpt = vendor.rescale or (1.0, 0.0)
+    a, b = sorted((a * slope + icpt, b * slope + icpt))
+    width = (b - a) * 1.04
+    return (round((a + b) / 2.0, 1), round(width, 1))
 
 
 def dicom_dataset(
@@ -307,11 +368,28 @@ def dicom_dataset(
     ``study``: StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID, StudyDate,
     StudyTime, AccessionNumber, SeriesNumber, InstanceNumber.
     """
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
+    from pydicom.dataset import Dataset
 
     sop_class = DX_PRESENTATION_STORAGE if vendor.modality == "DX" else CR_IMAGE_STORAGE
     ds = Dataset()
+    _describe(ds, det, vendor, view, spacing_mm, patient, study, institution, sop_class)
+    _image_pixel_module(ds, det, vendor, view)
+    _encode_pixels(ds, det, vendor, sop_class)
+    return ds
+
+
+def _describe(
+    ds: Any,
+    det: Detected,
+    vendor: VendorProfile,
+    view: str,
+    spacing_mm: float,
+    patient: dict[str, str],
+    study: dict[str, str],
+    institution: str,
+    sop_class: str,
+) -> None:
+    """Patient, study, series, equipment and acquisition tags."""
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.ImageType = ["ORIGINAL", "PRIMARY"]
     ds.SOPClassUID = sop_class
@@ -351,6 +429,11 @@ def dicom_dataset(
     ds.StudyID = study["AccessionNumber"][-8:]
     ds.SeriesNumber = int(study["SeriesNumber"])
     ds.InstanceNumber = int(study["InstanceNumber"])
+
+
+def _image_pixel_module(ds: Any, det: Detected, vendor: VendorProfile, view: str) -> None:
+    """Orientation, the pixel description, modality LUT (rescale), VOI window and presentation tags."""
+    lateral = view == "LAT"
     # rows run toward the patient's left (PA) or posterior (left lateral); columns toward the feet
     ds.PatientOrientation = ["P", "F"] if lateral else (["L", "F"] if view == "PA" else ["R", "F"])
     ds.ImageLaterality = "U"
@@ -377,8 +460,14 @@ def dicom_dataset(
         ds.DetectorType = "SCINTILLATOR"
     ds.LossyImageCompression = "00"
 
+
+def _encode_pixels(ds: Any, det: Detected, vendor: VendorProfile, sop_class: str) -> None:
+    """File meta and PixelData in the vendor's transfer syntax (explicit VR, RLE or JPEG 2000 lossless)."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import UID, ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
+
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPClassUID = UID(sop_class)
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta = meta
@@ -392,7 +481,6 @@ def dicom_dataset(
         # openjpeg logs one INFO line per tile; keep batch logs readable
         logging.getLogger("openjpeg").setLevel(logging.WARNING)
         ds.compress(JPEG2000Lossless, arr, encoding_plugin="pylibjpeg", generate_instance_uid=False)
-    return ds
 
 
 def write_dicom(path: str, ds: Any) -> None:
