@@ -563,3 +563,14 @@ def test_adapt_cli_writes_an_opt_in_profile(tmp_path: Path, screened: dict[str, 
     assert cli(["profiles", str(art), "--remove", "NEW"]) == 0
     assert cli(["profiles", str(art), "--import", str(tmp_path / "new.json"), "--as", "NEW2"]) == 0
     assert set(list_profiles(art)) == {"NEW2"}
+    # --reference without --method: the grey scale matched to the reference's (ConvNeXt: no BatchNorm)
+    assert cli(["adapt", str(art), str(images), "--profile", "GREY", "--reference", str(ref), "--train-prior", "0.4",
+                "--bootstrap", "50"]) == 0
+    assert "adaptation: intensity" in capsys.readouterr().out
+    grey = get_profile(load_artifact(art), "GREY")
+    assert grey.adaptation["method"] == "intensity" and len(grey.adaptation["lut"]) == 256
+    assert cli(["screen", str(images), "--model", str(art), "--out", str(tmp_path / "g"), "--site-profile", "GREY",
+                "--no-progress"]) == 0
+    with open(tmp_path / "g" / "results.csv", newline="") as fh:
+        got = np.sort([float(r["score"]) for r in csv.DictReader(fh) if r["eligible"] == "True"])
+    np.testing.assert_allclose(got, np.sort(profiled_model(loaded, grey).score(imgs)), atol=1e-5)
