@@ -149,7 +149,8 @@ def markdown(res: dict[str, Any]) -> str:
                 hr = "" if r["headroom"] is None else f" ({r['headroom']:.2f})"
                 stage = r["stage"] + (f": {r['method']}, prevalence {r['prevalence_estimate']:.2f}"
                                       if "method" in r else "")
-                out.append(f"| {head if i == 0 else ''} | {stage} | {r['auc']:.3f}, {r['oracle_auc']:.3f}{hr} | "
+                orc = "NA" if r["oracle_auc"] is None else f"{r['oracle_auc']:.3f}"
+                out.append(f"| {head if i == 0 else ''} | {stage} | {r['auc']:.3f}, {orc}{hr} | "
                            f"{r['threshold']:.3g} | {r['sensitivity']:.2f} | {r['specificity']:.2f} |")
         out.append("")
     return "\n".join(out)
