@@ -11,7 +11,9 @@ it, else the fallback spec below). For each site:
 - before: AUC next to the oracle AUC and the headroom fraction, sensitivity/specificity at the
   artifact's cut-off, calibration slope/intercept/ECE, true prevalence;
 - label-free (no label seen): EM prevalence only; BatchNorm re-estimation + EM; feature alignment
-  (to the development site's train-split features) + EM: estimated vs true prevalence, AUC,
+  (to the development site's train-split features) + EM; the grey scale matched to the development
+  site's tune-split histogram (alone, and then BatchNorm: `adapt --home`'s default with a home profile
+  made by `calibrate --adapt intensity_batchnorm`) + EM: estimated vs true prevalence, AUC,
   sensitivity/specificity at the moved cut-off, calibration of the prior-adjusted probabilities;
 - calibrate with N local pairs (random patient-grouped draws, repeated): sensitivity/specificity
   on the rest of that site at the requested operating point, calibration slope/intercept/ECE on
@@ -112,7 +114,13 @@ LABEL_FREE = (
     ("bn_home_em", "BatchNorm + home calibration + EM, P >= 0.5", "batchnorm", "home_bn", "probability"),
     ("bn_home_cut", "BatchNorm + the home cut-off (sensitivity 0.90 at home)", "batchnorm", "home_bn", "home"),
     ("fa_keep", "feature alignment, cut-off kept", "feature_align", None, "keep"),
+    ("int_home_em", "grey scale matched + home calibration + EM, P >= 0.5", "intensity", "home_int", "probability"),
+    ("ibn_home_em", "grey scale matched + BatchNorm + home calibration + EM, P >= 0.5 (the default)",
+     "intensity_batchnorm", "home_ibn", "probability"),
+    ("ibn_home_cut", "grey scale matched + BatchNorm + the home cut-off", "intensity_batchnorm", "home_ibn", "home"),
 )
+#: the label-free row of the README's story table: what `adapt --home HOME` does by default
+DEFAULT_LABEL_FREE = "ibn_home_em"
 
 
 def label_free(loaded: Any, y: np.ndarray, oracle: float, base: np.ndarray, adapted: dict[str, tuple[Any, np.ndarray]],
@@ -138,10 +146,10 @@ def label_free(loaded: Any, y: np.ndarray, oracle: float, base: np.ndarray, adap
 
 
 def home_profiles(loaded: Any, manifest: pd.DataFrame, cache: Path, target: float, seed: int) -> dict[str, Any]:
-    """Calibrated profiles of the development site's tune split: unadapted, and BatchNorm-adapted there."""
+    """Calibrated profiles of the development site's tune split, one per adaptation (as `calibrate --adapt`)."""
     from bonescreen.adapt.calibrate import CalibrateConfig, LocalPairs, calibrate_pairs, manifest_images, select_manifest
     from bonescreen.adapt.labelfree import score_images
-    from bonescreen.adapt.tta import adapted_model, fit_batchnorm
+    from bonescreen.adapt.tta import adapted_model, fit_home_adaptation
     from bonescreen.artifact import weights_fingerprint
 
     tune = select_manifest(manifest, loaded.spec.task, site="DEV", split="tune")
@@ -149,9 +157,10 @@ def home_profiles(loaded: Any, manifest: pd.DataFrame, cache: Path, target: floa
     y = tune["label"].astype(int).to_numpy()
     cfg = CalibrateConfig(target="sensitivity", target_value=target, learning_curve=(), seed=seed)
     fp = weights_fingerprint(loaded.model)
-    bn = fit_batchnorm(loaded, imgs)
     out = {}
-    for key, ad in (("home0", None), ("home_bn", bn)):
+    for key, ad in (("home0", None), ("home_bn", fit_home_adaptation(loaded, imgs, "batchnorm")),
+                    ("home_int", fit_home_adaptation(loaded, imgs, "intensity")),
+                    ("home_ibn", fit_home_adaptation(loaded, imgs, "intensity_batchnorm"))):
         s = score_images(adapted_model(loaded, ad), imgs)
         out[key] = calibrate_pairs(LocalPairs(y, s), name=key.upper(), fingerprint=fp, task=loaded.spec.task,
                                    base_threshold=float(loaded.spec.threshold), config=cfg, adaptation=ad).profile
@@ -160,7 +169,7 @@ def home_profiles(loaded: Any, manifest: pd.DataFrame, cache: Path, target: floa
 
 def calibrate_draws(y: np.ndarray, s: np.ndarray, groups: np.ndarray, n_pairs: int, repeats: int, seed: int,
                     target: str, value: float) -> dict[str, Any]:
-    from bonescreen.adapt.calibrate import CalibrateConfig, LocalPairs, _draw, calibrate_pairs
+    from bonescreen.adapt.calibrate import CalibrateConfig, LocalPairs, calibrate_pairs, patient_split
 
     cfg = CalibrateConfig(target=target, target_value=value, learning_curve=(), seed=seed)
     pairs = LocalPairs(y, s, groups)
@@ -169,7 +178,7 @@ def calibrate_draws(y: np.ndarray, s: np.ndarray, groups: np.ndarray, n_pairs: i
     tries = 0
     while len(rows) < repeats and tries < 20 * repeats:
         tries += 1
-        drawn = _draw(pairs, n_pairs, rng)
+        drawn = patient_split(pairs, n_pairs, rng)
         if drawn is None:
             continue
         fit, rest = drawn
@@ -272,15 +281,17 @@ def main() -> int:
                        **rates(y, s0 >= t0), **calib(y, s0)},
         }
         adapted = {"none": (None, s0)}
-        for method, src in (("batchnorm", None), ("feature_align", source)):
-            ad, _, sa = fit_adaptation(loaded, imgs, method, src)
+        ref_hist = homes["home_ibn"].adaptation["reference_histogram"]  # DEV tune's grey scale, as `adapt --home`
+        for method, src in (("batchnorm", None), ("feature_align", source), ("intensity", None),
+                            ("intensity_batchnorm", None)):
+            ad, _, sa = fit_adaptation(loaded, imgs, method, src, reference_hist=ref_hist)
             adapted[method] = (ad, sa)
         lf = label_free(loaded, y, oracle, s0, adapted, homes, args.seed)
         entry["label_free"] = lf
         cal: dict[str, Any] = {}
         # N pairs to fit and at least 100 left to measure on; a small demo site gets half its images
         n_pairs = args.pairs if len(y) >= args.pairs + 100 else int(len(y) // 2)
-        for base in ("none", "batchnorm"):
+        for base in ("none", "batchnorm", "intensity_batchnorm"):
             s = adapted[base][1]
             cal[base] = {
                 "sensitivity_target": calibrate_draws(y, s, groups, n_pairs, args.repeats, args.seed,
@@ -343,7 +354,7 @@ def markdown(doc: dict[str, Any]) -> str:
             for key in ("sensitivity_target", "specificity_target"):
                 r = c[key]
                 tgt = f"{r['target']} {r['value']:.2f}"
-                on = "model" if base == "none" else "BatchNorm-adapted model"
+                on = {"none": "model", "batchnorm": "BatchNorm-adapted model"}.get(base, f"{base}-adapted model")
                 lines.append(
                     f"| | calibrate, {r['n_pairs']} pairs ({on}), {tgt}; rest n≈{r['n_rest_median']} | – | – | "
                     f"{_f(r['sensitivity']['median'])} [{_f(r['sensitivity']['p10'])}–{_f(r['sensitivity']['p90'])}] | "
@@ -357,12 +368,12 @@ def readme_tables(doc: dict[str, Any]) -> str:
     out = ["| site (images, prevalence) | AUC, oracle (headroom) | stage | cut-off | sensitivity | specificity | "
            "prevalence estimate | calibration slope / intercept / ECE |", "|---|---|---|---|---|---|---|---|"]
     for site, e in doc["sites"].items():
-        b, lf = e["before"], e["label_free"]["bn_home_em"]
+        b, lf = e["before"], e["label_free"][DEFAULT_LABEL_FREE]
         head = f"{site} ({e['n_images']}, {_f(e['prevalence'])})"
         out.append(f"| {head} | {_f(b['auc'], 3)}, {_f(e['oracle_auc'], 3)} ({_f(b['headroom'])}) | before | "
                    f"{_f(b['threshold'], 3)} | {_f(b['sensitivity'])} | {_f(b['specificity'])} | – | "
                    f"{_f(b['slope'])} / {_f(b['intercept'])} / {_f(b['ece'])} |")
-        out.append(f"| | {_f(lf['auc'], 3)} ({_f(lf['headroom'])}) | label-free: BatchNorm + home + EM | "
+        out.append(f"| | {_f(lf['auc'], 3)} ({_f(lf['headroom'])}) | label-free: grey scale + BatchNorm + home + EM | "
                    f"{_f(lf['threshold'], 3)} | {_f(lf['sensitivity'])} | {_f(lf['specificity'])} | "
                    f"{_f(lf['prevalence_estimate'])} ({_f(lf['prevalence_ci'][0])}–{_f(lf['prevalence_ci'][1])}) | "
                    f"{_f(lf['slope'])} / {_f(lf['intercept'])} / {_f(lf['ece'])} |")

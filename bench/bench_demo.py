@@ -76,6 +76,8 @@ def collect(out: Path) -> dict[str, Any]:
         "cascade": json.loads((out / "cascade.json").read_text()),
         "timings": json.loads((out / "timings.json").read_text()),
         "pseudolabel": json.loads((out / "pseudolabel_counts.json").read_text()),
+        "adaptation": json.loads((out / "site_adaptation.json").read_text())
+        if (out / "site_adaptation.json").is_file() else [],
     }
 
 
@@ -132,6 +134,24 @@ def markdown(res: dict[str, Any]) -> str:
                 cells.append(f"{r['n']}" if r["rate"] is None else
                              f"{r['n']} ({r['rate']:.2f}, {r['lo']:.2f}–{r['hi']:.2f})")
             out.append(f"| {names[ci]} (n {sum(t['counts'][i])}) | " + " | ".join(cells) + " |")
+        out.append("")
+    if res.get("adaptation"):
+        out.append("Trust at each external site (student; `bonescreen.adapt.story`): measured on a held-out half of "
+                   "the site's patients; label-free = `adapt --home HOME` (no label read), calibrate = `calibrate` "
+                   "on the other half's DXA results, target sensitivity 0.90")
+        out.append("")
+        out.append("| site (held-out images, prevalence) | stage | AUC, oracle (headroom) | cut-off | sensitivity | "
+                   "specificity |")
+        out.append("|---|---|---|---|---|---|")
+        for st in res["adaptation"]:
+            for i, r in enumerate(st["rows"]):
+                head = f"{SITE_LABELS.get(st['site'], st['site'])} ({st['n_held_out']}, {st['prevalence_held_out']:.2f})"
+                hr = "" if r["headroom"] is None else f" ({r['headroom']:.2f})"
+                stage = r["stage"] + (f": {r['method']}, prevalence {r['prevalence_estimate']:.2f}"
+                                      if "method" in r else "")
+                orc = "NA" if r["oracle_auc"] is None else f"{r['oracle_auc']:.3f}"
+                out.append(f"| {head if i == 0 else ''} | {stage} | {r['auc']:.3f}, {orc}{hr} | "
+                           f"{r['threshold']:.3g} | {r['sensitivity']:.2f} | {r['specificity']:.2f} |")
         out.append("")
     return "\n".join(out)
 

@@ -267,6 +267,105 @@ def test_feature_alignment_matches_the_development_statistics(models: dict[str, 
         torch.testing.assert_close(same(x), loaded.model(x), atol=1e-4, rtol=1e-4)
 
 
+def test_intensity_table_inverts_a_monotone_site_response() -> None:
+    from bonescreen.adapt.tta import intensity_histogram, matching_lut
+
+    dev = _images(24, 64, seed=5)
+    # a vendor with a curved response: the same anatomy through a gamma curve and a narrower window
+    site = np.clip(255.0 * (dev / 255.0) ** 2.2 * 0.8 + 20, 0, 255).astype(np.uint8)
+    lut = matching_lut(intensity_histogram(site), intensity_histogram(dev))
+    assert lut.shape == (256,) and np.all(np.diff(lut) >= 0)  # monotone
+    mapped = lut[site]
+    # per pixel, the table puts the site's levels back where the development site had them
+    occupied = dev > 10  # below that the gamma curve merges many development levels into one
+    assert np.abs(mapped[occupied] - dev[occupied]).mean() < 3.0
+    assert np.abs(site.astype(float)[occupied] - dev[occupied]).mean() > 30.0
+    same = matching_lut(intensity_histogram(dev), intensity_histogram(dev))  # home: (nearly) the identity
+    levels = np.unique(dev)
+    np.testing.assert_allclose(same[levels], levels, atol=1.0)
+    with pytest.raises(CalibrationError, match="256"):
+        matching_lut([1.0] * 10, intensity_histogram(dev))
+    with pytest.raises(CalibrationError, match="uint8"):
+        intensity_histogram(dev.astype(float))
+
+
+@pytest.mark.parametrize("method", ["intensity", "intensity_batchnorm"])
+def test_intensity_adaptation_reads_the_site_on_the_development_grey_scale(models: dict[str, Path],
+                                                                          method: str) -> None:
+    from bonescreen.adapt.labelfree import fit_adaptation
+    from bonescreen.adapt.tta import IntensityMapped, intensity_histogram
+
+    loaded = load_artifact(models["bn" if method == "intensity_batchnorm" else "a"])  # "a": ConvNeXt, no BatchNorm
+    fp = weights_fingerprint(loaded.model)
+    dev = _images(24, 64, seed=6)
+    site = np.clip(255.0 * (dev / 255.0) ** 0.5, 0, 255).astype(np.uint8)
+    ad, before, after = fit_adaptation(loaded, site, method, None, reference_hist=intensity_histogram(dev))
+    assert ad is not None and ad["method"] == method and ad["mean_level_shift"] > 5
+    assert weights_fingerprint(loaded.model) == fp
+    net = adapted_module(loaded.model, json.loads(json.dumps(ad)))  # plain numbers in the profile
+    assert isinstance(net, IntensityMapped)
+    lut = np.asarray(ad["lut"], dtype=np.float32)
+    x = loaded.to_tensor(site[:4])
+    inner = adapted_module(loaded.model, {**ad, "method": "batchnorm"}) if method == "intensity_batchnorm" \
+        else loaded.model
+    with torch.no_grad():
+        # the adapted network == the (BatchNorm-adapted) network on the table-mapped images
+        torch.testing.assert_close(net(x), inner(loaded.to_tensor(lut[site[:4]])), atol=1e-5, rtol=1e-5)
+    from bonescreen.adapt.tta import adapted_model
+
+    np.testing.assert_allclose(adapted_model(loaded, ad).score(site), after, atol=1e-5)
+    assert np.abs(after - before).max() > 1e-4
+    with pytest.raises(CalibrationError, match="--home NAME"):
+        fit_adaptation(loaded, site, method, None)
+
+
+def test_label_free_follows_the_home_profiles_intensity_reference(models: dict[str, Path]) -> None:
+    from bonescreen.adapt.tta import fit_home_adaptation
+
+    loaded = load_artifact(models["bn"])
+    dev = _images(24, 64, seed=7)
+    home_ad = fit_home_adaptation(loaded, dev, "intensity_batchnorm")
+    assert home_ad["mean_level_shift"] < 1.0  # at home the table is (nearly) the identity
+    home = SiteProfile(name="HOME", kind="calibrated", model_fingerprint=weights_fingerprint(loaded.model),
+                       task="stage2", threshold=0.3, recalibration=Recalibration("platt", {"a": 0.5, "b": 0.8}),
+                       adaptation=home_ad, prevalence={"value": 0.45})
+    site = np.clip(255.0 * (_images(40, 64, seed=8) / 255.0) ** 1.8, 0, 255).astype(np.uint8)
+    out = adapt_images(loaded, site, name="NEW", config=LabelFreeConfig(n_boot=50), home=home)
+    ad = out.profile.adaptation
+    assert out.report["method"] == "intensity_batchnorm"  # auto: the home profile's adaptation
+    assert ad["reference_histogram"] == pytest.approx(home_ad["reference_histogram"])
+    assert out.report["adaptation"]["mean_level_shift"] > 10
+    with pytest.raises(CalibrationError, match="adapt this site the same way"):
+        adapt_images(loaded, site, name="NEW", config=LabelFreeConfig(method="batchnorm", n_boot=50), home=home)
+    with pytest.raises(CalibrationError, match="--adapt must be one of"):
+        fit_home_adaptation(loaded, dev, "feature_align")
+
+
+def test_site_story_measures_three_stages_on_one_held_out_half(models: dict[str, Path]) -> None:
+    from bonescreen.adapt.labelfree import score_images
+    from bonescreen.adapt.story import SiteData, format_story, home_profile, site_story
+
+    loaded = load_artifact(models["a"])  # ConvNeXt: the grey scale matched, no BatchNorm to re-estimate
+    rng = np.random.default_rng(0)
+
+    def site(name: str, n: int, seed: int, gamma: float) -> SiteData:
+        imgs = np.clip(255.0 * (_images(n, 64, seed=seed) / 255.0) ** gamma, 0, 255).astype(np.uint8)
+        s = score_images(loaded, imgs)  # labels that follow the (random) network's score, plus noise
+        y = (s + rng.normal(0, s.std(), n) > np.median(s)).astype(np.int64)
+        return SiteData(name, imgs, y, np.array([f"{name}{i // 2}" for i in range(n)]), oracle_auc=0.9)
+
+    home = home_profile(loaded, site("DEV", 40, 9, 1.0))
+    assert home.kind == "calibrated" and home.adaptation["method"] == "intensity"
+    st = site_story(loaded, site("FAR", 60, 10, 2.0), home, n_boot=50)
+    before, lf, cal = st["rows"]
+    assert st["n_held_out"] == before["n"] == lf["n"] == cal["n"] and st["n_held_out"] + 30 <= 60 + 1
+    assert lf["method"] == "intensity" and before["threshold"] == loaded.spec.threshold
+    assert cal["auc"] == pytest.approx(before["auc"]) and cal["recalibration"] in ("identity", "platt", "isotonic")
+    assert before["headroom"] == pytest.approx((before["auc"] - 0.5) / 0.4)
+    text = format_story([st])
+    assert "FAR" in text and "label-free" in text and "calibrate (" in text
+
+
 def test_label_free_profile_is_opt_in_and_reproduces_its_scores(tmp_path: Path, models: dict[str, Path]) -> None:
     art = tmp_path / "bn.pt"
     art.write_bytes(models["bn"].read_bytes())
@@ -464,3 +563,14 @@ def test_adapt_cli_writes_an_opt_in_profile(tmp_path: Path, screened: dict[str, 
     assert cli(["profiles", str(art), "--remove", "NEW"]) == 0
     assert cli(["profiles", str(art), "--import", str(tmp_path / "new.json"), "--as", "NEW2"]) == 0
     assert set(list_profiles(art)) == {"NEW2"}
+    # --reference without --method: the grey scale matched to the reference's (ConvNeXt: no BatchNorm)
+    assert cli(["adapt", str(art), str(images), "--profile", "GREY", "--reference", str(ref), "--train-prior", "0.4",
+                "--bootstrap", "50"]) == 0
+    assert "adaptation: intensity" in capsys.readouterr().out
+    grey = get_profile(load_artifact(art), "GREY")
+    assert grey.adaptation["method"] == "intensity" and len(grey.adaptation["lut"]) == 256
+    assert cli(["screen", str(images), "--model", str(art), "--out", str(tmp_path / "g"), "--site-profile", "GREY",
+                "--no-progress"]) == 0
+    with open(tmp_path / "g" / "results.csv", newline="") as fh:
+        got = np.sort([float(r["score"]) for r in csv.DictReader(fh) if r["eligible"] == "True"])
+    np.testing.assert_allclose(got, np.sort(profiled_model(loaded, grey).score(imgs)), atol=1e-5)

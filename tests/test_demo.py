@@ -23,7 +23,8 @@ pytestmark = pytest.mark.timeout(1500)
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    cfg = DemoConfig(n_dev=150, n_external=60, pool=60, render_size=128, seed=0, workers=1, bootstrap=200,
+    # 80 external patients: ~50 labelled images per site, enough for the adaptation story's two halves
+    cfg = DemoConfig(n_dev=150, n_external=80, pool=60, render_size=128, seed=0, workers=1, bootstrap=200,
                      overrides={"epochs": 4}, stage1_overrides={"balance": "loss", "epochs": 2})
     return run_demo(out, cfg, progress=False)
 
@@ -88,3 +89,20 @@ def test_cascade_three_categories_per_site(demo):
     assert r.predicted_category == expect
     html = (demo.report_dir / "report.html").read_text(encoding="utf-8")
     assert "Two-stage cascade" in html and (demo.report_dir / "stage1" / "report.html").is_file()
+
+
+def test_adaptation_story_per_external_site(demo):
+    """Before / label-free / calibrate on each external site, on one held-out half (bonescreen.adapt.story)."""
+    stories = json.loads((demo.out_dir / "site_adaptation.json").read_text())
+    assert stories == json.loads(json.dumps(demo.adaptation)) and stories
+    oracle = json.loads((demo.out_dir / "phantom" / "oracle.json").read_text())
+    assert {s["site"] for s in stories} <= {"EXT_A", "EXT_B", "EXT_C", "FAR"}
+    for st in stories:
+        before, label_free, calibrated = st["rows"]
+        assert [r["n"] for r in st["rows"]] == [st["n_held_out"]] * 3 and 0 < st["n_held_out"] < st["n_images"]
+        assert before["oracle_auc"] == pytest.approx(oracle[st["site"]]["auc"])
+        assert before["threshold"] == 0.5 and label_free["method"] in ("intensity_batchnorm", "intensity")
+        assert calibrated["auc"] == pytest.approx(before["auc"])  # calibrate moves the scale, never the ranking
+        assert 0.0 < label_free["prevalence_estimate"] < 1.0
+        assert calibrated["threshold"] != before["threshold"]
+    assert "adapt" in demo.timings

@@ -4,7 +4,9 @@ phantom -> cohort -> preprocess -> teacher -> pseudo-labels on the unlabelled
 pool -> distilled student (stage 2: normal vs low bone mass) -> stage-1 model
 (osteoporosis vs not) -> predictions on every site -> validation report, with
 each site's AUC printed beside the phantom's oracle AUC, and the cascade's three
-categories (stage 1, then the student on the rest) per site as a 3×3 table.
+categories (stage 1, then the student on the rest) per site as a 3×3 table ->
+trust at each external site (:mod:`bonescreen.adapt.story`): the student before,
+after label-free adaptation, and after ``calibrate`` with half the site's pairs.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ class DemoResult:
     report_dir: Path
     timings: dict[str, float]
     cascade: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # per external site: before / label-free / calibrate (bonescreen.adapt.story.site_story)
+    adaptation: list[dict[str, Any]] = field(default_factory=list)
 
 
 def run_demo(out_dir: str | Path, config: DemoConfig | None = None, *, progress: bool = True) -> DemoResult:
@@ -179,6 +183,9 @@ def run_demo(out_dir: str | Path, config: DemoConfig | None = None, *, progress:
         progress=progress,
     )
     lap("report")
+    stories = site_stories(student.artifact_path, manifest, cache, oracle_path, seed=cfg.seed,
+                           n_boot=cfg.bootstrap)
+    lap("adapt")
 
     rows = []
     for report, oracle in ((rep, rep.oracle), (stage1_rep, stage1_rep.oracle)):
@@ -201,9 +208,50 @@ def run_demo(out_dir: str | Path, config: DemoConfig | None = None, *, progress:
     summary = pd.DataFrame(rows)
     summary.to_csv(out / "summary.csv", index=False)
     (out / "cascade.json").write_text(json.dumps(cascade, indent=2))
+    (out / "site_adaptation.json").write_text(json.dumps(stories, indent=2))
     (out / "timings.json").write_text(json.dumps(timings, indent=2))
     (out / "pseudolabel_counts.json").write_text(json.dumps(proxy.counts, indent=2, default=str))
-    return DemoResult(out, summary, report_dir, timings, cascade)
+    return DemoResult(out, summary, report_dir, timings, cascade, stories)
+
+
+#: each half of a site (calibrate's local pairs; the held-out measurement) needs calibrate's minimum
+MIN_STORY_HALF = 20
+
+
+def site_stories(model: Path, manifest: pd.DataFrame, cache: Path, oracle_path: Path, *, seed: int = 0,
+                 n_boot: int = 1000) -> list[dict[str, Any]]:
+    """Before / label-free / calibrate on every site that is not the development site (DEV's tune
+    split makes the home profile), as a hospital would run ``calibrate`` and ``adapt``."""
+    from bonescreen.adapt.calibrate import manifest_images, select_manifest
+    from bonescreen.adapt.recalibrate import CalibrationError
+    from bonescreen.adapt.story import SiteData, home_profile, site_story
+    from bonescreen.artifact import load_artifact
+
+    loaded = load_artifact(model)
+    task = str(loaded.spec.task)
+    oracle = json.loads(oracle_path.read_text())
+
+    def data(name: str, split: str | None) -> SiteData:
+        frame = select_manifest(manifest, task, site=name, split=split)
+        o = oracle.get(name)
+        return SiteData(name, manifest_images(frame, cache, loaded.size), frame["label"].astype(int).to_numpy(),
+                        frame["patient_id"].astype(str).to_numpy(),
+                        float(o["auc"]) if isinstance(o, dict) and "auc" in o else None)
+
+    dev = str(manifest.loc[manifest["split"] == "train", "site"].mode().iloc[0])  # the training site
+    home = home_profile(loaded, data(dev, "tune"), seed=seed)
+    stories = []
+    for name in sorted(set(manifest["site"].astype(str)) - {dev}):
+        site = data(name, None)
+        if len(site.labels) < 2 * MIN_STORY_HALF:
+            log.warning("demo: %s has %d labelled images; the adaptation story needs %d", name, len(site.labels),
+                        2 * MIN_STORY_HALF)
+            continue
+        try:
+            stories.append(site_story(loaded, site, home, seed=seed, n_boot=n_boot))
+        except CalibrationError as exc:  # e.g. one class only: say so, keep the other sites
+            log.warning("demo: no adaptation story for %s: %s", name, exc)
+    return stories
 
 
 def _cascade_rows(rows: pd.DataFrame, stage1: pd.DataFrame, stage2: pd.DataFrame, stage1_model: Path,

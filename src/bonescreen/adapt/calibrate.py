@@ -361,7 +361,7 @@ def cross_validated(pairs: LocalPairs, config: CalibrateConfig) -> dict[str, NDA
     return {"probability": prob, "decision": dec}
 
 
-def _draw(pairs: LocalPairs, n: int, rng: np.random.Generator) -> tuple[NDArray[np.intp], NDArray[np.intp]] | None:
+def patient_split(pairs: LocalPairs, n: int, rng: np.random.Generator) -> tuple[NDArray[np.intp], NDArray[np.intp]] | None:
     """``n`` images by whole patients (first ``n`` images of a random patient order); the rest."""
     if pairs.groups is not None:
         units, inv = np.unique(pairs.groups.astype(str), return_inverse=True)
@@ -394,7 +394,7 @@ def learning_curve(pairs: LocalPairs, config: CalibrateConfig, base_threshold: f
         tries = 0
         while len(rows) < config.repeats and tries < 5 * config.repeats:
             tries += 1
-            drawn = _draw(pairs, n, rng)
+            drawn = patient_split(pairs, n, rng)
             if drawn is None:
                 continue
             fit, rest = drawn

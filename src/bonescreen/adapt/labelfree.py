@@ -1,7 +1,8 @@
 """``bonescreen adapt``: a site with images but no DXA yet -> a label-free site profile.
 
-1. Adapt the network's normalisation to the site's images (:mod:`bonescreen.adapt.tta`:
-   BatchNorm re-estimation; feature alignment only when asked), in a copy.
+1. Adapt the network to the site's images (:mod:`bonescreen.adapt.tta`: the grey scale matched to
+   the development site's histogram, then BatchNorm re-estimation; feature alignment only when
+   asked), in a copy.
 2. Turn the adapted scores into probabilities with the *home profile* (the development site's
    calibration of scores adapted the same way) and estimate the site's prevalence from them by EM
    (Saerens et al. 2002, :mod:`bonescreen.adapt.prevalence`), with a bootstrap interval.
@@ -31,15 +32,17 @@ from bonescreen.adapt.prevalence import estimate_prevalence, training_prior
 from bonescreen.adapt.profile import SiteProfile
 from bonescreen.adapt.recalibrate import CalibrationError, Recalibration
 from bonescreen.adapt.tta import (
+    INTENSITY_METHODS,
     adapted_model,
     fit_batchnorm,
     fit_feature_align,
+    fit_intensity,
     has_batchnorm,
     source_feature_stats,
     summarise_adaptation,
 )
 
-METHODS = ("auto", "none", "batchnorm", "feature_align")
+METHODS = ("auto", "none", "batchnorm", "feature_align", "intensity", "intensity_batchnorm")
 #: How the label-free cut-off is set (README "Adapting to a new site"):
 #: keep        the artifact's cut-off on the adapted model's score (EM only reported);
 #: probability flag when the site probability (home-calibrated, prior-shifted to the EM prevalence)
@@ -86,26 +89,45 @@ def score_images(model: Any, images: NDArray[np.uint8], batch_size: int = 64) ->
     return np.concatenate(out) if out else np.zeros(0)
 
 
-def resolve_method(loaded: Any, method: str, source_stats: dict[str, Any] | None) -> str:
-    """``auto``: BatchNorm re-estimation where the network has BatchNorm layers; otherwise refused.
+def resolve_method(loaded: Any, method: str, source_stats: dict[str, Any] | None,
+                   home: SiteProfile | None = None, reference_hist: Sequence[float] | None = None) -> str:
+    """``auto``: the home profile's adaptation when there is one (its calibration is only valid for
+    scores made the same way); else, with the development site's grey-level histogram (from
+    ``--reference`` images), ``intensity_batchnorm`` (``intensity`` for a network without BatchNorm);
+    else ``batchnorm`` where the network has BatchNorm layers; otherwise refused.
 
-    Chosen by measurement (bench/bench_adapt.py, README "Adapting to a new site"): BatchNorm
-    re-estimation re-centred the scores at every unseen phantom site; feature alignment did not
-    (it is kept as an explicit ``--method feature_align``), and EM on the unadapted scores moved the
-    cut-off the wrong way, because a new vendor shifts every score and EM assumes only the prevalence
-    changed (explicit ``--method none``).
+    Chosen by measurement (bench/bench_adapt.py, README "Adapting to a new site"): matching the grey
+    scale to the development site's, then re-estimating BatchNorm, raised the ranking on the far
+    sites where BatchNorm alone barely moved it; feature alignment did not help (kept as an explicit
+    ``--method feature_align``), and EM on the unadapted scores moved the cut-off the wrong way,
+    because a new vendor shifts every score and EM assumes only the prevalence changed (explicit
+    ``--method none``).
     """
     if method != "auto":
         return method
-    if has_batchnorm(loaded.model):
+    if home is not None:
+        return str((home.adaptation or {}).get("method", "none"))
+    bn = has_batchnorm(loaded.model)
+    if reference_hist is not None:
+        return "intensity_batchnorm" if bn else "intensity"
+    if bn:
         return "batchnorm"
     raise CalibrationError(
         f"{loaded.spec.arch} has no BatchNorm layers to re-estimate (LayerNorm networks such as ConvNeXt "
-        "normalise each image on their own): no label-free adaptation was shown to help such a network. "
-        "Calibrate with local DXA results instead, or ask explicitly for --method feature_align (with "
-        "--reference development-site images) or --method none (EM on the unadapted scores; biased when the "
-        "site's vendor shifts the scores)"
+        "normalise each image on their own): give the development site's grey scale to match "
+        "(--home NAME, a home profile made with `calibrate --adapt intensity`, or --reference IMAGES of the "
+        "development site) for --method intensity, calibrate with local DXA results, or ask explicitly for "
+        "--method feature_align (with --reference) or --method none (EM on the unadapted scores; biased when "
+        "the site's vendor shifts the scores)"
     )
+
+
+def reference_histogram(home: SiteProfile | None, given: Sequence[float] | None) -> list[float] | None:
+    """The development site's pooled grey-level histogram: given (``--reference``) or the home profile's."""
+    if given is not None:
+        return [float(v) for v in given]
+    stored = (home.adaptation or {}).get("reference_histogram") if home is not None else None
+    return [float(v) for v in stored] if stored is not None else None
 
 
 def expected_rates(posteriors: NDArray[np.float64], scores: NDArray[np.float64], threshold: float) -> dict[str, float]:
@@ -127,11 +149,14 @@ def sensitivity_cut(posteriors: NDArray[np.float64], scores: NDArray[np.float64]
 
 def adapt_images(loaded: Any, images: NDArray[np.uint8], *, name: str, config: LabelFreeConfig | None = None,
                  source_stats: dict[str, Any] | None = None, home: SiteProfile | None = None,
-                 meta: Sequence[dict[str, Any]] = (), skipped: dict[str, int] | None = None) -> LabelFreeOutcome:
+                 meta: Sequence[dict[str, Any]] = (), skipped: dict[str, int] | None = None,
+                 reference_hist: Sequence[float] | None = None) -> LabelFreeOutcome:
     """Fit a label-free profile on a site's eligible images (uint8 N×S×S at the model's size).
 
     ``home``: a *calibrated* profile of the development site made with the same adaptation
-    (``bonescreen calibrate --adapt batchnorm`` on its tune split). EM needs probabilities that are
+    (``bonescreen calibrate --adapt intensity_batchnorm`` on its tune split; it also holds the
+    development site's grey-level histogram that the intensity adaptation matches). ``reference_hist``:
+    that histogram from reference images instead (``tta.intensity_histogram``). EM needs probabilities that are
     calibrated at a known prevalence; a model's raw scores usually are not even at home (measured:
     the demo student's mean score on its own test split is 0.22 at a prevalence of 0.43), so
     without ``home`` the EM estimate is only reported and the cut-off is kept (rule ``keep``).
@@ -145,9 +170,11 @@ def adapt_images(loaded: Any, images: NDArray[np.uint8], *, name: str, config: L
         raise CalibrationError(f"only {n} eligible images; label-free adaptation needs at least {cfg.min_images}")
     reference(loaded, home, cfg)  # refuse a bad home profile before the (costly) adaptation
     src = source_stats if source_stats is not None else source_feature_stats(loaded.spec)
-    method = resolve_method(loaded, cfg.method, src)
+    ref_hist = reference_histogram(home, reference_hist)
+    method = resolve_method(loaded, cfg.method, src, home, ref_hist)
     _same_adaptation(home, method)
-    adaptation, base_scores, scores = fit_adaptation(loaded, images, method, src, batch_size=cfg.batch_size)
+    adaptation, base_scores, scores = fit_adaptation(loaded, images, method, src, batch_size=cfg.batch_size,
+                                                     reference_hist=ref_hist)
     return label_free_profile(loaded, name=name, base_scores=base_scores, scores=scores, adaptation=adaptation,
                               config=cfg, home=home, meta=meta, skipped=skipped)
 
@@ -183,14 +210,22 @@ def _same_adaptation(home: SiteProfile | None, method: str) -> None:
 
 
 def fit_adaptation(loaded: Any, images: NDArray[np.uint8], method: str, source_stats: dict[str, Any] | None,
-                   *, batch_size: int = 32) -> tuple[dict[str, Any] | None, NDArray[np.float64], NDArray[np.float64]]:
+                   *, batch_size: int = 32, reference_hist: Sequence[float] | None = None
+                   ) -> tuple[dict[str, Any] | None, NDArray[np.float64], NDArray[np.float64]]:
     """(adaptation or None, scores of the model, scores of the adapted copy) on ``images``."""
     if method == "feature_align" and source_stats is None:
         raise CalibrationError("feature alignment needs the development data's feature statistics: pass "
                                "--reference IMAGES of the development site (the artifact holds none)")
+    if method in INTENSITY_METHODS and reference_hist is None:
+        raise CalibrationError(f"{method} adaptation matches the site's grey scale to the development site's: "
+                               "pass --home NAME (a home profile made with `calibrate --adapt "
+                               f"{method}`) or --reference IMAGES of the development site")
     base_scores = score_images(loaded, images)
     adaptation: dict[str, Any] | None = None
-    if method == "batchnorm":
+    if method in INTENSITY_METHODS:
+        adaptation = fit_intensity(loaded, images, reference_hist, batch_size=batch_size,
+                                   batchnorm=method == "intensity_batchnorm")
+    elif method == "batchnorm":
         adaptation = fit_batchnorm(loaded, images, batch_size=batch_size)
     elif method == "feature_align":
         adaptation = fit_feature_align(loaded, images, source_stats, batch_size=batch_size)  # type: ignore[arg-type]

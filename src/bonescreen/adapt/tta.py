@@ -1,6 +1,6 @@
 """Label-free test-time adaptation of the network to a site's images (never of the stored weights).
 
-Two methods, each fitted on the site's own unlabelled, eligible images and kept as plain numbers
+Three methods (and one combination), each fitted on the site's own unlabelled, eligible images and kept as plain numbers
 in a site profile; :func:`adapted_model` builds a *copy* of the network with them applied.
 
 ``batchnorm`` (AdaBN, Li et al. 2016): re-estimate every BatchNorm layer's running mean and
@@ -14,6 +14,16 @@ development data's, ``f' = (f - mu_site) / sd_site * sd_dev + mu_dev``. Works fo
 backbone (ConvNeXt included) but needs the development data's feature statistics: from the
 artifact (``spec.extra["feature_stats"]``, or an ``ood`` entry holding ``mean``/``std``) or
 computed from reference images of the development site.
+
+``intensity`` (histogram standardisation, after Nyúl & Udupa 1999): a site's vendor chain (its
+detector response curve, LUT, processing, dose) moves where the same anatomy lands on the grey
+scale. One monotone look-up table per site maps the site's pooled grey-level distribution onto the
+development site's (quantile matching of the preprocessed 0..255 images, pooled over all the
+site's images so one patient's anatomy does not drive it); the network then reads the site's
+images on the grey scale it was trained on. It needs the development site's pooled histogram: from
+the home profile (``calibrate --adapt intensity|intensity_batchnorm`` at the development site
+stores it) or from ``--reference`` images. Works for any network (ConvNeXt included).
+``intensity_batchnorm``: the table first, then BatchNorm re-estimated on the mapped images.
 
 Why by hand: these are a few lines over timm's ``forward_features`` / ``forward_head`` hooks,
 and the test-time-adaptation libraries (e.g. TENT's reference code) update weights by gradient,
@@ -32,7 +42,10 @@ from torch import nn
 
 from bonescreen.adapt.recalibrate import CalibrationError
 
-ADAPTATIONS = ("none", "batchnorm", "feature_align")
+ADAPTATIONS = ("none", "batchnorm", "feature_align", "intensity", "intensity_batchnorm")
+#: adaptations that map the grey scale first (they need the development site's histogram)
+INTENSITY_METHODS = ("intensity", "intensity_batchnorm")
+LEVELS = 256
 BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
 
 
@@ -45,12 +58,63 @@ def has_batchnorm(model: nn.Module) -> bool:
     return bool(batchnorm_layers(model))
 
 
-def _batches(loaded: Any, images: np.ndarray, batch_size: int) -> Any:
+def _batches(loaded: Any, images: np.ndarray, batch_size: int, lut: np.ndarray | None = None) -> Any:
     for start in range(0, len(images), batch_size):
-        yield loaded.to_tensor(np.asarray(images[start:start + batch_size]))
+        chunk = np.asarray(images[start:start + batch_size])
+        # the table's float output goes to the network as it does at screening (IntensityMapped)
+        yield loaded.to_tensor(chunk if lut is None else lut[chunk])
 
 
-def fit_batchnorm(loaded: Any, images: np.ndarray, *, batch_size: int = 32) -> dict[str, Any]:
+def intensity_histogram(images: np.ndarray) -> list[float]:
+    """Pooled grey-level distribution (256 bins, sums to 1) of preprocessed uint8 images."""
+    arr = np.asarray(images)
+    if arr.dtype != np.uint8 or arr.size == 0:
+        raise CalibrationError("intensity statistics need preprocessed uint8 images")
+    h = np.bincount(arr.reshape(-1), minlength=LEVELS).astype(np.float64)
+    return (h / h.sum()).tolist()
+
+
+def _mid_cdf(hist: np.ndarray) -> np.ndarray:
+    """The CDF at each level's mid-mass (so a level's pixels map to the middle of their quantile band)."""
+    return np.cumsum(hist) - hist / 2.0
+
+
+def matching_lut(site_hist: Any, reference_hist: Any) -> np.ndarray:
+    """Monotone table level -> float level (0..255) taking ``site_hist``'s quantiles to ``reference_hist``'s."""
+    site = np.asarray(site_hist, dtype=np.float64)
+    ref = np.asarray(reference_hist, dtype=np.float64)
+    if site.shape != (LEVELS,) or ref.shape != (LEVELS,) or ref.sum() <= 0 or site.sum() <= 0:
+        raise CalibrationError(f"intensity histograms must have {LEVELS} non-negative bins")
+    site, ref = site / site.sum(), ref / ref.sum()
+    keep = ref > 0  # interpolate over the reference's occupied levels (its CDF is flat elsewhere)
+    lut = np.interp(_mid_cdf(site), _mid_cdf(ref)[keep], np.arange(LEVELS, dtype=np.float64)[keep])
+    return np.maximum.accumulate(np.clip(lut, 0.0, LEVELS - 1.0))
+
+
+def fit_intensity(loaded: Any, images: np.ndarray, reference_hist: Any, *, batch_size: int = 32,
+                  batchnorm: bool = False) -> dict[str, Any]:
+    """Histogram standardisation of ``images`` to the development site's (+ BatchNorm when asked)."""
+    if len(images) < 16:
+        raise CalibrationError(f"intensity adaptation needs at least 16 images, got {len(images)}")
+    site_hist = intensity_histogram(images)
+    lut = matching_lut(site_hist, reference_hist)
+    pre = loaded.spec.preprocess
+    out: dict[str, Any] = {
+        "method": "intensity_batchnorm" if batchnorm else "intensity", "lut": lut.tolist(),
+        "reference_histogram": [float(v) for v in reference_hist], "site_histogram": site_hist,
+        "mean": float(pre["mean"]), "std": float(pre["std"]), "n_images": int(len(images)),
+        # per pixel of the site (levels it does not use do not count)
+        "mean_level_shift": float(np.dot(site_hist, np.abs(lut - np.arange(LEVELS)))),
+        "max_level_shift": float(np.abs(lut - np.arange(LEVELS))[np.asarray(site_hist) > 0].max()),
+    }
+    if batchnorm:
+        bn = fit_batchnorm(loaded, images, batch_size=batch_size, lut=lut)
+        out.update({k: v for k, v in bn.items() if k not in ("method", "n_images")})
+    return out
+
+
+def fit_batchnorm(loaded: Any, images: np.ndarray, *, batch_size: int = 32,
+                  lut: np.ndarray | None = None) -> dict[str, Any]:
     """AdaBN: running statistics of every BatchNorm layer re-estimated on ``images`` (uint8 N×S×S).
 
     A copy of the network is put in train mode for its BatchNorm layers only (dropout and drop-path
@@ -69,7 +133,7 @@ def fit_batchnorm(loaded: Any, images: np.ndarray, *, batch_size: int = 32) -> d
         m.momentum = None
         m.train()
     with torch.no_grad():
-        for x in _batches(loaded, images, batch_size):
+        for x in _batches(loaded, images, batch_size, lut):
             if len(x) > 1:  # a batch of one has no variance
                 model(x)
     out: dict[str, Any] = {}
@@ -80,6 +144,25 @@ def fit_batchnorm(loaded: Any, images: np.ndarray, *, batch_size: int = 32) -> d
         shift.append(((m.running_mean - mu0).abs() / var0.clamp_min(1e-8).sqrt()).mean().item())
     return {"method": "batchnorm", "layers": out, "n_images": int(len(images)), "n_layers": len(out),
             "mean_shift_sd": float(np.mean(shift)), "max_layer_shift_sd": float(np.max(shift))}
+
+
+#: what ``calibrate --adapt`` may fit on the calibrating site's own images
+HOME_ADAPTATIONS = ("batchnorm", "intensity", "intensity_batchnorm")
+
+
+def fit_home_adaptation(loaded: Any, images: np.ndarray, method: str, *, batch_size: int = 32) -> dict[str, Any]:
+    """The adaptation a *home* profile is calibrated with, fitted on the development site's images.
+
+    ``intensity*``: the reference histogram is these images' own, so the table is (nearly) the
+    identity here; what the profile keeps is that histogram, which ``adapt --home`` matches a new
+    site to.
+    """
+    if method not in HOME_ADAPTATIONS:
+        raise CalibrationError(f"--adapt must be one of {HOME_ADAPTATIONS}, got {method!r}")
+    if method == "batchnorm":
+        return fit_batchnorm(loaded, images, batch_size=batch_size)
+    return fit_intensity(loaded, images, intensity_histogram(images), batch_size=batch_size,
+                         batchnorm=method == "intensity_batchnorm")
 
 
 def penultimate(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -159,6 +242,59 @@ class FeatureAligned(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+class IntensityMapped(nn.Module):
+    """A network that reads its (normalised) input through a site's grey-level table first.
+
+    The table is indexed by the preprocessed 0..255 level, recovered from the normalised tensor
+    (``x * std + mean`` times 255, rounded): the engine and every torch backend keep passing what
+    they pass today. The backbone's other entry points (features, stages, head) stay reachable for
+    the OOD check and Grad-CAM.
+    """
+
+    def __init__(self, model: nn.Module, params: Mapping[str, Any]) -> None:
+        super().__init__()
+        self.model = model
+        self.mean = float(params["mean"])
+        self.std = float(params["std"])
+        lut = torch.tensor(params["lut"], dtype=torch.float32)
+        if lut.shape != (LEVELS,):
+            raise CalibrationError(f"the profile's intensity table must have {LEVELS} entries")
+        self.register_buffer("lut", (lut / 255.0 - self.mean) / self.std)
+
+    def remap(self, x: torch.Tensor) -> torch.Tensor:
+        level = ((x.float() * self.std + self.mean) * 255.0).round().clamp(0, LEVELS - 1).long()
+        return self.lut.to(x.device)[level].to(x.dtype)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(self.remap(x))  # type: ignore[operator]
+
+    def forward_intermediates(self, x: torch.Tensor, **kwargs: Any) -> Any:
+        return self.model.forward_intermediates(self.remap(x), **kwargs)  # type: ignore[operator]
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.model.forward_head(x, pre_logits=pre_logits)  # type: ignore[operator]
+
+    def get_classifier(self) -> nn.Module:
+        return self.model.get_classifier()  # type: ignore[operator]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(self.remap(x))  # type: ignore[no-any-return]
+
+
+def _load_batchnorm(new: nn.Module, stored: Mapping[str, Any]) -> None:
+    layers = batchnorm_layers(new)
+    if set(stored) != set(layers):
+        raise CalibrationError("the profile's BatchNorm statistics do not match this network's layers")
+    with torch.no_grad():
+        for n, m in layers.items():
+            mean = torch.tensor(stored[n]["mean"], dtype=m.running_mean.dtype)
+            var = torch.tensor(stored[n]["var"], dtype=m.running_var.dtype)
+            if mean.shape != m.running_mean.shape or var.shape != m.running_var.shape:
+                raise CalibrationError(f"BatchNorm statistics for {n} have the wrong size")
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+
+
 def adapted_module(model: nn.Module, adaptation: Mapping[str, Any] | None) -> nn.Module:
     """A copy of ``model`` with ``adaptation`` applied (``model`` itself when there is none)."""
     method = (adaptation or {}).get("method", "none")
@@ -166,22 +302,16 @@ def adapted_module(model: nn.Module, adaptation: Mapping[str, Any] | None) -> nn
         return model
     if method not in ADAPTATIONS:
         raise CalibrationError(f"unknown adaptation {method!r}; expected one of {ADAPTATIONS}")
+    assert adaptation is not None
     new = copy.deepcopy(model).eval()
+    if method in INTENSITY_METHODS:
+        if method == "intensity_batchnorm":
+            _load_batchnorm(new, adaptation["layers"])
+        return IntensityMapped(new, adaptation).eval()
     if method == "batchnorm":
-        layers = batchnorm_layers(new)
-        stored = adaptation["layers"]  # type: ignore[index]
-        if set(stored) != set(layers):
-            raise CalibrationError("the profile's BatchNorm statistics do not match this network's layers")
-        with torch.no_grad():
-            for n, m in layers.items():
-                mean = torch.tensor(stored[n]["mean"], dtype=m.running_mean.dtype)
-                var = torch.tensor(stored[n]["var"], dtype=m.running_var.dtype)
-                if mean.shape != m.running_mean.shape or var.shape != m.running_var.shape:
-                    raise CalibrationError(f"BatchNorm statistics for {n} have the wrong size")
-                m.running_mean.copy_(mean)
-                m.running_var.copy_(var)
+        _load_batchnorm(new, adaptation["layers"])
         return new
-    return FeatureAligned(new, adaptation).eval()  # type: ignore[arg-type]
+    return FeatureAligned(new, adaptation).eval()
 
 
 def adapted_model(loaded: Any, adaptation: Mapping[str, Any] | None) -> Any:

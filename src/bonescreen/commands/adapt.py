@@ -26,16 +26,18 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("model", type=Path, metavar="MODEL", help="model artifact (.pt), stage2 or stage1")
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="the site's images: files, folders or manifest CSVs (as for `screen`)")
-    p.add_argument("--method", default="auto", choices=["auto", "none", "batchnorm", "feature_align"],
-                   help="auto (default): batchnorm where the network has BatchNorm layers, else refused "
-                   "(see the README for what was measured); feature_align and none only when asked")
+    p.add_argument("--method", default="auto",
+                   choices=["auto", "none", "batchnorm", "feature_align", "intensity", "intensity_batchnorm"],
+                   help="auto (default): the --home profile's adaptation; without --home, intensity_batchnorm "
+                   "when --reference images are given (intensity for a network without BatchNorm), else batchnorm "
+                   "where the network has BatchNorm layers, else refused (see the README for what was measured)")
     p.add_argument("--reference", nargs="+", metavar="INPUT",
-                   help="feature_align: images of the development site (to compute its feature statistics "
-                   "when the artifact holds none)")
+                   help="images of the development site: its grey-level histogram (intensity adaptations, when "
+                   "no --home profile holds one) and feature statistics (feature_align)")
     p.add_argument("--home", metavar="NAME",
                    help="a calibrated profile of the development site made with the same adaptation "
-                   "(`calibrate --adapt batchnorm --site DEV --split tune`): makes the scores probabilities "
-                   "EM can trust")
+                   "(`calibrate --adapt intensity_batchnorm --site DEV --split tune`): makes the scores "
+                   "probabilities EM can trust, and holds the grey scale a new site is matched to")
     p.add_argument("--rule", choices=["keep", "probability", "home", "sensitivity"],
                    help="cut-off: keep (the artifact's, on the adapted score; default without --home), "
                    "probability (site probability >= the artifact's cut-off; default with --home), "
@@ -63,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     from bonescreen.adapt.labelfree import LabelFreeConfig, adapt_images, collect_images, format_report
     from bonescreen.adapt.profile import check_name, get_profile
     from bonescreen.adapt.recalibrate import CalibrationError
-    from bonescreen.adapt.tta import feature_statistics
+    from bonescreen.adapt.tta import feature_statistics, intensity_histogram
     from bonescreen.artifact import load_artifact
     from bonescreen.commands.screen import gate_overrides
 
@@ -78,15 +80,17 @@ def run(args: argparse.Namespace) -> int:
     gate = gate_overrides(args)
     images, meta, skipped = collect_images(args.inputs, loaded, gate=gate, workers=args.workers,
                                            max_images=args.max_images)
-    source = None
+    source = ref_hist = None
     if args.reference:
         ref, _, _ = collect_images(args.reference, loaded, gate=gate, workers=args.workers,
                                    max_images=args.max_images)
         if len(ref) < 2:
             raise CalibrationError("--reference holds fewer than 2 eligible images")
-        source = feature_statistics(loaded, ref)
+        if cfg.method == "feature_align":
+            source = feature_statistics(loaded, ref)
+        ref_hist = intensity_histogram(ref)
     outcome = adapt_images(loaded, images, name=args.profile, config=cfg, source_stats=source, home=home,
-                           meta=meta, skipped=skipped)
+                           meta=meta, skipped=skipped, reference_hist=ref_hist)
     from bonescreen.commands.calibrate import finish_profile
 
     return finish_profile(args, outcome, format_report(outcome.report), "label-free site profile")

@@ -50,10 +50,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     x0 = src.add_mutually_exclusive_group()
     x0.add_argument("--base-profile", metavar="NAME",
                     help="--manifest: score with this label-free profile's adapted network and calibrate on top")
-    x0.add_argument("--adapt", choices=["batchnorm"],
-                    help="--manifest: first re-estimate BatchNorm statistics on these images (as `adapt` does), "
-                    "then calibrate the adapted scores; at the development site this makes the home profile "
-                    "that `adapt --home` needs")
+    x0.add_argument("--adapt", choices=["batchnorm", "intensity", "intensity_batchnorm"],
+                    help="--manifest: first adapt the network to these images as `adapt` does (batchnorm: "
+                    "re-estimate BatchNorm statistics; intensity: record their grey-level histogram as the "
+                    "reference a new site is matched to; intensity_batchnorm: both), then calibrate the adapted "
+                    "scores; at the development site this makes the home profile that `adapt --home` needs")
     op = p.add_argument_group("operating point (default: --target-sensitivity 0.90)")
     x = op.add_mutually_exclusive_group()
     x.add_argument("--target-sensitivity", type=float, metavar="S")
@@ -132,10 +133,11 @@ def run(args: argparse.Namespace) -> int:
                                     split=args.split, progress=not args.no_progress)
     elif args.adapt:
         from bonescreen.adapt.calibrate import manifest_images, select_manifest
-        from bonescreen.adapt.tta import adapted_model, fit_batchnorm
+        from bonescreen.adapt.tta import adapted_model, fit_home_adaptation
 
         frame = select_manifest(args.manifest, task, site=args.site, split=args.split)
-        adaptation = fit_batchnorm(loaded, manifest_images(frame, args.cache, loaded.size, not args.no_progress))
+        adaptation = fit_home_adaptation(loaded, manifest_images(frame, args.cache, loaded.size, not args.no_progress),
+                                         args.adapt)
         pairs = pairs_from_manifest(adapted_model(loaded, adaptation), frame, args.cache,
                                     progress=not args.no_progress)
     elif args.manifest is not None:

@@ -54,6 +54,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"\ncascade on {site} ({table['n']} images, accuracy {acc['value']:.2f}): "
               "n (share of the true class, 95% CI)")
         print(cascade_frame(table).to_string())
+    if res.adaptation:
+        from bonescreen.adapt.story import format_story
+
+        method = res.adaptation[0]["rows"][1].get("method")
+        print("\ntrust at each external site, student, measured on a held-out half of its patients: before; "
+              f"label-free (`adapt --home HOME`: {method} adaptation + EM prevalence, no label read); "
+              "`calibrate` on the other half's DXA results (target sensitivity 0.90)")
+        print(format_story(res.adaptation))
     print("\ntimings (s): " + ", ".join(f"{k} {v}" for k, v in res.timings.items()))
     print(f"report: {res.report_dir / 'report.html'}")
     return 0
