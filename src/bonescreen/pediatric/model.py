@@ -30,6 +30,8 @@ from torch import nn
 from bonescreen.errors import ModelArtifactError, TableError
 from bonescreen.labels import PEDIATRIC_LOW_Z
 
+#: the artifact task string of these models (bonescreen.tasks.pediatric registers it)
+PEDIATRIC_TASK = "pediatric"
 CLINICAL_FEATURES = ["age", "sex", "height_cm", "weight_kg"]
 TARGETS = ["z", "bmd"]
 PEDIATRIC_ELIGIBILITY = {"modalities": ["CR", "DX"], "views": ["PA", "AP"], "min_age": 0.0, "max_age": 17.99}
@@ -345,7 +347,7 @@ def predict_pediatric(
     instead of failing the batch. ``low_bmd`` is the study's decision:
     predicted Z <= -2.0.
     """
-    if getattr(loaded, "spec", None) is None or loaded.spec.task != "pediatric":
+    if getattr(loaded, "spec", None) is None or loaded.spec.task != PEDIATRIC_TASK:
         raise ModelArtifactError("predict_pediatric needs a pediatric model artifact")
     images = np.asarray(images_uint8)
     if images.ndim == 2:
