@@ -4,10 +4,12 @@
 The Grad-CAM itself (target layer found automatically, overlays, PNG writes) is in
 ``bonescreen.gradcam``, below ``screen``; its names are re-exported here.
 
+Each model's task picks its explainer (``bonescreen.tasks``: ``Task.explainer``).
 Pediatric models (image + clinical variables -> Z-score) have no classifier
-output; :class:`PediatricExplainer` routes them to
+output; their :class:`PediatricExplainer` routes them to
 :func:`bonescreen.pediatric.explain.gradcam_low_bmd` (target: lower predicted
-Z, each image's clinical row held fixed).
+Z, each image's clinical row held fixed). :func:`explain_manifest` is
+``bonescreen pediatric explain`` (SHAP of the clinical variables + Grad-CAM per patient).
 """
 
 from __future__ import annotations
@@ -19,14 +21,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-if TYPE_CHECKING:  # pragma: no cover
-    import pandas as pd
-
 from bonescreen.gradcam import ExplainError, Explainer, find_target_layer, overlay, save_png
 from bonescreen.pediatric.explain import PediatricExplainer
 
-__all__ = ["ExplainError", "Explainer", "PediatricExplainer", "explain_paths", "find_target_layer", "overlay",
-           "save_png"]
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+__all__ = ["ExplainError", "Explainer", "PediatricExplainer", "explain_manifest", "explain_paths",
+           "find_target_layer", "overlay", "save_png"]
 
 
 EXPLAIN_COLUMNS = ["path", "image_id", "eligible", "reason", "message", "class", "probability", "overlay"]
@@ -68,12 +70,14 @@ def explain_paths(
 
     models = load_models(model)
     loaded = models.main_torch
-    pediatric = models.pediatric
+    task = models.task
+    pediatric = task.needs_clinical  # explained with its clinical row held fixed
     names = list(loaded.spec.class_names)
     if target is not None and target not in names:
         raise ExplainError(f"class {target!r} is not one of this model's classes {names}")
-    if pediatric and target not in (None, "low_bmd"):
-        raise ExplainError("a pediatric model is explained towards low_bmd (lower predicted Z-score) only")
+    if task.explain_target and target not in (None, task.explain_target):
+        raise ExplainError(f"a {task.name} model is explained towards {task.explain_target} (lower predicted "
+                           "Z-score) only")
     if clinical is not None and not pediatric:
         raise ExplainError("--clinical gives height/weight to a pediatric model; this model does not use them")
     cls = names.index(target) if target is not None else int(loaded.spec.positive_class)
@@ -83,7 +87,7 @@ def explain_paths(
         ood = "off"
     table = ClinicalTable(clinical) if (pediatric and clinical is not None) else None
     engine = ScreeningEngine(models, gate=overrides, ood=ood, clinical=table)
-    explainer: Any = PediatricExplainer(loaded) if pediatric else Explainer(loaded)
+    explainer: Any = task.explainer(loaded)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     counts = {"explained": 0, "skipped": 0}
