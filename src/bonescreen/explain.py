@@ -173,7 +173,8 @@ def explain_manifest(
     from bonescreen.data import prepare_images, read_manifest, split_rows
     from bonescreen.pediatric.data import clinical_of, pediatric_rows
     from bonescreen.pediatric.explain import PediatricExplainError, clinical_shap, gradcam_low_bmd, patient_figure
-    from bonescreen.pediatric.model import CLINICAL_FEATURES, PEDIATRIC_TASK
+    from bonescreen.pediatric.model import CLINICAL_FEATURES
+    from bonescreen.schema import PEDIATRIC_TASK
     from bonescreen.screen import safe_name
 
     loaded = load_artifact(artifact, expected_task=PEDIATRIC_TASK)

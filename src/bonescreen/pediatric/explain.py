@@ -30,9 +30,9 @@ from torch import nn
 from bonescreen.errors import BonescreenError
 from bonescreen.gradcam import ExplainableModel, ExplainError, find_target_layer, overlay
 from bonescreen.labels import PEDIATRIC_LOW_Z
+from bonescreen.schema import PEDIATRIC_TASK
 from bonescreen.pediatric.model import (
     CLINICAL_FEATURES,
-    PEDIATRIC_TASK,
     Standardizer,
     combine_z,
     reference_of,

@@ -29,9 +29,8 @@ from torch import nn
 
 from bonescreen.errors import ModelArtifactError, TableError
 from bonescreen.labels import PEDIATRIC_LOW_Z
+from bonescreen.schema import PEDIATRIC_TASK
 
-#: the artifact task string of these models (bonescreen.tasks.pediatric registers it)
-PEDIATRIC_TASK = "pediatric"
 CLINICAL_FEATURES = ["age", "sex", "height_cm", "weight_kg"]
 TARGETS = ["z", "bmd"]
 PEDIATRIC_ELIGIBILITY = {"modalities": ["CR", "DX"], "views": ["PA", "AP"], "min_age": 0.0, "max_age": 17.99}

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from bonescreen.pediatric.model import PEDIATRIC_TASK
+from bonescreen.schema import PEDIATRIC_TASK
 from bonescreen.tasks.base import DecisionInputs, DecisionRule, LossFn, Task, register_task
 from bonescreen.tasks.classification import empty_scores
 
