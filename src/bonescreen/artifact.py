@@ -31,7 +31,8 @@ from torch import nn
 from bonescreen import __version__
 from bonescreen.errors import ModelArtifactError
 from bonescreen.fsio import atomic_torch_save
-from bonescreen.models import GRAY_MEAN, GRAY_STD, create_model
+from bonescreen.models import GRAY_MEAN, GRAY_STD
+from bonescreen.tasks import ADULT_ELIGIBILITY, TASKS, Task, get_task
 
 log = logging.getLogger(__name__)
 
@@ -42,20 +43,8 @@ READABLE_VERSIONS = (1, 2, 3)
 OOD_FIT_HINT = ("fit one with `bonescreen ood fit MODEL --manifest MANIFEST --cache DIR --out NEW.pt` "
                 "(a new file; the input is never changed)")
 
-TASK_CLASSES: dict[str, list[str]] = {
-    "stage2": ["normal", "low_bone_mass"],
-    "stage1": ["not_osteoporosis", "osteoporosis"],
-    "three_class": ["normal", "low_bone_mass", "osteoporosis"],
-    # regression of BMD Z-score and raw BMD from the CXR + clinical variables;
-    # the classes name the decision taken from the predicted Z (<= -2.0)
-    "pediatric": ["normal", "low_bmd"],
-}
-ADULT_ELIGIBILITY = {
-    "modalities": ["CR", "DX"],
-    "views": ["PA", "AP"],
-    "min_age": 50.0,
-    "max_age": 120.0,
-}
+#: task -> class names (the registry's, bonescreen.tasks; kept for callers that read the table)
+TASK_CLASSES: dict[str, list[str]] = {name: list(t.class_names) for name, t in TASKS.items()}
 
 
 @dataclass
@@ -91,9 +80,7 @@ class ModelSpec:
 
     @classmethod
     def for_task(cls, arch: str, task: str, **kwargs: Any) -> "ModelSpec":
-        if task not in TASK_CLASSES:
-            raise ModelArtifactError(f"unknown task {task!r}; expected one of {sorted(TASK_CLASSES)}")
-        names = TASK_CLASSES[task]
+        names = get_task(task).class_names  # UnknownTaskError (a ModelArtifactError) names the known tasks
         return cls(arch=arch, task=task, num_classes=len(names), class_names=list(names), **kwargs)
 
 
@@ -140,6 +127,11 @@ class LoadedModel:
         self._layout: list[dict[str, Any]] | None = None
 
     @property
+    def task(self) -> Task:
+        """The registered task of this model (``bonescreen.tasks``)."""
+        return get_task(self.spec.task)
+
+    @property
     def fingerprint(self) -> str:
         """:func:`weights_fingerprint` of the loaded weights (computed once)."""
         if self._fingerprint is None:
@@ -169,8 +161,7 @@ class LoadedModel:
         from bonescreen.features import forward_with_features
 
         x = self.to_tensor(images).to(device)
-        pediatric = self.spec.task == "pediatric"
-        logits, feats = forward_with_features(self.model.to(device), x, logits=not pediatric)
+        logits, feats = forward_with_features(self.model.to(device), x, logits=self.task.has_logits)
         probs = None if logits is None else torch.softmax(logits, dim=1).cpu().numpy()
         return probs, feats.cpu().numpy()
 
@@ -185,8 +176,8 @@ class LoadedModel:
         export, the OpenVINO graph and the torch backends (bf16, channels_last, ``torch.compile``,
         CUDA) all run the same computation as the eager reference.
         """
-        if self.spec.task == "pediatric":
-            raise ModelArtifactError("a pediatric model takes the image and the clinical variables; "
+        if not self.task.single_input:
+            raise ModelArtifactError(f"a {self.spec.task} model takes the image and the clinical variables; "
                                      "it has no single-input scoring graph")
         return ScoringGraph(self.model, float(self.spec.preprocess["mean"]), float(self.spec.preprocess["std"]))
 
@@ -208,21 +199,7 @@ class LoadedModel:
         weight (kg); see :func:`bonescreen.pediatric.predict_pediatric` for a
         DataFrame front end that tolerates missing values.
         """
-        if self.spec.task != "pediatric":
-            raise ModelArtifactError(f"predict_pediatric needs a pediatric model, this one is {self.spec.task!r}")
-        from bonescreen.pediatric.model import low_bmd_probability, predict_arrays
-
-        z, bmd = predict_arrays(
-            self.model,  # type: ignore[arg-type]
-            np.asarray(images),
-            np.asarray(clinical, dtype=float),
-            self.spec.extra,
-            mean=float(self.spec.preprocess["mean"]),
-            std=float(self.spec.preprocess["std"]),
-            device=device,
-        )
-        prob = low_bmd_probability(z, float(self.spec.extra.get("residual_sd_z", 1.0)))
-        return {"z": z, "bmd": bmd, "prob_low_bmd": prob}
+        return self.task.predict_clinical(self, images, clinical, device)
 
     @torch.inference_mode()
     def predict_proba(self, images: np.ndarray, device: str | torch.device = "cpu") -> np.ndarray:
@@ -288,12 +265,7 @@ def load_artifact(
         raise ModelArtifactError(
             f"{path} is a {spec.task!r} model but a {expected_task!r} model was expected"
         )
-    if spec.task == "pediatric":
-        from bonescreen.pediatric.model import build_from_spec
-
-        model = build_from_spec(spec)
-    else:
-        model = create_model(spec.arch, spec.num_classes, in_chans=spec.in_chans)
+    model = get_task(spec.task).build_model(spec)
     try:
         model.load_state_dict(payload["state_dict"])
     except (KeyError, RuntimeError) as exc:

@@ -65,6 +65,7 @@ __all__ = [
     "build_sc",
     "build_sr",
     "build_study_sr",
+    "ood_review",
     "read_source",
     "write_sc",
     "write_sr",
@@ -141,7 +142,7 @@ class ScreeningResult:
     abstain_band: tuple[float, float] | None = None  # [low, high) on the score; inside: indeterminate
 
 
-def _ood_review(row: dict[str, Any]) -> bool:
+def ood_review(row: dict[str, Any]) -> bool:
     """The row is scored but the OOD check flagged it for review (--ood flag, or the flag band)."""
     from bonescreen.schema import OOD_FLAG_REASONS
 

@@ -4,10 +4,12 @@
 The Grad-CAM itself (target layer found automatically, overlays, PNG writes) is in
 ``bonescreen.gradcam``, below ``screen``; its names are re-exported here.
 
+Each model's task picks its explainer (``bonescreen.tasks``: ``Task.explainer``).
 Pediatric models (image + clinical variables -> Z-score) have no classifier
-output; :class:`PediatricExplainer` routes them to
+output; their :class:`PediatricExplainer` routes them to
 :func:`bonescreen.pediatric.explain.gradcam_low_bmd` (target: lower predicted
-Z, each image's clinical row held fixed).
+Z, each image's clinical row held fixed). :func:`explain_manifest` is
+``bonescreen pediatric explain`` (SHAP of the clinical variables + Grad-CAM per patient).
 """
 
 from __future__ import annotations
@@ -15,15 +17,18 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from bonescreen.gradcam import ExplainError, Explainer, find_target_layer, overlay, save_png
 from bonescreen.pediatric.explain import PediatricExplainer
 
-__all__ = ["ExplainError", "Explainer", "PediatricExplainer", "explain_paths", "find_target_layer", "overlay",
-           "save_png"]
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+__all__ = ["ExplainError", "Explainer", "PediatricExplainer", "explain_manifest", "explain_paths",
+           "find_target_layer", "overlay", "save_png"]
 
 
 EXPLAIN_COLUMNS = ["path", "image_id", "eligible", "reason", "message", "class", "probability", "overlay"]
@@ -65,12 +70,14 @@ def explain_paths(
 
     models = load_models(model)
     loaded = models.main_torch
-    pediatric = models.pediatric
+    task = models.task
+    pediatric = task.needs_clinical  # explained with its clinical row held fixed
     names = list(loaded.spec.class_names)
     if target is not None and target not in names:
         raise ExplainError(f"class {target!r} is not one of this model's classes {names}")
-    if pediatric and target not in (None, "low_bmd"):
-        raise ExplainError("a pediatric model is explained towards low_bmd (lower predicted Z-score) only")
+    if task.explain_target and target not in (None, task.explain_target):
+        raise ExplainError(f"a {task.name} model is explained towards {task.explain_target} (lower predicted "
+                           "Z-score) only")
     if clinical is not None and not pediatric:
         raise ExplainError("--clinical gives height/weight to a pediatric model; this model does not use them")
     cls = names.index(target) if target is not None else int(loaded.spec.positive_class)
@@ -80,7 +87,7 @@ def explain_paths(
         ood = "off"
     table = ClinicalTable(clinical) if (pediatric and clinical is not None) else None
     engine = ScreeningEngine(models, gate=overrides, ood=ood, clinical=table)
-    explainer: Any = PediatricExplainer(loaded) if pediatric else Explainer(loaded)
+    explainer: Any = task.explainer(loaded)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     counts = {"explained": 0, "skipped": 0}
@@ -139,3 +146,77 @@ def explain_paths(
         flush()
     bar.close()
     return {**counts, "csv": str(out / "explain.csv"), "class": names[cls]}
+
+
+def explain_manifest(
+    artifact: str | Path,
+    manifest: str | Path | pd.DataFrame,
+    out_dir: str | Path,
+    *,
+    cache_root: str | Path,
+    split: str | None = "test",
+    limit: int | None = 20,
+    background_split: str = "train",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Per-patient PNGs and ``shap.csv`` for rows of a pediatric manifest (DXA reference shown when present).
+
+    `bonescreen pediatric explain`: SHAP of the clinical variables + Grad-CAM towards lower predicted Z
+    (:mod:`bonescreen.pediatric.explain`); lives here, with the other batch explanation, because it
+    loads artifacts (the pediatric explainer itself sits below them, for the task registry).
+    """
+    import csv
+
+    from tqdm.auto import tqdm
+
+    from bonescreen.artifact import load_artifact
+    from bonescreen.data import prepare_images, read_manifest, split_rows
+    from bonescreen.pediatric.data import clinical_of, pediatric_rows
+    from bonescreen.pediatric.explain import PediatricExplainError, clinical_shap, gradcam_low_bmd, patient_figure
+    from bonescreen.pediatric.model import CLINICAL_FEATURES
+    from bonescreen.schema import PEDIATRIC_TASK
+    from bonescreen.screen import safe_name
+
+    loaded = load_artifact(artifact, expected_task=PEDIATRIC_TASK)
+    frame, _ = pediatric_rows(read_manifest(manifest))
+    bg_frame = split_rows(frame, background_split) if "split" in frame.columns else frame
+    if bg_frame.empty:
+        bg_frame = frame
+    rows = split_rows(frame, split) if split else frame
+    if limit is not None:
+        rows = rows.head(limit)
+    if rows.empty:
+        raise PediatricExplainError(f"no pediatric rows to explain (split {split!r})")
+    prep = prepare_images(rows, cache_root, loaded.size, preload="false", progress=False)
+    rows = prep.frame
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    background = clinical_of(bg_frame)
+    for i in tqdm(range(len(rows)), desc="explain", unit="img", disable=not progress):
+        r = rows.iloc[i : i + 1]
+        img = prep.source.batch([i])
+        clin = clinical_of(r)
+        res = loaded.predict_pediatric(img, clin)
+        sh = clinical_shap(loaded, img, clin, background)
+        cam = gradcam_low_bmd(loaded, img, clin)
+        image_id = str(r["image_id"].iloc[0])
+        name = f"{safe_name(image_id)}.png"
+        ref_bmd = float(r["_bmd"].iloc[0])
+        patient_figure(
+            out / name, img[0], cam[0], sh.values[0], clin[0],
+            pred_z=float(res["z"][0]), pred_bmd=float(res["bmd"][0]),
+            ref_z=float(r["_z"].iloc[0]), ref_bmd=ref_bmd if np.isfinite(ref_bmd) else None,
+        )
+        rec = {"image_id": image_id, "png": name, "pred_z": float(res["z"][0]), "pred_bmd": float(res["bmd"][0]),
+               "prob_low_bmd": float(res["prob_low_bmd"][0]), "dxa_z": float(r["_z"].iloc[0]),
+               "dxa_bmd": ref_bmd, "shap_base": float(sh.base[0])}
+        rec.update({f"shap_{f}": float(v) for f, v in zip(sh.features, sh.values[0])})
+        records.append(rec)
+    with open(out / "shap.csv", "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(records[0]))
+        w.writeheader()
+        w.writerows(records)
+    mean_abs = {f: float(np.mean([abs(r[f"shap_{f}"]) for r in records])) for f in CLINICAL_FEATURES}
+    return {"explained": len(records), "csv": str(out / "shap.csv"), "mean_abs_shap": mean_abs,
+            "skipped": prep.skipped.to_dict("records")}

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -27,9 +27,22 @@ from bonescreen.fsio import atomic_open
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
-    from bonescreen.artifact import LoadedModel
+__all__ = ["ExplainError", "ExplainableModel", "Explainer", "find_target_layer", "overlay", "save_png"]
 
-__all__ = ["ExplainError", "Explainer", "find_target_layer", "overlay", "save_png"]
+
+class ExplainableModel(Protocol):
+    """What Grad-CAM needs of a loaded model (``bonescreen.artifact.LoadedModel`` fits this).
+
+    Structural, so this module sits below the artifact and the tasks that pick an explainer.
+    """
+
+    model: nn.Module
+    spec: Any
+
+    @property
+    def size(self) -> int: ...
+
+    def to_tensor(self, images: np.ndarray) -> Any: ...
 
 
 class ExplainError(BonescreenError):
@@ -83,7 +96,7 @@ def find_target_layer(model: nn.Module, in_chans: int = 1, size: int = 96) -> nn
 class Explainer:
     """Grad-CAM maps for a loaded model; the target layer is found once and kept."""
 
-    def __init__(self, loaded: LoadedModel, target_layer: nn.Module | None = None) -> None:
+    def __init__(self, loaded: ExplainableModel, target_layer: nn.Module | None = None) -> None:
         if getattr(loaded, "model", None) is None:
             raise ExplainError("Grad-CAM needs the PyTorch model (.pt artifact), not an ONNX file")
         self.loaded = loaded

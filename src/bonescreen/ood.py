@@ -528,7 +528,8 @@ def fit_ood_for_artifact(
     if "proxy" in frame.columns:  # proxy-labelled pool rows (pseudolabel's proxy.csv) are training rows
         frame.loc[pd.to_numeric(frame["proxy"], errors="coerce") == 1, "split"] = "train"
     task = str(loaded.spec.task)
-    if task == "pediatric":
+    regression = loaded.task.regression  # no classes: one Gaussian instead of one per class
+    if regression:
         labelled = frame.copy()
         labelled["_y"] = 0
     else:
@@ -539,7 +540,7 @@ def fit_ood_for_artifact(
         preps[split] = prepare_images(rows, cache_root, loaded.size, workers=2, progress=progress)
     if preps["train"].frame.empty:
         raise OODError(f"{manifest}: no readable 'train' image to fit the OOD model on")
-    labels = None if task == "pediatric" else preps["train"].frame["_y"].to_numpy()
+    labels = None if regression else preps["train"].frame["_y"].to_numpy()
     # fit into a temporary copy, then move it to ``out``: the input file is only read
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:

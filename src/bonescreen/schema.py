@@ -20,6 +20,9 @@ HEIGHT_CM_RANGE = (30.0, 250.0)
 WEIGHT_KG_RANGE = (0.5, 350.0)
 #: Cohort populations: the adult OsPenScreen study (T-scores) and the pediatric one (Z-scores).
 POPULATIONS = ("adult", "pediatric")
+#: The artifact task string of pediatric models: registered by ``bonescreen.tasks.pediatric``, named
+#: here for the pediatric modules below the registry (``pediatric.model``, ``pediatric.explain``)
+PEDIATRIC_TASK = "pediatric"
 
 # --- Vocabularies -----------------------------------------------------------
 CATEGORIES = ["normal", "low_bone_mass", "osteoporosis"]

@@ -29,13 +29,15 @@ import numpy as np
 from numpy.typing import NDArray
 
 from bonescreen.adapt.abstain import AbstainBand, band_from_probability, band_from_rates, band_summary
-from bonescreen.adapt.profile import TASK_SCORE, SiteProfile
+from bonescreen.adapt.profile import PROFILE_TASKS_TEXT, TASK_SCORE, SiteProfile
 from bonescreen.adapt.recalibrate import CalibrationError, Recalibration, choose_recalibration, log_loss, one_thread
 from bonescreen.errors import TableError
+from bonescreen.tasks import TASKS
 
 TARGETS = ("sensitivity", "specificity", "youden", "probability")
 #: the label column each task's score is measured against
-TASK_LABEL = {"stage2": "label", "stage1": "label_stage1"}
+#: the DXA label column of each task a site profile applies to (its training label, ``Task.label_column``)
+TASK_LABEL = {name: TASKS[name].label_column for name in TASK_SCORE}
 LEARNING_CURVE_N = (25, 50, 100, 200, 400)
 
 
@@ -142,7 +144,7 @@ def pairs_from_results(results: str | Path, labels: str | Path, *, artifact: str
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise TableError(f"{rp}: not a readable results table: {exc}") from exc
     score_col = TASK_SCORE[task]
-    if task == "stage1" and score_col not in frame.columns:
+    if score_col not in frame.columns:  # a stage-1 model screened alone: its score is also ``score``
         score_col = "score"
     need = {"image_id", score_col}
     if not need <= set(frame.columns):
@@ -154,7 +156,8 @@ def pairs_from_results(results: str | Path, labels: str | Path, *, artifact: str
         used = sorted(set(prof_col[prof_col.astype(str).str.len() > 0]))
         raise CalibrationError(f"{rp} was screened with site profile(s) {used}: calibrate needs the base "
                                "model's scores (screen again without --site-profile)")
-    model_col = "model_stage1" if task == "stage1" and "model_stage1" in frame.columns and \
+    # the first model of a cascade is recorded in model_stage1
+    model_col = "model_stage1" if TASKS[task].cascade_stage == 1 and "model_stage1" in frame.columns and \
         (frame["model_stage1"].str.len() > 0).any() else "model"
     if model_col in frame.columns:
         known = {sha[:12] for sha in artifact_lineage(artifact)}
@@ -226,7 +229,7 @@ def select_manifest(manifest: str | Path | Any, task: str, *, site: str | None =
         frame = frame[frame["split"].astype(str) == split]
     col = TASK_LABEL.get(task)
     if col is None:
-        raise CalibrationError(f"calibrate works on stage2 and stage1 models, not {task!r}")
+        raise CalibrationError(f"calibrate works on {PROFILE_TASKS_TEXT} models, not {task!r}")
     if col not in frame.columns:
         raise TableError(f"the manifest has no {col!r} column (the DXA label a {task} model is measured against)")
     return frame[pd.to_numeric(frame[col], errors="coerce").notna()].reset_index(drop=True)

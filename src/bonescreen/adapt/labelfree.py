@@ -29,7 +29,7 @@ from numpy.typing import NDArray
 
 from bonescreen.adapt.abstain import band_from_probability
 from bonescreen.adapt.prevalence import estimate_prevalence, training_prior
-from bonescreen.adapt.profile import SiteProfile
+from bonescreen.adapt.profile import PROFILE_TASKS_TEXT, TASK_SCORE, SiteProfile
 from bonescreen.adapt.recalibrate import CalibrationError, Recalibration
 from bonescreen.adapt.tta import (
     INTENSITY_METHODS,
@@ -163,8 +163,8 @@ def adapt_images(loaded: Any, images: NDArray[np.uint8], *, name: str, config: L
     """
     cfg = config or LabelFreeConfig()
     task = loaded.spec.task
-    if task not in ("stage2", "stage1"):
-        raise CalibrationError(f"label-free adaptation works on stage2 and stage1 models, not {task!r}")
+    if task not in TASK_SCORE:
+        raise CalibrationError(f"label-free adaptation works on {PROFILE_TASKS_TEXT} models, not {task!r}")
     n = int(len(images))
     if n < cfg.min_images:
         raise CalibrationError(f"only {n} eligible images; label-free adaptation needs at least {cfg.min_images}")

@@ -37,12 +37,16 @@ from bonescreen import __version__
 from bonescreen.adapt.abstain import AbstainBand, apply_band, classify
 from bonescreen.adapt.recalibrate import CalibrationError, Recalibration
 from bonescreen.errors import ModelArtifactError
+from bonescreen.tasks import TASKS, get_task
 
 PROFILE_SCHEMA = "bonescreen-site-profile"
 PROFILE_VERSION = 1
 KINDS = ("calibrated", "label_free")
-#: Which result columns a profile's score and categories are for, per model task.
-TASK_SCORE = {"stage2": "score", "stage1": "score_stage1"}
+#: Which result columns a profile's score and categories are for, per model task: the tasks a site
+#: profile applies to (``Task.profile_score``: stage2, stage1).
+TASK_SCORE = {name: t.profile_score for name, t in TASKS.items() if t.profile_score}
+#: "stage2 and stage1": what the refusals name
+PROFILE_TASKS_TEXT = " and ".join(TASK_SCORE)
 _NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
 
 
@@ -82,7 +86,7 @@ class SiteProfile:
         if self.kind not in KINDS:
             raise ProfileError(f"profile kind must be one of {KINDS}, got {self.kind!r}")
         if self.task not in TASK_SCORE:
-            raise ProfileError(f"site profiles are for binary stage2/stage1 models, not {self.task!r}")
+            raise ProfileError(f"site profiles are for binary {'/'.join(TASK_SCORE)} models, not {self.task!r}")
         if not (0.0 <= float(self.threshold) <= 1.0):
             raise ProfileError(f"profile threshold must be a probability-scale score, got {self.threshold}")
         if not self.created:
@@ -329,4 +333,4 @@ def site_rows(rows: Sequence[dict[str, Any]], profile: SiteProfile | None) -> li
         ok = s is not None and not (isinstance(s, float) and math.isnan(s))
         out.append(dict(r, site_profile=profile.name,
                         site_probability=float(profile.probability([s])[0]) if ok else None))
-    return apply_band(out, profile.abstain if profile.task == "stage2" else None, score_key=key)
+    return apply_band(out, profile.abstain if get_task(profile.task).abstain_band else None, score_key=key)

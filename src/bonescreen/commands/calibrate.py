@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         pairs_from_manifest,
         pairs_from_results,
     )
-    from bonescreen.adapt.profile import check_name, get_profile, profiled_model
+    from bonescreen.adapt.profile import PROFILE_TASKS_TEXT, TASK_SCORE, check_name, get_profile, profiled_model
     from bonescreen.adapt.recalibrate import CalibrationError
     from bonescreen.artifact import load_artifact, weights_fingerprint
 
@@ -123,8 +123,8 @@ def run(args: argparse.Namespace) -> int:
                           repeats=args.repeats, seed=args.seed)
     loaded = load_artifact(args.model)
     task = loaded.spec.task
-    if task not in ("stage2", "stage1"):
-        raise CalibrationError(f"calibrate works on stage2 and stage1 models; {args.model.name} is {task!r}")
+    if task not in TASK_SCORE:
+        raise CalibrationError(f"calibrate works on {PROFILE_TASKS_TEXT} models; {args.model.name} is {task!r}")
     adaptation = None
     if args.base_profile:
         base = get_profile(loaded, args.base_profile)

@@ -6,6 +6,8 @@ import argparse
 import os
 from pathlib import Path
 
+from bonescreen.schema import POPULATIONS
+
 STORE_ENV = "BONESCREEN_MONITOR_STORE_URL"
 
 
@@ -34,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", type=Path, help="model.pt: its model card's tuning score histogram is the drift reference")
     p.add_argument("--config", type=Path, help="monitor.yaml (window, grouping, reference, alert floors)")
     p.add_argument("--window", type=int, default=None, help="max days from CXR to DXA (default 180)")
-    p.add_argument("--population", choices=["adult", "pediatric"], default=None)
+    p.add_argument("--population", choices=list(POPULATIONS), default=None)
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--fail-on-alert", action="store_true", help="exit status 3 when there is an alert (for cron)")
     p.set_defaults(func=run)

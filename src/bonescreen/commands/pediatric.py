@@ -156,7 +156,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    from bonescreen.pediatric.explain import explain_manifest
+    from bonescreen.explain import explain_manifest
 
     res = explain_manifest(args.model, args.manifest, args.out, cache_root=args.cache,
                            split=None if args.split == "all" else args.split, limit=args.limit,

@@ -17,12 +17,10 @@
 
 from __future__ import annotations
 
-import csv
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -30,8 +28,9 @@ import torch
 from torch import nn
 
 from bonescreen.errors import BonescreenError
-from bonescreen.gradcam import ExplainError, find_target_layer, overlay
+from bonescreen.gradcam import ExplainableModel, ExplainError, find_target_layer, overlay
 from bonescreen.labels import PEDIATRIC_LOW_Z
+from bonescreen.schema import PEDIATRIC_TASK
 from bonescreen.pediatric.model import (
     CLINICAL_FEATURES,
     Standardizer,
@@ -40,9 +39,6 @@ from bonescreen.pediatric.model import (
     spread_z,
     z_source,
 )
-
-if TYPE_CHECKING:  # pragma: no cover
-    from bonescreen.artifact import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -128,10 +124,6 @@ class _WithClinical(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.inner(x, self.clinical)
-
-
-def _safe_name(image_id: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", image_id)[:120] or "image"
 
 
 def _lower_z_target(extra: dict[str, Any], st: Standardizer, clinical_row: np.ndarray) -> Any:
@@ -257,76 +249,13 @@ def patient_figure(
     return path
 
 
-def explain_manifest(
-    artifact: str | Path,
-    manifest: str | Path | pd.DataFrame,
-    out_dir: str | Path,
-    *,
-    cache_root: str | Path,
-    split: str | None = "test",
-    limit: int | None = 20,
-    background_split: str = "train",
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Per-patient PNGs and ``shap.csv`` for rows of a manifest (DXA reference shown when present)."""
-    from tqdm.auto import tqdm
-
-    from bonescreen.artifact import load_artifact
-    from bonescreen.data import prepare_images, read_manifest, split_rows
-    from bonescreen.pediatric.data import clinical_of, pediatric_rows
-
-    loaded = load_artifact(artifact, expected_task="pediatric")
-    frame, _ = pediatric_rows(read_manifest(manifest))
-    bg_frame = split_rows(frame, background_split) if "split" in frame.columns else frame
-    if bg_frame.empty:
-        bg_frame = frame
-    rows = split_rows(frame, split) if split else frame
-    if limit is not None:
-        rows = rows.head(limit)
-    if rows.empty:
-        raise PediatricExplainError(f"no pediatric rows to explain (split {split!r})")
-    prep = prepare_images(rows, cache_root, loaded.size, preload="false", progress=False)
-    rows = prep.frame
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    records = []
-    background = clinical_of(bg_frame)
-    for i in tqdm(range(len(rows)), desc="explain", unit="img", disable=not progress):
-        r = rows.iloc[i : i + 1]
-        img = prep.source.batch([i])
-        clin = clinical_of(r)
-        res = loaded.predict_pediatric(img, clin)
-        sh = clinical_shap(loaded, img, clin, background)
-        cam = gradcam_low_bmd(loaded, img, clin)
-        image_id = str(r["image_id"].iloc[0])
-        name = f"{_safe_name(image_id)}.png"
-        ref_bmd = float(r["_bmd"].iloc[0])
-        patient_figure(
-            out / name, img[0], cam[0], sh.values[0], clin[0],
-            pred_z=float(res["z"][0]), pred_bmd=float(res["bmd"][0]),
-            ref_z=float(r["_z"].iloc[0]), ref_bmd=ref_bmd if np.isfinite(ref_bmd) else None,
-        )
-        rec = {"image_id": image_id, "png": name, "pred_z": float(res["z"][0]), "pred_bmd": float(res["bmd"][0]),
-               "prob_low_bmd": float(res["prob_low_bmd"][0]), "dxa_z": float(r["_z"].iloc[0]),
-               "dxa_bmd": ref_bmd, "shap_base": float(sh.base[0])}
-        rec.update({f"shap_{f}": float(v) for f, v in zip(sh.features, sh.values[0])})
-        records.append(rec)
-    with open(out / "shap.csv", "w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(records[0]))
-        w.writeheader()
-        w.writerows(records)
-    mean_abs = {f: float(np.mean([abs(r[f"shap_{f}"]) for r in records])) for f in CLINICAL_FEATURES}
-    return {"explained": len(records), "csv": str(out / "shap.csv"), "mean_abs_shap": mean_abs,
-            "skipped": prep.skipped.to_dict("records")}
-
-
 class PediatricExplainer:
     """Grad-CAM of a pediatric model towards "lower predicted Z" (the low-BMD direction)."""
 
-    def __init__(self, loaded: LoadedModel) -> None:
+    def __init__(self, loaded: ExplainableModel) -> None:
         if getattr(loaded, "model", None) is None:
             raise ExplainError("Grad-CAM needs the PyTorch model (.pt artifact), not an ONNX file")
-        if loaded.spec.task != "pediatric":
+        if loaded.spec.task != PEDIATRIC_TASK:
             raise ExplainError(f"PediatricExplainer needs a pediatric model, this one is {loaded.spec.task!r}")
         self.loaded = loaded
 

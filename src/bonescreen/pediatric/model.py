@@ -29,6 +29,7 @@ from torch import nn
 
 from bonescreen.errors import ModelArtifactError, TableError
 from bonescreen.labels import PEDIATRIC_LOW_Z
+from bonescreen.schema import PEDIATRIC_TASK
 
 CLINICAL_FEATURES = ["age", "sex", "height_cm", "weight_kg"]
 TARGETS = ["z", "bmd"]
@@ -345,7 +346,7 @@ def predict_pediatric(
     instead of failing the batch. ``low_bmd`` is the study's decision:
     predicted Z <= -2.0.
     """
-    if getattr(loaded, "spec", None) is None or loaded.spec.task != "pediatric":
+    if getattr(loaded, "spec", None) is None or loaded.spec.task != PEDIATRIC_TASK:
         raise ModelArtifactError("predict_pediatric needs a pediatric model artifact")
     images = np.asarray(images_uint8)
     if images.ndim == 2:

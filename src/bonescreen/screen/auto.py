@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from bonescreen.screen.models import BACKENDS, BackendContext, ScreenError, model_id
+from bonescreen.tasks import get_task
 
 __all__ = [
     "MAX_AUC_SHIFT",
@@ -285,7 +286,7 @@ def choose_backend(model: str | os.PathLike[str], stage1: str | os.PathLike[str]
             onnx_gpu = bool({"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(ort.get_available_providers()))
         except ImportError:
             pass
-    cands = [c for c in candidates(machine, device=device, pediatric=loaded.spec.task == "pediatric",
+    cands = [c for c in candidates(machine, device=device, pediatric=not get_task(loaded.spec.task).single_input,
                                    calibrated=calibration is not None, onnx_gpu=onnx_gpu) if c.backend in BACKENDS]
     if len(cands) == 1:
         return Choice(cands[0].backend, cands[0].why, machine.isa)

@@ -41,6 +41,7 @@ import numpy as np
 
 from bonescreen.errors import ModelArtifactError
 from bonescreen.screen.models import BackendContext, Predictor, ScreenError, register_backend
+from bonescreen.tasks import get_task
 
 __all__ = [
     "CALIBRATION_IMAGES",
@@ -84,10 +85,11 @@ def resolve_device(device: str, cuda_available: bool | None = None) -> str:
 
 
 def _refuse_pediatric(loaded: Any, ctx: BackendContext, name: str) -> None:
-    if loaded.spec.task == "pediatric":
+    """Only the eager torch model runs a task without a single-input scoring graph (image + clinical)."""
+    if not get_task(loaded.spec.task).single_input:
         raise ModelArtifactError(
-            f"{ctx.path.name} is a pediatric model: it takes the image and the clinical variables (two inputs), "
-            f"which the {name} backend does not run; screen it with --backend torch"
+            f"{ctx.path.name} is a {loaded.spec.task} model: it takes the image and the clinical variables (two "
+            f"inputs), which the {name} backend does not run; screen it with --backend torch"
         )
 
 
@@ -139,11 +141,11 @@ def _torch_factory(name: str) -> Any:
     bf16, channels_last = TORCH_VARIANTS[name]
 
     def factory(loaded: Any, ctx: BackendContext) -> Predictor:
-        if loaded.spec.task == "pediatric":
+        if not get_task(loaded.spec.task).single_input:
             if name != "torch":
                 _refuse_pediatric(loaded, ctx, name)
             if ctx.device != "cpu" or ctx.compile:
-                raise ModelArtifactError(f"{ctx.path.name} is a pediatric model: it runs on the CPU with "
+                raise ModelArtifactError(f"{ctx.path.name} is a {loaded.spec.task} model: it runs on the CPU with "
                                          "--backend torch (no --device cuda, no --compile)")
             return loaded  # type: ignore[no-any-return]
         if name == "torch" and ctx.device == "cpu" and not ctx.compile:

@@ -30,6 +30,15 @@ import numpy as np
 
 from bonescreen.adapt.abstain import INDETERMINATE, INDETERMINATE_MESSAGE
 from bonescreen.schema import OOD_FLAG_REASONS, OOD_POLICIES
+from bonescreen.tasks import (
+    CASCADE,
+    PEDIATRIC,
+    PEDIATRIC_CATEGORIES,
+    Task,
+    UnknownTaskError,
+    get_task,
+    mode_task,
+)
 
 __all__ = [
     "PEDIATRIC_CATEGORIES",
@@ -42,15 +51,11 @@ __all__ = [
     "rollup_study",
 ]
 
-#: Pediatric categories: predicted Z <= -2.0 (the study's low BMD for age) or not. Named apart
-#: from the adult WHO categories on purpose: a child's low Z-score is not "osteopenia".
-PEDIATRIC_CATEGORIES = ("normal_bmd", "low_bmd")
 #: Risk order of categories (higher decides a study).
 #: ``indeterminate`` (the abstain band) ranks above normal and below a decided positive: a study with a
 #: normal and an indeterminate image is indeterminate (consider DXA); a low-bone-mass image decides it.
 CATEGORY_RISK = {"normal": 0, "not_osteoporosis": 0, "normal_bmd": 0, "indeterminate": 0.5, "low_bone_mass": 1,
                  "low_bmd": 1, "osteoporosis": 2}
-FLAG_CATEGORIES = ("low_bone_mass", "osteoporosis", "low_bmd", "indeterminate")
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,11 @@ class DecisionPolicy:
     # bonescreen.adapt.profile.SiteProfile: site probability + abstain band after the cut-off (its
     # threshold is already ``threshold``); None: no profile, rows say site_profile None
     site_profile: Any = None
+
+    @property
+    def task(self) -> Task:
+        """The task whose rule decides (``cascade``: the stage-2 task, with the stage-1 probabilities)."""
+        return mode_task(self.mode)
 
     def __post_init__(self) -> None:
         if self.ood not in OOD_POLICIES:
@@ -87,12 +97,7 @@ class ModelOutputs:
 
 def decide_outputs(policy: DecisionPolicy, outputs: ModelOutputs) -> list[dict[str, Any]]:
     """Steps 1-4 of the module docstring for one batch."""
-    if policy.mode == "pediatric":
-        rows = decide_pediatric(outputs.pediatric, threshold=None if policy.pediatric_own_rule else policy.threshold)
-    else:
-        rows = decide(policy.mode, outputs.probs_main, outputs.probs_stage1, threshold=policy.threshold,
-                      threshold_stage1=policy.threshold_stage1, positive=policy.positive,
-                      positive_stage1=policy.positive_stage1, class_names=policy.class_names)
+    rows = policy.task.decide(outputs, policy, cascade=policy.mode == CASCADE)
     if policy.site_profile is not None:
         from bonescreen.adapt.profile import site_rows
 
@@ -120,84 +125,26 @@ def decide(
     stage-2 score >= ``threshold`` -> low bone mass, else normal. Rows the
     stage-1 model flags may have ``probs_main`` NaN (stage 2 was not run).
     ``stage2``: low bone mass / normal. ``stage1``: osteoporosis / not_osteoporosis.
-    ``three_class``: arg-max over (normal, low bone mass, osteoporosis).
+    ``three_class``: arg-max over (normal, low bone mass, osteoporosis). Each rule is its
+    task's (:meth:`bonescreen.tasks.Task.decide_probabilities`).
     """
-    out: list[dict[str, Any]] = []
-    n = len(probs_main) if probs_main is not None else len(probs_stage1)  # type: ignore[arg-type]
-    for i in range(n):
-        row: dict[str, Any] = {
-            "score": None, "score_stage1": None, "score_stage2": None,
-            "p_normal": None, "p_low_bone_mass": None, "p_osteoporosis": None,
-        }
-        if mode == "three_class":
-            p = np.asarray(probs_main[i], dtype=np.float64)  # type: ignore[index]
-            idx = {name: k for k, name in enumerate(class_names)}
-            pn, pl, po = (float(p[idx[c]]) for c in ("normal", "low_bone_mass", "osteoporosis"))
-            row.update(p_normal=pn, p_low_bone_mass=pl, p_osteoporosis=po)
-            row["score"] = pl / (pn + pl) if pn + pl > 0 else None
-            category = ("normal", "low_bone_mass", "osteoporosis")[int(np.argmax([pn, pl, po]))]
-        elif mode == "stage1":
-            s1 = float(probs_main[i][positive])  # type: ignore[index]
-            row["score_stage1"] = s1
-            category = "osteoporosis" if s1 >= threshold else "not_osteoporosis"
-        elif mode in ("stage2", "cascade"):
-            s2 = None
-            if probs_main is not None and not np.isnan(probs_main[i][positive]):
-                s2 = float(probs_main[i][positive])
-            row["score_stage2"] = row["score"] = s2
-            category = None
-            if mode == "cascade":
-                s1 = float(probs_stage1[i][positive_stage1])  # type: ignore[index]
-                row["score_stage1"] = s1
-                if s1 >= threshold_stage1:
-                    category = "osteoporosis"
-            if category is None:
-                if s2 is None:
-                    raise ValueError(f"row {i}: stage-2 score missing for an image stage 1 did not flag")
-                category = "low_bone_mass" if s2 >= threshold else "normal"
-        else:
-            raise ValueError(f"unknown mode {mode!r}")
-        row.update(categorize(category))
-        out.append(row)
-    return out
-
-
-def categorize(category: str) -> dict[str, Any]:
-    """Category and flag (the abstain band comes after, with the site profile: step 3)."""
-    return {"category": category, "flag": category in FLAG_CATEGORIES}
+    try:
+        task = mode_task(mode) if mode else get_task(mode)
+    except UnknownTaskError:
+        raise ValueError(f"unknown mode {mode!r}") from None
+    return task.decide_probabilities(probs_main, probs_stage1, threshold=threshold, threshold_stage1=threshold_stage1,
+                                     positive=positive, positive_stage1=positive_stage1, class_names=class_names,
+                                     cascade=mode == CASCADE)
 
 
 def decide_pediatric(preds: Any, *, threshold: float | None = None) -> list[dict[str, Any]]:
     """Rows from :func:`bonescreen.pediatric.predict_pediatric` output (pure; easy to test).
 
-    ``score`` = P(Z <= -2.0); ``category`` ``low_bmd`` / ``normal_bmd``. With
-    ``threshold`` None the model's own decision (predicted Z <= -2.0, the
-    ``low_bmd`` column) flags; a number flags ``score >= threshold`` instead
-    (an operating point chosen on a tuning set). A row with a ``reason``
-    (``missing_clinical:<names>``) becomes a skip: ``eligible`` False, no score.
+    :meth:`bonescreen.tasks.PediatricTask.decide_predictions`: ``score`` = P(Z <= -2.0),
+    ``category`` ``low_bmd`` / ``normal_bmd``; ``threshold`` None: the model's own rule
+    (predicted Z <= -2.0); a row with a ``reason`` becomes a skip.
     """
-    out: list[dict[str, Any]] = []
-    for rec in preds.to_dict("records"):
-        row: dict[str, Any] = {
-            "score": None, "score_stage1": None, "score_stage2": None,
-            "p_normal": None, "p_low_bone_mass": None, "p_osteoporosis": None,
-            "pred_z": None, "pred_bmd": None, "category": None, "flag": None,
-        }
-        reason = str(rec.get("reason") or "")
-        z, bmd, prob = (float(rec[k]) for k in ("pred_z", "pred_bmd", "prob_low_bmd"))
-        if not reason and not all(np.isfinite(v) for v in (z, bmd, prob)):
-            reason = "model_error"
-        if reason:
-            what = reason.split(":", 1)[1].replace("+", ", ") if ":" in reason else ""
-            row.update(eligible=False, reason=reason,
-                       message=(f"the pediatric model needs {what}" if what
-                                else "the model returned no finite prediction"))
-            out.append(row)
-            continue
-        low = bool(rec["low_bmd"]) if threshold is None else prob >= threshold
-        row.update(score=prob, pred_z=z, pred_bmd=bmd, category=PEDIATRIC_CATEGORIES[int(low)], flag=low)
-        out.append(row)
-    return out
+    return PEDIATRIC.decide_predictions(preds, threshold=threshold)
 
 
 def apply_ood(rows: Sequence[dict[str, Any]], scores: np.ndarray | None, policy: str,

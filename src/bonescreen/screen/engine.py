@@ -37,6 +37,7 @@ from bonescreen.screen.inputs import (
     fill_meta,
 )
 from bonescreen.screen.models import ModelSet, ScreenError, file_sha256
+from bonescreen.tasks import get_task
 
 __all__ = ["ALREADY_SCREENED", "PrepContext", "Prepared", "ScreeningEngine", "predict_batch", "prepare"]
 
@@ -231,12 +232,9 @@ class ScreeningEngine:
             if models.main_torch is None:
                 raise ScreenError("Grad-CAM needs the .pt artifact (an ONNX file has no gradients); "
                                   "pass the .pt with --backend onnx instead")
-            from bonescreen.gradcam import Explainer
-            from bonescreen.pediatric.explain import PediatricExplainer
-
-            self.explainers["main"] = (PediatricExplainer if models.pediatric else Explainer)(models.main_torch)
+            self.explainers["main"] = models.task.explainer(models.main_torch)
             if models.stage1_torch is not None:
-                self.explainers["stage1"] = Explainer(models.stage1_torch)
+                self.explainers["stage1"] = get_task(models.stage1_torch.spec.task).explainer(models.stage1_torch)
 
     # ------------------------------------------------------------ facts
 
@@ -250,13 +248,13 @@ class ScreeningEngine:
         m = self.models
         out = {
             "threshold_stage1": self.t1 if m.stage1 is not None else None,
-            "threshold_stage2": self.t2 if m.mode in ("stage2", "cascade", "pediatric") else None,
+            "threshold_stage2": None,
             "model": m.main_id, "model_stage1": m.stage1_id or None,
             "backend": m.backend, "bonescreen_version": __version__, "ood_check": self.decision.ood,
             "site_profile": self.profile.name if self.profile is not None else None,
         }
-        if m.mode == "stage1":
-            out["threshold_stage1"], out["threshold_stage2"] = self.t2, None
+        if m.task.threshold_column:  # the column that records the main model's cut-off
+            out[m.task.threshold_column] = self.t2
         return out
 
     def run_config(self) -> dict[str, Any]:
@@ -315,15 +313,13 @@ class ScreeningEngine:
                 ood[rows] = np.fmax(ood[rows], s)
                 band[rows] |= s > part.flag_ratio
 
-        if m.pediatric:
+        if m.task.needs_clinical:
             import pandas as pd
-
-            from bonescreen.pediatric import predict_pediatric
 
             clin = [b.clinical or {} for b in batch]
             frame = pd.DataFrame([{k: c.get(k) for k in ("age", "sex", "height_cm", "weight_kg")} for c in clin],
                                  columns=["age", "sex", "height_cm", "weight_kg"])
-            preds = predict_pediatric(m.main, main_x, frame)
+            preds = m.task.predict_table(m.main, main_x, frame)
             if want:
                 score("main", m.main.predict_with_features(main_x)[1], np.arange(n))
             return ModelOutputs(pediatric=preds, ood_scores=ood if want else None,
@@ -397,9 +393,9 @@ class ScreeningEngine:
             size = int(ex.loaded.size)
             imgs = np.stack([batch[i].images[size] for i in idx])  # type: ignore[index]
             try:
-                if self.models.pediatric:  # towards lower predicted Z, each image's clinical row held fixed
+                if self.models.task.needs_clinical:  # towards lower predicted Z, each clinical row held fixed
                     cams = ex.cams(imgs, clinical_raw([batch[i].clinical or {} for i in idx]))
-                elif key == "main" and self.models.mode == "three_class":
+                elif key == "main" and self.models.task.explain_decided_class:
                     cams = ex.cams(imgs, [ex.loaded.spec.class_names.index(batch[i].row["category"]) for i in idx])
                 else:
                     cams = ex.cams(imgs, None)  # the positive class

@@ -25,13 +25,13 @@ from bonescreen.screen.gate import GatePolicy
 from bonescreen.screen.inputs import iter_inputs
 from bonescreen.screen.models import (
     BACKENDS,
-    PEDIATRIC_CASCADE_REFUSED,
     BackendContext,
     ModelSet,
     Predictor,
     ScreenError,
     model_id,
 )
+from bonescreen.tasks import TASKS, get_task
 
 __all__ = ["backend_label", "calibration_for", "calibration_images", "load_engine", "load_models"]
 
@@ -76,9 +76,9 @@ def _load_one(path: str | os.PathLike[str], backend: str, threads: int | None, c
         from bonescreen.onnx_export import load_onnx, onnx_providers
 
         onnx_model = load_onnx(path, expected_task=expected_task, threads=threads, providers=onnx_providers(device))
-        if onnx_model.spec.task == "pediatric":
-            raise ModelArtifactError(f"{path.name} is a pediatric model: it has no ONNX export; screen it with "
-                                     "--backend torch")
+        if not get_task(onnx_model.spec.task).single_input:
+            raise ModelArtifactError(f"{path.name} is a {onnx_model.spec.task} model: it has no ONNX export; "
+                                     "screen it with --backend torch")
         return onnx_model, None, mid, None
     loaded = load_artifact(path, expected_task=expected_task)
     if threads:
@@ -127,8 +127,9 @@ def load_models(
     s1 = s1_t = None
     s1_id = ""
     s1_fp = None
-    if stage1 is not None and main.spec.task == "pediatric":
-        raise ModelArtifactError(PEDIATRIC_CASCADE_REFUSED)
+    refusal = getattr(TASKS.get(main.spec.task), "cascade_refusal", "")
+    if stage1 is not None and refusal:  # before loading the stage-1 model
+        raise ModelArtifactError(refusal)
     if stage1 is not None:
         s1, s1_t, s1_id, s1_fp = _load_one(stage1, backend, threads, cache, "stage1", device, compile,
                                            calibration_for(stage1, calibration))

@@ -26,6 +26,7 @@ import numpy as np
 
 from bonescreen.errors import BonescreenError, ModelArtifactError
 from bonescreen.fsio import file_sha256
+from bonescreen.tasks import CASCADE, TASKS, Task, get_task
 
 __all__ = [
     "BACKENDS",
@@ -40,11 +41,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-PEDIATRIC_CASCADE_REFUSED = (
-    "a pediatric model cannot run in the two-stage cascade (--stage1 is the adult osteoporosis model, "
-    "and its eligibility excludes children); screen with --model pediatric.pt alone"
-)
-SCREEN_TASKS = ("stage2", "three_class", "stage1", "pediatric")
 
 
 class ScreenError(BonescreenError):
@@ -109,6 +105,19 @@ def register_backend(name: str) -> Callable[[Callable[[Any, BackendContext], Pre
 # --------------------------------------------------------------------------
 
 
+def check_cascade(main: Task, stage1_task: str) -> None:
+    """Refuse a cascade the tasks cannot form: the stage-1 model first, a stage-2 model after it."""
+    if main.cascade_refusal:
+        raise ModelArtifactError(main.cascade_refusal)
+    first = TASKS.get(stage1_task)
+    if first is None or first.cascade_stage != 1:
+        raise ModelArtifactError(f"--stage1 must be a 'stage1' (osteoporosis) model, got a {stage1_task!r} model")
+    if main.cascade_stage != 2:
+        raise ModelArtifactError(
+            f"the cascade runs a stage-2 model after the stage-1 model; --model is a {main.name!r} model"
+        )
+
+
 @dataclass
 class ModelSet:
     """The model(s) a run uses: ``main`` (stage2, three_class, stage1 or pediatric) and an optional ``stage1``."""
@@ -129,31 +138,28 @@ class ModelSet:
 
     def __post_init__(self) -> None:
         task = self.main.spec.task
-        if task not in SCREEN_TASKS:
+        if task not in TASKS:
             raise ModelArtifactError(
-                f"a {task!r} model cannot screen; expected a stage2, three_class, stage1 or pediatric model"
+                f"a {task!r} model cannot screen; expected one of {', '.join(TASKS)}"
             )
-        if task == "pediatric" and self.stage1 is not None:
-            raise ModelArtifactError(PEDIATRIC_CASCADE_REFUSED)
         if self.stage1 is not None:
-            if self.stage1.spec.task != "stage1":
-                raise ModelArtifactError(
-                    f"--stage1 must be a 'stage1' (osteoporosis) model, got a {self.stage1.spec.task!r} model"
-                )
-            if task != "stage2":
-                raise ModelArtifactError(
-                    f"the cascade runs a stage-2 model after the stage-1 model; --model is a {task!r} model"
-                )
+            check_cascade(TASKS[task], self.stage1.spec.task)
 
     @property
     def mode(self) -> str:
         if self.stage1 is not None:
-            return "cascade"
+            return CASCADE
         return str(self.main.spec.task)
 
     @property
+    def task(self) -> Task:
+        """The main model's task (``bonescreen.tasks``); a cascade's is the stage-2 task."""
+        return get_task(self.main.spec.task)
+
+    @property
     def pediatric(self) -> bool:
-        return self.main.spec.task == "pediatric"
+        """The main model takes clinical variables besides the image (the pediatric task)."""
+        return self.task.needs_clinical
 
     @property
     def sizes(self) -> list[int]:

@@ -22,14 +22,11 @@ import numpy as np
 
 from bonescreen.errors import BonescreenError
 from bonescreen.fsio import atomic_open
-from bonescreen.schema import (
-    PEDIATRIC_PREDICTION_COLUMNS,
-    SCREEN_PREDICTION_COLUMNS,
-    STUDY_COLUMNS,
-)
+from bonescreen.schema import STUDY_COLUMNS
 from bonescreen.screen.decide import rollup_study
 from bonescreen.screen.inputs import PEDIATRIC_Z_COLUMN, optional_float, read_labels
 from bonescreen.screen.journal import ResultStore, csv_value
+from bonescreen.tasks import CASCADE, mode_task
 
 __all__ = [
     "group_studies",
@@ -49,9 +46,8 @@ _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 def prediction_columns(mode: str) -> list[str]:
-    """The ``predictions.csv`` columns of a run in ``mode``."""
-    cols = list(SCREEN_PREDICTION_COLUMNS)
-    return cols + PEDIATRIC_PREDICTION_COLUMNS if mode == "pediatric" else cols
+    """The ``predictions.csv`` columns of a run in ``mode`` (its task's, from ``bonescreen.schema``)."""
+    return mode_task(mode).prediction_columns()
 
 
 def safe_name(image_id: str) -> str:
@@ -110,7 +106,8 @@ def write_predictions(store: ResultStore, dest: Path, labels: str | os.PathLike[
     by_path: dict[str, dict[str, str]] = {}
     if labels:
         by_id, by_path = read_labels(labels)
-    columns = prediction_columns(mode)
+    task = mode_task(mode)
+    columns = task.prediction_columns()
     n = 0
     with atomic_open(dest, "w", newline="") as out:
         w = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore")
@@ -121,7 +118,7 @@ def write_predictions(store: ResultStore, dest: Path, labels: str | os.PathLike[
             lab = by_id.get(str(row.get("image_id"))) or by_path.get(os.path.realpath(row["path"])) or {}
             rec = {k: row.get(k) for k in columns}
             rec["label"] = lab.get("label", "")
-            if mode == "pediatric":
+            if task.regression:  # predicted DXA values beside their truth
                 z_true = optional_float(lab.get(PEDIATRIC_Z_COLUMN))
                 rec.update(z_pred=row.get("pred_z"), bmd_pred=row.get("pred_bmd"), z_true=z_true,
                            bmd_true=optional_float(lab.get("bmd_lumbar_spine")))
@@ -176,36 +173,8 @@ def study_result(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def _sr_result(row: Mapping[str, Any], run: Mapping[str, Any], mode: str) -> Any:
-    """A ``dicom_out.ScreeningResult`` from a journal row and the run's facts."""
-    from bonescreen.dicom_out import (PEDIATRIC_MEASUREMENTS, SCORE_CONCEPTS, DicomOutputError, ScreeningResult,
-                                      _ood_review)
-
-    if mode == "pediatric":
-        missing = [col for col in PEDIATRIC_MEASUREMENTS.values() if row.get(col) is None]
-        if missing:
-            raise DicomOutputError(f"pediatric result lacks {', '.join(missing)}")
-        return ScreeningResult(
-            category=str(row["category"]), scores={k: float(row[c]) for k, c in PEDIATRIC_MEASUREMENTS.items()},
-            model_id=str(run["model"]), task="pediatric",
-            thresholds={"probability": float(run["threshold"]), "z": float(run["z_threshold"])},
-            arch=str(run.get("arch", "")), ood_review=_ood_review(dict(row)),
-        )
-    thresholds: dict[str, float] = {}
-    if mode in ("stage2", "cascade"):
-        thresholds["stage2"] = float(run["threshold"])
-    if mode == "cascade":
-        thresholds["stage1"] = float(run["threshold_stage1"])
-    if mode == "stage1":
-        thresholds["stage1"] = float(run["threshold"])
-    band = run.get("abstain_band")
-    return ScreeningResult(
-        category=str(row["category"]), scores={k: float(row[k]) for k in SCORE_CONCEPTS if row.get(k) is not None},
-        model_id=str(run["model"]), task=mode, thresholds=thresholds,
-        model_stage1_id=str(run.get("model_stage1") or ""), arch=str(run.get("arch", "")),
-        ood_review=_ood_review(dict(row)),
-        site_profile=str(run.get("site_profile") or ""),
-        abstain_band=(float(band[0]), float(band[1])) if band else None,
-    )
+    """A ``dicom_out.ScreeningResult`` from a journal row and the run's facts (its task's codes)."""
+    return mode_task(mode).sr_result(row, run, cascade=mode == CASCADE)
 
 
 def sr_facts(engine: Any) -> dict[str, Any]:

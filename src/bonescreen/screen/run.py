@@ -29,13 +29,14 @@ from typing import Any
 
 from bonescreen.fsio import atomic_write_json
 from bonescreen.pseudonym import Pseudonymiser, key_fingerprint, load_or_create_key
-from bonescreen.schema import OOD_POLICIES, PEDIATRIC_RESULT_COLUMNS, RESULT_COLUMNS
+from bonescreen.schema import OOD_POLICIES
 from bonescreen.screen.engine import Prepared, ScreeningEngine
 from bonescreen.screen.inputs import ClinicalTable, count_inputs, iter_inputs
 from bonescreen.screen.journal import ResultStore
 from bonescreen.screen.loading import load_models
 from bonescreen.screen.models import ModelSet, ScreenError
 from bonescreen.screen.outputs import sr_facts, write_image_files, write_parquet, write_predictions, write_studies
+from bonescreen.tasks import mode_task
 
 __all__ = ["RunState", "ScreenOptions", "ScreenSummary", "finish_run", "open_run", "result_columns", "screen"]
 
@@ -43,8 +44,8 @@ log = logging.getLogger(__name__)
 
 
 def result_columns(mode: str) -> list[str]:
-    """The results-table columns of a run in ``mode`` (``ModelSet.mode``)."""
-    return RESULT_COLUMNS + PEDIATRIC_RESULT_COLUMNS if mode == "pediatric" else list(RESULT_COLUMNS)
+    """The results-table columns of a run in ``mode`` (``ModelSet.mode``): its task's, from ``bonescreen.schema``."""
+    return mode_task(mode).result_columns()
 
 
 @dataclass
