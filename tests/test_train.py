@@ -170,12 +170,13 @@ def test_task_registry_and_selection_fallbacks() -> None:
     from bonescreen.distributed import DistEnv
     from bonescreen.training.jobs import ClassifierHooks
     from bonescreen.training.pediatric import PediatricHooks
+    from bonescreen.tasks import UnknownTaskError
     from bonescreen.training.registry import TASK_TRAINING, train
     from bonescreen.training.selection import CallbackEvaluation, ClassifierEvaluation, TrainLossSelection
 
     assert set(TASK_TRAINING) == {"stage1", "stage2", "three_class", "pediatric"}
     assert TASK_TRAINING["pediatric"].hooks is PediatricHooks and TASK_TRAINING["stage1"].hooks is ClassifierHooks
-    with pytest.raises(ValueError, match="unknown task 'nope'"):
+    with pytest.raises(UnknownTaskError, match="unknown task .nope."):
         train("nope", "m.csv", "out")
     cfg, env, model = tiny_config(), DistEnv(), torch.nn.Identity()
     assert TrainLossSelection().epoch(model, env, cfg, False, 0.25).score == -0.25

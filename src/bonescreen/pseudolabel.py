@@ -130,7 +130,7 @@ def proxy_tables(loaded: LoadedModel, prepared: PreparedImages, probs: np.ndarra
     kept = scored.loc[keep].copy()
     label_col = TASK_LABEL_COLUMN[loaded.spec.task]
     kept[label_col] = cls[keep]
-    if loaded.spec.task != "stage2":
+    if label_col != "label":  # the proxy label is another task's: the stage-2 label column stays empty
         kept["label"] = np.nan
     kept["split"] = "train"
     kept["proxy"] = 1

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 
 from bonescreen.config import add_config_arguments
+from bonescreen.tasks import get_task, task_names
 
-TASKS = ("stage2", "stage1", "three_class")
+#: what `bonescreen train` learns: every image classifier task (a regression task trains with its own verb)
+TASKS = tuple(name for name in task_names() if not get_task(name).regression)
 
 
 def add_common_training_arguments(p: argparse.ArgumentParser) -> None:

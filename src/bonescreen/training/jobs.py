@@ -16,8 +16,6 @@ from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
-import torch
-import torch.nn.functional as F
 from torch import nn
 
 from bonescreen import __version__
@@ -27,6 +25,7 @@ from bonescreen.data import ManifestDataset, PreparedImages
 from bonescreen.distributed import DistEnv, barrier, cleanup, init_distributed
 from bonescreen.models import GRAY_MEAN, GRAY_STD
 from bonescreen.site_shift import from_config as site_shift_from_config
+from bonescreen.tasks import get_task
 from bonescreen.training.checkpoint import seed_everything
 from bonescreen.training.hooks import LossFn, TaskHooks, TrainResult
 from bonescreen.training.loop import TrainJob, fit
@@ -64,16 +63,6 @@ def make_spec(cfg: TrainConfig, task: str) -> ModelSpec:
         preprocess={"method": "truncation", "size": int(cfg.image_size), "mean": GRAY_MEAN, "std": GRAY_STD},
         threshold=float(cfg.threshold),
     )
-
-
-def supervised_loss(label_smoothing: float = 0.0) -> LossFn:
-    def loss_fn(model: nn.Module, x: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = model(x).float()
-        return F.cross_entropy(
-            logits, batch["label"], weight=batch.get("class_weight"), label_smoothing=label_smoothing
-        )
-
-    return loss_fn
 
 
 def model_card(
@@ -132,13 +121,13 @@ class ClassifierHooks:
     task: str
 
     def train_dataset(self, prep: PreparedImages, cfg: TrainConfig) -> ManifestDataset:
-        return ManifestDataset(
+        return get_task(self.task).dataset(  # type: ignore[no-any-return]
             prep.source, prep.frame["_y"].to_numpy(), augment=cfg.augment, strong_p=cfg.strong_p,
             seed=cfg.seed, site_shift=site_shift_from_config(cfg),
         )
 
     def loss(self, cfg: TrainConfig) -> LossFn:
-        return supervised_loss(cfg.label_smoothing)
+        return get_task(self.task).loss(label_smoothing=cfg.label_smoothing)
 
     def evaluation(self, preps: dict[str, PreparedImages], cfg: TrainConfig) -> ClassifierEvaluation:
         return classifier_evaluation(self.task, preps, cfg)

@@ -42,12 +42,12 @@ from torch import nn
 from bonescreen import __version__
 from bonescreen.artifact import ModelSpec, save_artifact
 from bonescreen.config import ConfigError, TrainConfig, load_config
-from bonescreen.data import ManifestDataset, PreparedImages, read_manifest, split_rows
+from bonescreen.data import PreparedImages, read_manifest, split_rows
 from bonescreen.distributed import DistEnv, all_gather_object, cleanup, init_distributed
 from bonescreen.errors import TableError
 from bonescreen.labels import PEDIATRIC_LOW_Z
 from bonescreen.models import GRAY_MEAN, GRAY_STD
-from bonescreen.pediatric.data import PediatricDataset, clinical_of, pediatric_rows, regression_loss, targets_of
+from bonescreen.pediatric.data import PediatricDataset, clinical_of, pediatric_rows, targets_of
 from bonescreen.pediatric.metrics import regression_metrics
 from bonescreen.pediatric.model import (
     CLINICAL_FEATURES,
@@ -64,7 +64,9 @@ from bonescreen.pediatric.model import (
     spread_z,
 )
 from bonescreen.pediatric.reference import ReferenceCurves, ReferenceFitError
+from bonescreen.schema import PEDIATRIC_TASK
 from bonescreen.site_shift import from_config as site_shift_from_config
+from bonescreen.tasks import get_task
 from bonescreen.training.checkpoint import seed_everything
 from bonescreen.training.hooks import Evaluation, LossFn, TrainResult
 from bonescreen.training.jobs import train_task
@@ -200,7 +202,7 @@ def pediatric_spec(cfg: TrainConfig, st: Standardizer, reference: ReferenceCurve
         extra["z_reference"] = reference.to_dict()
     return ModelSpec.for_task(
         cfg.arch,
-        "pediatric",
+        PEDIATRIC_TASK,
         preprocess={"method": "truncation", "size": int(cfg.image_size), "mean": GRAY_MEAN, "std": GRAY_STD},
         threshold=0.5,
         eligibility=dict(PEDIATRIC_ELIGIBILITY),
@@ -248,7 +250,7 @@ class PediatricHooks:
     model_name: str
     dropped: dict[str, int]
     eval_batch_size: int
-    task: str = "pediatric"
+    task: str = PEDIATRIC_TASK
     extra: dict[str, Any] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -265,14 +267,14 @@ class PediatricHooks:
 
     def train_dataset(self, prep: PreparedImages, cfg: TrainConfig) -> PediatricDataset:
         f = prep.frame
-        images = ManifestDataset(
-            prep.source, f["_y"].to_numpy(), augment=cfg.augment, strong_p=cfg.strong_p, seed=cfg.seed,
+        return get_task(self.task).dataset(  # type: ignore[no-any-return]
+            prep.source, f["_y"].to_numpy(), clinical_raw=clinical_of(f), targets_raw=targets_of(f),
+            standardizer=self.standardizer, augment=cfg.augment, strong_p=cfg.strong_p, seed=cfg.seed,
             site_shift=site_shift_from_config(cfg),
         )
-        return PediatricDataset(images, clinical_of(f), targets_of(f), self.standardizer)
 
     def loss(self, cfg: TrainConfig) -> LossFn:
-        return regression_loss(self.bmd_weight)  # type: ignore[no-any-return]
+        return get_task(self.task).loss(bmd_weight=self.bmd_weight)
 
     def evaluation(self, preps: dict[str, PreparedImages], cfg: TrainConfig) -> Evaluation:
         if len(self.tune_frame) < 2:
