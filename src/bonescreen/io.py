@@ -38,6 +38,8 @@ from bonescreen.errors import (
     WrongModalityError,
 )
 from bonescreen.labels import normalize_sex
+from bonescreen.schema import LATERAL_VIEWS
+from bonescreen.walk import walk_files
 
 __all__ = [
     "DEFAULT_MODALITIES",
@@ -80,7 +82,6 @@ if not any(isinstance(f, _NoTagValues) for f in _pydicom_logger.filters):
 #: spellings that real archives still contain.
 DEFAULT_MODALITIES: tuple[str, ...] = ("CR", "DX", "DR", "RG")
 IMAGE_EXTENSIONS = (".dcm", ".dicom", ".dic", ".ima", ".png", ".jpg", ".jpeg")
-LATERAL_VIEWS = ("LAT",)
 
 
 class TruncatedFileError(ImageReadError):
@@ -175,18 +176,10 @@ _VIEW_ALIASES = {
     "ANTERO_POSTERIOR": "AP",
     "AP SUPINE": "AP",
     "AP ERECT": "AP",
-    "LAT": "LAT",
-    "LATERAL": "LAT",
-    "LL": "LAT",
-    "RL": "LAT",
-    "LLAT": "LAT",
-    "RLAT": "LAT",
-    "LEFT LATERAL": "LAT",
-    "RIGHT LATERAL": "LAT",
-    "LATERAL-LEFT": "LAT",
-    "LATERAL-RIGHT": "LAT",
+    **{v: "LAT" for v in LATERAL_VIEWS},
 }
-_TEXT_LATERAL = re.compile(r"\b(LAT|LATERAL|LL|RL|LLAT|RLAT)\b")
+# the one-word spellings (LAT, LATERAL, LL, RL, LLAT, RLAT) as words of free text ("THORAX LAT")
+_TEXT_LATERAL = re.compile(r"\b(" + "|".join(v for v in LATERAL_VIEWS if v.isalpha()) + r")\b")
 _TEXT_PA = re.compile(r"\bPA\b|POSTERO[-_ ]?ANTERIOR")
 _TEXT_AP = re.compile(r"\bAP\b|ANTERO[-_ ]?POSTERIOR")
 
@@ -897,8 +890,7 @@ def iter_image_files(
     for raw in paths:
         p = Path(raw)
         if p.is_dir():
-            walker = p.rglob("*") if recursive else p.glob("*")
-            found = sorted(f for f in walker if f.is_file() and _is_candidate(f) and not _hidden(f, p))
+            found: Iterable[Path] = (f for f in walk_files(p, recursive=recursive) if _is_candidate(f))
         else:
             found = [p]
         for f in found:
@@ -906,12 +898,3 @@ def iter_image_files(
             if key not in seen:
                 seen.add(key)
                 yield f
-
-
-def _hidden(path: Path, root: Path) -> bool:
-    try:
-        rel = path.relative_to(root)
-    except ValueError:
-        return False
-    return any(part.startswith(".") for part in rel.parts)
-
