@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from bonescreen.errors import ImageReadError, TableError
+from bonescreen.jsonable import plain
 from bonescreen.labels import add_labels, normalize_category, normalize_sex, pediatric_low_bmd
 from bonescreen.schema import (
     BIRTH_DATE_COLUMN,
@@ -545,19 +546,11 @@ class CohortResult:
         self.image_errors.to_csv(paths["image_errors"], index=False)
         paths["flow"].write_text(
             json.dumps(
-                {"steps": self.flow, "sites": self.sites, "config": _jsonable(asdict(self.config))},
+                {"steps": self.flow, "sites": self.sites, "config": plain(asdict(self.config), strict=True)},
                 indent=2,
             )
         )
         return paths
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj
 
 
 class _Flow:
