@@ -485,7 +485,7 @@ def _transfer_syntax(ds: Any) -> Any:
 
 
 def _check_decoder(ts: Any, path: Path) -> None:
-    from pydicom.pixels import get_decoder
+    from pydicom.pixels.decoders.base import get_decoder
 
     try:
         decoder = get_decoder(ts)
@@ -507,7 +507,8 @@ def _decode(ds: Any, path: Path) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return ds.pixel_array
+            arr: np.ndarray = ds.pixel_array
+            return arr
     except MemoryError:
         raise
     except Exception as exc:
@@ -532,7 +533,7 @@ def read_dicom(
     non-empty (e.g. ``("PatientID", "StudyDate")``). ``apply_voi=False``
     skips the VOI LUT / window (the modality LUT is always applied).
     """
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
 
     p = Path(path)
     ds = _dcmread(p, stop_before_pixels=False)
@@ -767,8 +768,8 @@ def _read_raster(p: Path, fmt: str) -> tuple[np.ndarray, str]:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(p) as im:
-            im = ImageOps.exif_transpose(im)
+        with Image.open(p) as opened:
+            im = ImageOps.exif_transpose(opened)
             mode = im.mode
             if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
                 arr = np.asarray(im).astype(np.float32)
