@@ -128,3 +128,17 @@ def test_header_refusal_happens_before_decoding(tmp_path: Path, write_dicom, mon
     assert _prepare(blank).row["reason"] == "blank"
     small = write_dicom(radiograph(shape=(128, 128)), name="small.dcm")
     assert _prepare(small).row["reason"] == "too_small"
+
+
+@pytest.mark.parametrize("spelling", ["LAT", "LATERAL", "LL", "RL", "LLAT", "RLAT", "LEFT LATERAL",
+                                      "RIGHT LATERAL", "LATERAL-LEFT", "LATERAL-RIGHT", "lateral"])
+def test_one_lateral_vocabulary(spelling: str) -> None:
+    """schema.LATERAL_VIEWS: io normalises every spelling to LAT (and calls it lateral); the gate refuses
+    each as a lateral view, normalised or not (a table's view column may hold the raw spelling)."""
+    from bonescreen.io import ImageMeta, normalise_view
+    from bonescreen.schema import LATERAL_VIEWS
+
+    assert spelling.upper() in LATERAL_VIEWS
+    assert normalise_view(spelling) == "LAT" and ImageMeta(path="x", source="dicom", view="LAT").is_lateral
+    assert check_header(Meta(view=spelling), ADULT).reason == "lateral_view"
+    assert check_header(Meta(view=normalise_view(spelling)), ADULT).reason == "lateral_view"

@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("schemathesis")
 pytest.importorskip("hypothesis")
 
-from fastapi.routing import APIRoute
+from fastapi.routing import APIRoute, iter_route_contexts
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -50,7 +50,8 @@ def fuzz_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Se
 
 def _routes(app: Any) -> list[tuple[str, str]]:
     out = []
-    for r in app.routes:
+    # the routes of the included routers too (FastAPI keeps an included router as one entry of app.routes)
+    for r in (c.original_route for c in iter_route_contexts(app.routes)):
         if isinstance(r, (APIRoute, Route)):
             for m in sorted(r.methods or ()):
                 if m != "HEAD":

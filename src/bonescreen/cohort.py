@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from bonescreen.errors import ImageReadError, TableError
+from bonescreen.jsonable import plain
 from bonescreen.labels import add_labels, normalize_category, normalize_sex, pediatric_low_bmd
 from bonescreen.schema import (
     BIRTH_DATE_COLUMN,
@@ -227,6 +228,184 @@ class DxaTable:
     n_rows: int
 
 
+class _Refused(Exception):
+    """One DXA row refused: ``reason`` (a vocabulary word) and what was wrong with it."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(reason)
+        self.reason, self.detail = reason, detail
+
+
+@dataclass
+class _DxaRules:
+    """What one export's rows are checked against (its columns, the population, the date format)."""
+
+    columns: list[str]
+    t_cols: list[str]
+    z_only: list[str]
+    pediatric: bool
+    date_format: str | None
+    site: str
+    blanked: Counter[str] = field(default_factory=Counter)
+
+
+def _read_dxa_text(source: str | Path | pd.DataFrame) -> pd.DataFrame:
+    if isinstance(source, pd.DataFrame):
+        return source.astype(str).where(source.notna(), "")
+    path = Path(source)
+    if not path.is_file():
+        raise TableError(f"DXA export not found: {path}")
+    try:
+        # Everything as text: patient IDs keep leading zeros and a T-score
+        # typed as text is detected instead of silently becoming NaN.
+        return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+        raise TableError(f"{path}: not a readable CSV table ({exc})") from exc
+
+
+def _dxa_columns(raw: pd.DataFrame, site: str, column_map: dict[str, str] | None, pediatric: bool,
+                 ) -> tuple[pd.DataFrame, list[str], list[str]]:
+    """The export under our column names; its T-score columns and (Z-score-only exports) its Z-score columns."""
+    raw = raw.rename(columns={c: str(c).strip() for c in raw.columns})
+    if column_map:
+        rename, notes = load_column_map(column_map).resolve(list(raw.columns))
+        for n in notes:
+            log.warning("%s: %s", site or "DXA export", n)
+        clash = [c for c in set(rename.values()) if c in raw.columns and c not in rename]
+        raw = raw.drop(columns=clash).rename(columns=rename)
+    for col in ("patient_id", "exam_date"):
+        if col not in raw.columns:
+            raise TableError(
+                f"DXA export lacks required column {col!r} (has {list(raw.columns)}); "
+                "map your export's names with --columns THEIR=OURS,... or a preset (--columns lunar)"
+            )
+    if pediatric:
+        ignored = [c for c in (*T_SCORE_COLUMNS, "category") if c in raw.columns]
+        if ignored:
+            log.info("%s: pediatric cohort: %s ignored (children are labelled by Z-score)", site or "DXA", ignored)
+            raw = raw.drop(columns=ignored)
+    t_cols = [c for c in T_SCORE_COLUMNS if c in raw.columns]
+    # Pediatric exports carry Z-scores only (T-scores are meaningless in children).
+    z_only = [c for c in Z_SCORE_COLUMNS if c in raw.columns] if not t_cols and "category" not in raw.columns else []
+    if not t_cols and "category" not in raw.columns and not z_only:
+        raise TableError(
+            f"DXA export has neither T-score columns {T_SCORE_COLUMNS}, a 'category' column "
+            f"nor Z-score columns {Z_SCORE_COLUMNS}"
+            + (" (a pediatric cohort needs Z-scores)" if pediatric else "")
+        )
+    return raw, t_cols, z_only
+
+
+def _dxa_scores(row: pd.Series, cols: list[str], kind: str, rng: tuple[float, float]) -> dict[str, float]:
+    vals: dict[str, float] = {}
+    for col in cols:
+        try:
+            v = _to_float(row[col])
+        except ValueError:
+            raise _Refused(f"non_numeric_{kind}_score", f"{col}={row[col]!r}") from None
+        if not math.isnan(v) and not (rng[0] <= v <= rng[1]):
+            raise _Refused(f"implausible_{kind}_score", f"{col}={v}")
+        vals[col] = v
+    return vals
+
+
+def _dxa_age(row: pd.Series, rules: _DxaRules, exam: date) -> float:
+    """The age at the exam: the age column, else from the birth date; NaN when neither is given."""
+    try:
+        age = _to_float(row["age"]) if "age" in rules.columns else math.nan
+    except ValueError:
+        raise _Refused("implausible_age", f"age={row['age']!r}") from None
+    if math.isnan(age) and BIRTH_DATE_COLUMN in rules.columns and str(row[BIRTH_DATE_COLUMN]).strip():
+        try:
+            birth = parse_date(row[BIRTH_DATE_COLUMN], rules.date_format)
+        except DateError as exc:
+            raise _Refused("bad_birth_date", str(exc)) from None
+        age = (exam - birth).days / 365.25
+    if not math.isnan(age) and not (AGE_RANGE[0] <= age <= AGE_RANGE[1]):
+        raise _Refused("implausible_age", f"age={age:.2f}")
+    return age
+
+
+def _dxa_optional_numbers(row: pd.Series, rules: _DxaRules) -> dict[str, float]:
+    """Z-scores, BMDs, height, weight; an implausible height/weight is left blank (adult) or refused (pediatric)."""
+    out: dict[str, float] = {}
+    for col in NUMERIC_OPTIONAL:
+        if col not in rules.columns:
+            continue
+        try:
+            v = _to_float(row[col])
+        except ValueError:
+            v = math.inf  # not a number: implausible below
+        rng = {"height_cm": HEIGHT_CM_RANGE, "weight_kg": WEIGHT_KG_RANGE}.get(col)
+        if rng is not None and not math.isnan(v) and not (rng[0] <= v <= rng[1]):
+            if rules.pediatric:  # a model input: refuse the row rather than guess
+                raise _Refused(f"implausible_{col.split('_')[0]}", f"{col}={row[col]!r}")
+            rules.blanked[col] += 1
+            v = math.nan
+        out[col] = math.nan if math.isinf(v) else v
+    return out
+
+
+def _dxa_record(row: pd.Series, rules: _DxaRules) -> dict[str, Any]:
+    """One valid exam from one row, or :class:`_Refused` with the first thing wrong with it."""
+    pid = str(row.get("patient_id", "")).strip()
+    if not pid:
+        raise _Refused("missing_patient_id")
+    try:
+        exam = parse_date(row["exam_date"], rules.date_format)
+    except DateError as exc:
+        raise _Refused(exc.reason, str(exc)) from None
+    rec: dict[str, Any] = {"patient_id": pid, "site": rules.site, "dxa_date": exam}
+    rec.update(_dxa_scores(row, rules.t_cols, "t", T_SCORE_RANGE))
+    if rules.z_only:
+        _dxa_scores(row, rules.z_only, "z", Z_SCORE_RANGE)  # checked here; the values come with the numbers
+    rec["age"] = _dxa_age(row, rules, exam)
+    rec["sex"] = normalize_sex(row["sex"]) if "sex" in rules.columns else None
+    try:
+        rec["category"] = normalize_category(row["category"]) if "category" in rules.columns else None
+    except ValueError as exc:
+        raise _Refused("unknown_category", str(exc)) from None
+    rec.update(_dxa_optional_numbers(row, rules))
+    if all(math.isnan(rec.get(c, math.nan)) for c in rules.t_cols) and rec["category"] is None:
+        if not rules.z_only:
+            raise _Refused("no_label", "no T-score and no category")
+        if all(math.isnan(rec.get(c, math.nan)) for c in rules.z_only):
+            raise _Refused("no_label", "no Z-score")
+    if "device" in rules.columns:
+        rec["device"] = str(row["device"])
+    rec["_key"] = tuple(str(row[c]).strip() for c in rules.columns if c != "_row")
+    rec["_row"] = row["_row"]
+    return rec
+
+
+def _dxa_refusal(row: pd.Series, site: str, reason: str, detail: str = "") -> dict[str, Any]:
+    return {
+        "patient_id": str(row.get("patient_id", "")).strip(),
+        "site": site,
+        "path": "",
+        "dxa_date": str(row.get("exam_date", "")),
+        "study_date": "",
+        "step": "dxa_validation",
+        "reason": reason,
+        "detail": f"line {row['_row']}: {detail}" if detail else f"line {row['_row']}",
+    }
+
+
+def _dxa_drop_duplicates(exams: pd.DataFrame, site: str, rejected: list[dict[str, Any]]) -> pd.DataFrame:
+    """Exact repeats of one row are export artefacts: keep one. The same patient and date with
+    different values cannot be resolved safely: refuse all of them."""
+    dup = exams.duplicated("_key", keep="first")
+    for _, r in exams[dup].iterrows():
+        rejected.append(_dxa_refusal(r.rename({"dxa_date": "exam_date"}), site, "duplicate_row",
+                                     "exact repeat of an earlier row"))
+    exams = exams[~dup]
+    conflict = exams.duplicated(["patient_id", "dxa_date"], keep=False)
+    for _, r in exams[conflict].iterrows():
+        rejected.append(_dxa_refusal(r.rename({"dxa_date": "exam_date"}), site, "conflicting_duplicate",
+                                     "same patient and exam date with different values"))
+    return exams[~conflict].drop(columns=["_key", "_row"])
+
+
 def read_dxa(
     source: str | Path | pd.DataFrame,
     *,
@@ -243,175 +422,25 @@ def read_dxa(
     """
     if population not in POPULATIONS:
         raise TableError(f"unknown population {population!r}; expected one of {POPULATIONS}")
-    if isinstance(source, pd.DataFrame):
-        raw = source.astype(str).where(source.notna(), "")
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise TableError(f"DXA export not found: {path}")
-        try:
-            # Everything as text: patient IDs keep leading zeros and a T-score
-            # typed as text is detected instead of silently becoming NaN.
-            raw = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-        except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
-            raise TableError(f"{path}: not a readable CSV table ({exc})") from exc
-    raw = raw.rename(columns={c: str(c).strip() for c in raw.columns})
-    if column_map:
-        rename, notes = load_column_map(column_map).resolve(list(raw.columns))
-        for n in notes:
-            log.warning("%s: %s", site or "DXA export", n)
-        clash = [c for c in set(rename.values()) if c in raw.columns and c not in rename]
-        raw = raw.drop(columns=clash).rename(columns=rename)
-    for col in ("patient_id", "exam_date"):
-        if col not in raw.columns:
-            raise TableError(
-                f"DXA export lacks required column {col!r} (has {list(raw.columns)}); "
-                "map your export's names with --columns THEIR=OURS,... or a preset (--columns lunar)"
-            )
     pediatric = population == "pediatric"
-    if pediatric:
-        ignored = [c for c in (*T_SCORE_COLUMNS, "category") if c in raw.columns]
-        if ignored:
-            log.info("%s: pediatric cohort: %s ignored (children are labelled by Z-score)", site or "DXA", ignored)
-            raw = raw.drop(columns=ignored)
-    t_cols = [c for c in T_SCORE_COLUMNS if c in raw.columns]
-    # Pediatric exports carry Z-scores only (T-scores are meaningless in children).
-    z_only = [c for c in Z_SCORE_COLUMNS if c in raw.columns] if not t_cols and "category" not in raw.columns else []
-    if not t_cols and "category" not in raw.columns and not z_only:
-        raise TableError(
-            f"DXA export has neither T-score columns {T_SCORE_COLUMNS}, a 'category' column "
-            f"nor Z-score columns {Z_SCORE_COLUMNS}"
-            + (" (a pediatric cohort needs Z-scores)" if pediatric else "")
-        )
-
+    raw, t_cols, z_only = _dxa_columns(_read_dxa_text(source), site, column_map, pediatric)
     n_rows = len(raw)
     raw = raw.reset_index(drop=True)
     raw["_row"] = np.arange(n_rows) + 2  # CSV line number (header is line 1)
+    rules = _DxaRules(list(raw.columns), t_cols, z_only, pediatric, date_format, site)
     records: list[dict[str, Any]] = []
     rejected: list[dict[str, Any]] = []
-    blanked: Counter[str] = Counter()
-
-    def reject(row: pd.Series, reason: str, detail: str = "") -> None:
-        rejected.append(
-            {
-                "patient_id": str(row.get("patient_id", "")).strip(),
-                "site": site,
-                "path": "",
-                "dxa_date": str(row.get("exam_date", "")),
-                "study_date": "",
-                "step": "dxa_validation",
-                "reason": reason,
-                "detail": f"line {row['_row']}: {detail}" if detail else f"line {row['_row']}",
-            }
-        )
-
-    def scores(row: pd.Series, cols: list[str], kind: str, rng: tuple[float, float]) -> tuple[dict[str, float], tuple[str, str] | None]:
-        vals: dict[str, float] = {}
-        for col in cols:
-            try:
-                v = _to_float(row[col])
-            except ValueError:
-                return vals, (f"non_numeric_{kind}_score", f"{col}={row[col]!r}")
-            if not math.isnan(v) and not (rng[0] <= v <= rng[1]):
-                return vals, (f"implausible_{kind}_score", f"{col}={v}")
-            vals[col] = v
-        return vals, None
-
     for _, row in raw.iterrows():
-        pid = str(row.get("patient_id", "")).strip()
-        if not pid:
-            reject(row, "missing_patient_id")
-            continue
         try:
-            exam = parse_date(row["exam_date"], date_format)
-        except DateError as exc:
-            reject(row, exc.reason, str(exc))
-            continue
-        rec: dict[str, Any] = {"patient_id": pid, "site": site, "dxa_date": exam}
-        t_vals, bad = scores(row, t_cols, "t", T_SCORE_RANGE)
-        if bad:
-            reject(row, *bad)
-            continue
-        rec.update(t_vals)
-        if z_only:
-            z_vals, bad = scores(row, z_only, "z", Z_SCORE_RANGE)
-            if bad:
-                reject(row, *bad)
-                continue
-        try:
-            age = _to_float(row["age"]) if "age" in raw.columns else math.nan
-        except ValueError:
-            reject(row, "implausible_age", f"age={row['age']!r}")
-            continue
-        if math.isnan(age) and BIRTH_DATE_COLUMN in raw.columns and str(row[BIRTH_DATE_COLUMN]).strip():
-            try:
-                birth = parse_date(row[BIRTH_DATE_COLUMN], date_format)
-            except DateError as exc:
-                reject(row, "bad_birth_date", str(exc))
-                continue
-            age = (exam - birth).days / 365.25
-        if not math.isnan(age) and not (AGE_RANGE[0] <= age <= AGE_RANGE[1]):
-            reject(row, "implausible_age", f"age={age:.2f}")
-            continue
-        rec["age"] = age
-        rec["sex"] = normalize_sex(row["sex"]) if "sex" in raw.columns else None
-        try:
-            rec["category"] = normalize_category(row["category"]) if "category" in raw.columns else None
-        except ValueError as exc:
-            reject(row, "unknown_category", str(exc))
-            continue
-        bad = None
-        for col in NUMERIC_OPTIONAL:
-            if col not in raw.columns:
-                continue
-            try:
-                v = _to_float(row[col])
-            except ValueError:
-                v = math.inf  # not a number: implausible below
-            rng = {"height_cm": HEIGHT_CM_RANGE, "weight_kg": WEIGHT_KG_RANGE}.get(col)
-            if rng is not None and not math.isnan(v) and not (rng[0] <= v <= rng[1]):
-                if pediatric:  # a model input: refuse the row rather than guess
-                    bad = (f"implausible_{col.split('_')[0]}", f"{col}={row[col]!r}")
-                    break
-                blanked[col] += 1
-                v = math.nan
-            rec[col] = math.nan if math.isinf(v) else v
-        if bad:
-            reject(row, *bad)
-            continue
-        if all(math.isnan(rec.get(c, math.nan)) for c in t_cols) and rec["category"] is None:
-            if not z_only:
-                reject(row, "no_label", "no T-score and no category")
-                continue
-            if all(math.isnan(rec.get(c, math.nan)) for c in z_only):
-                reject(row, "no_label", "no Z-score")
-                continue
-        if "device" in raw.columns:
-            rec["device"] = str(row["device"])
-        rec["_key"] = tuple(str(row[c]).strip() for c in raw.columns if c != "_row")
-        rec["_row"] = row["_row"]
-        records.append(rec)
-    for col, k in blanked.items():
+            records.append(_dxa_record(row, rules))
+        except _Refused as refused:
+            rejected.append(_dxa_refusal(row, site, refused.reason, refused.detail))
+    for col, k in rules.blanked.items():
         log.warning("%s: %d implausible %s value(s) left blank (outside %s)", site or "DXA export", k, col,
                     HEIGHT_CM_RANGE if col == "height_cm" else WEIGHT_KG_RANGE)
-
     exams = pd.DataFrame(records)
     if len(exams):
-        # Exact repeats of one row are export artefacts: keep one. The same
-        # patient and date with different values cannot be resolved safely.
-        dup = exams.duplicated("_key", keep="first")
-        for _, r in exams[dup].iterrows():
-            reject(r.rename({"dxa_date": "exam_date"}), "duplicate_row", "exact repeat of an earlier row")
-        exams = exams[~dup]
-        conflict = exams.duplicated(["patient_id", "dxa_date"], keep=False)
-        for _, r in exams[conflict].iterrows():
-            reject(
-                r.rename({"dxa_date": "exam_date"}),
-                "conflicting_duplicate",
-                "same patient and exam date with different values",
-            )
-        exams = exams[~conflict].drop(columns=["_key", "_row"])
-        exams = add_labels(exams, t_cols)
+        exams = add_labels(_dxa_drop_duplicates(exams, site, rejected), t_cols)
     rej = pd.DataFrame(rejected, columns=[*EXCLUSION_COLUMNS, "detail"])
     return DxaTable(exams.reset_index(drop=True), rej, n_rows)
 
@@ -545,19 +574,11 @@ class CohortResult:
         self.image_errors.to_csv(paths["image_errors"], index=False)
         paths["flow"].write_text(
             json.dumps(
-                {"steps": self.flow, "sites": self.sites, "config": _jsonable(asdict(self.config))},
+                {"steps": self.flow, "sites": self.sites, "config": plain(asdict(self.config), strict=True)},
                 indent=2,
             )
         )
         return paths
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj
 
 
 class _Flow:
@@ -679,6 +700,93 @@ def assign_splits(
     return df["patient_id"].map(split_of)
 
 
+@dataclass
+class _Paired:
+    """The per-site pass of :func:`build_cohort`: every pair, every refusal, every unreadable image."""
+
+    pairs: list[dict[str, Any]] = field(default_factory=list)
+    exclusions: list[pd.DataFrame] = field(default_factory=list)
+    image_errors: list[pd.DataFrame] = field(default_factory=list)
+    n_rows: int = 0
+    dxa_reasons: Counter[str] = field(default_factory=Counter)
+    pair_reasons: Counter[str] = field(default_factory=Counter)
+
+
+def _pair_sites(sites: Sequence[SiteInput], cfg: CohortConfig,
+                scan: Callable[[Sequence[Path]], pd.DataFrame]) -> _Paired:
+    out = _Paired()
+    for site in sites:
+        table = read_dxa(site.dxa, site=site.name, column_map=site.column_map, date_format=cfg.date_format,
+                         population=cfg.population)
+        out.n_rows += table.n_rows
+        out.exclusions.append(table.rejected)
+        out.dxa_reasons.update(table.rejected["reason"])
+        imgs = scan(site.images)
+        errors = imgs[imgs["error"].notna()]
+        out.image_errors.append(errors.assign(site=site.name)[["site", "path", "error", "message"]])
+        good = imgs[imgs["error"].isna()].copy()
+        if len(errors):
+            log.warning("%s: %d image(s) could not be read (see image_errors.csv)", site.name, len(errors))
+        window = site.window_days if site.window_days is not None else cfg.window_days
+        pairs, excl = _pair_site(table.exams, good, cfg, window)
+        for p in pairs:
+            p["role"] = site.role
+        exc = pd.DataFrame(excl, columns=EXCLUSION_COLUMNS)
+        out.exclusions.append(exc)
+        out.pair_reasons.update(exc["reason"])
+        out.pairs.extend(pairs)
+    return out
+
+
+class _Exclude:
+    """The exclusion steps after pairing: each drops rows, records why, and adds a step to the flow."""
+
+    def __init__(self, df: pd.DataFrame, flow: _Flow) -> None:
+        self.df, self.flow = df, flow
+        self.rows: list[dict[str, Any]] = []
+
+    def step(self, mask: pd.Series, step: str, flow_step: str, reason_of: Callable[[pd.Series], str]) -> None:
+        n0 = len(self.rows)
+        for _, r in self.df[mask].iterrows():
+            self.rows.append({
+                "patient_id": r["patient_id"],
+                "site": r["site"],
+                "path": r["path"],
+                "dxa_date": r["dxa_date"].isoformat(),
+                "study_date": r["study_date"].isoformat(),
+                "step": step,
+                "reason": reason_of(r),
+            })
+        self.df = self.df[~mask]
+        self.flow.add(flow_step, len(self.df), Counter(e["reason"] for e in self.rows[n0:]))
+
+
+def _exclude(df: pd.DataFrame, cfg: CohortConfig, quality_flags: pd.DataFrame | None,
+             flow: _Flow) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Age range, one pair per image, quality flags, osteoporosis: (what remains, what left and why)."""
+    ex = _Exclude(df, flow)
+    if len(df):
+        age = df["age"].astype(float)
+        lo = cfg.min_age if cfg.min_age is not None else -math.inf
+        hi = cfg.max_age if cfg.max_age is not None else math.inf
+        ex.step(age.isna() | (age < lo) | (age > hi), "age", "age_in_range",
+                lambda r: "age_unknown" if not _num(r["age"]) else "age_out_of_range")
+        # One image, one pair: if two DXA exams chose the same CXR keep the closer.
+        ex.df = ex.df.sort_values(["days_apart", "dxa_date"]).reset_index(drop=True)
+        ex.step(ex.df.duplicated("path", keep="first"), "dedupe", "one_pair_per_image",
+                lambda r: "image_already_paired")
+        if quality_flags is not None and len(quality_flags):
+            flags = _quality_lookup(quality_flags)
+            ex.df = ex.df.assign(_flag=[flags.get(str(r.image_id)) or flags.get(str(r.path))
+                                        for r in ex.df.itertuples()])
+            ex.step(ex.df["_flag"].notna(), "quality", "quality_ok", lambda r: f"quality:{r['_flag']}")
+            ex.df = ex.df.drop(columns="_flag")
+        if cfg.exclude_osteoporosis:
+            ex.step(ex.df["category"] == "osteoporosis", "osteoporosis", "osteoporosis_excluded",
+                    lambda r: "osteoporosis")
+    return ex.df, pd.DataFrame(ex.rows, columns=EXCLUSION_COLUMNS)
+
+
 def build_cohort(
     sites: Sequence[SiteInput],
     config: CohortConfig | None = None,
@@ -695,87 +803,14 @@ def build_cohort(
     names = [s.name for s in sites]
     if len(set(names)) != len(names):
         raise TableError(f"site names must be unique, got {names}")
+    scan = image_table or (lambda p: scan_images(p, workers=workers, progress=progress))
+    paired = _pair_sites(sites, cfg, scan)
     flow = _Flow()
-    all_pairs: list[dict[str, Any]] = []
-    exclusions: list[pd.DataFrame] = []
-    image_errors: list[pd.DataFrame] = []
-    n_rows = 0
-    counts: dict[str, Counter[str]] = {k: Counter() for k in ("dxa", "pair", "age", "dup", "op")}
-
-    for site in sites:
-        table = read_dxa(site.dxa, site=site.name, column_map=site.column_map, date_format=cfg.date_format,
-                         population=cfg.population)
-        n_rows += table.n_rows
-        exclusions.append(table.rejected)
-        counts["dxa"].update(table.rejected["reason"])
-        scan = image_table or (lambda p: scan_images(p, workers=workers, progress=progress))
-        imgs = scan(site.images)
-        errors = imgs[imgs["error"].notna()]
-        image_errors.append(errors.assign(site=site.name)[["site", "path", "error", "message"]])
-        good = imgs[imgs["error"].isna()].copy()
-        if len(errors):
-            log.warning("%s: %d image(s) could not be read (see image_errors.csv)", site.name, len(errors))
-        window = site.window_days if site.window_days is not None else cfg.window_days
-        pairs, excl = _pair_site(table.exams, good, cfg, window)
-        for p in pairs:
-            p["role"] = site.role
-        exc = pd.DataFrame(excl, columns=EXCLUSION_COLUMNS)
-        exclusions.append(exc)
-        counts["pair"].update(exc["reason"])
-        all_pairs.extend(pairs)
-
-    n_valid = n_rows - sum(counts["dxa"].values())
-    flow.add("dxa_exams_in_export", n_rows)
-    flow.add("valid_dxa_exams", n_valid, counts["dxa"])
-    flow.add("paired_with_frontal_cxr", len(all_pairs), counts["pair"])
-
-    df = pd.DataFrame(all_pairs)
-    extra: list[dict[str, Any]] = []
-
-    def drop(mask: pd.Series, step: str, reason_of: Callable[[pd.Series], str]) -> pd.DataFrame:
-        for _, r in df[mask].iterrows():
-            extra.append(
-                {
-                    "patient_id": r["patient_id"],
-                    "site": r["site"],
-                    "path": r["path"],
-                    "dxa_date": r["dxa_date"].isoformat(),
-                    "study_date": r["study_date"].isoformat(),
-                    "step": step,
-                    "reason": reason_of(r),
-                }
-            )
-        return df[~mask]
-
-    if len(df):
-        age = df["age"].astype(float)
-        lo = cfg.min_age if cfg.min_age is not None else -math.inf
-        hi = cfg.max_age if cfg.max_age is not None else math.inf
-        bad_age = age.isna() | (age < lo) | (age > hi)
-        n0 = len(extra)
-        df = drop(bad_age, "age", lambda r: "age_unknown" if not _num(r["age"]) else "age_out_of_range")
-        flow.add("age_in_range", len(df), Counter(e["reason"] for e in extra[n0:]))
-
-        # One image, one pair: if two DXA exams chose the same CXR keep the closer.
-        df = df.sort_values(["days_apart", "dxa_date"]).reset_index(drop=True)
-        n0 = len(extra)
-        df = drop(df.duplicated("path", keep="first"), "dedupe", lambda r: "image_already_paired")
-        flow.add("one_pair_per_image", len(df), Counter(e["reason"] for e in extra[n0:]))
-
-        if quality_flags is not None and len(quality_flags):
-            flags = _quality_lookup(quality_flags)
-            flag_of = [flags.get(str(r.image_id)) or flags.get(str(r.path)) for r in df.itertuples()]
-            df = df.assign(_flag=flag_of)
-            n0 = len(extra)
-            df = drop(df["_flag"].notna(), "quality", lambda r: f"quality:{r['_flag']}")
-            df = df.drop(columns="_flag")
-            flow.add("quality_ok", len(df), Counter(e["reason"] for e in extra[n0:]))
-
-        if cfg.exclude_osteoporosis:
-            n0 = len(extra)
-            df = drop(df["category"] == "osteoporosis", "osteoporosis", lambda r: "osteoporosis")
-            flow.add("osteoporosis_excluded", len(df), Counter(e["reason"] for e in extra[n0:]))
-    exclusions.append(pd.DataFrame(extra, columns=EXCLUSION_COLUMNS))
+    flow.add("dxa_exams_in_export", paired.n_rows)
+    flow.add("valid_dxa_exams", paired.n_rows - sum(paired.dxa_reasons.values()), paired.dxa_reasons)
+    flow.add("paired_with_frontal_cxr", len(paired.pairs), paired.pair_reasons)
+    df, excluded = _exclude(pd.DataFrame(paired.pairs), cfg, quality_flags, flow)
+    exclusions = [*paired.exclusions, excluded]
 
     manifest = _finalize_manifest(df, cfg)
     per_site = {
@@ -793,7 +828,7 @@ def build_cohort(
         manifest=manifest,
         exclusions=excl_df,
         flow=flow.steps,
-        image_errors=pd.concat(image_errors, ignore_index=True) if image_errors else pd.DataFrame(),
+        image_errors=pd.concat(paired.image_errors, ignore_index=True) if paired.image_errors else pd.DataFrame(),
         config=cfg,
         sites=per_site,
     )

@@ -57,98 +57,87 @@ class DemoResult:
     adaptation: list[dict[str, Any]] = field(default_factory=list)
 
 
-def run_demo(out_dir: str | Path, config: DemoConfig | None = None, *, progress: bool = True) -> DemoResult:
-    from bonescreen.cohort import CohortConfig, build_cohort, sites_from_phantom
-    from bonescreen.config import load_config
-    from bonescreen.training.distill import distill
-    from bonescreen.evaluate.cascade import cascade_by_site
-    from bonescreen.evaluate.report import EvaluateConfig, run_evaluation
-    from bonescreen.phantom import default_sites, generate_phantom
-    from bonescreen.preprocess import preprocess_files
-    from bonescreen.pseudolabel import pseudolabel
-    from bonescreen.training.inference import predict_manifest
-    from bonescreen.training.jobs import train_model
+class _Laps:
+    """Wall time of each stage, in seconds (``timings.json``)."""
 
-    cfg = config or DemoConfig()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self._t0 = time.perf_counter()
 
-    def lap(name: str) -> None:
-        nonlocal t0
+    def __call__(self, name: str) -> None:
         now = time.perf_counter()
-        timings[name] = round(now - t0, 1)
-        t0 = now
-        log.info("demo: %s done in %.1f s", name, timings[name])
+        self.timings[name] = round(now - self._t0, 1)
+        self._t0 = now
+        log.info("demo: %s done in %.1f s", name, self.timings[name])
 
-    phantom_dir = out / "phantom"
-    if not (phantom_dir / "oracle.json").is_file():
-        generate_phantom(
-            phantom_dir,
-            n_per_site={
-                s.name: cfg.n_dev if s.role == "development" else cfg.n_external for s in default_sites()
-            },
-            pool_size=cfg.pool,
-            size=cfg.render_size,
-            seed=cfg.seed,
-            workers=cfg.workers,
-            progress=progress,
-        )
-    oracle_path = phantom_dir / "oracle.json"
-    lap("phantom")
 
-    cohort_dir = out / "cohort"
-    sites = sites_from_phantom(phantom_dir)
-    cohort = build_cohort(sites, CohortConfig(seed=cfg.seed), workers=cfg.workers, progress=progress)
-    paths = cohort.write(cohort_dir)
-    manifest = cohort.manifest
-    lap("cohort")
+@dataclass
+class _Models:
+    """The demo's trained models and the pseudo-labelled pool's counts."""
 
-    tcfg = load_config(cfg.preset, overrides={"seed": cfg.seed, "progress": progress, **cfg.overrides})
-    cache = out / "cache"
-    pool_files = sorted(str(p) for p in (phantom_dir / "pool" / "images").glob("*.dcm"))
-    preprocess_files(
-        [*manifest["path"].tolist(), *pool_files], cache, size=tcfg.image_size, workers=cfg.workers,
+    teacher: Any
+    student: Any
+    stage1: Any
+    proxy_counts: Any
+
+
+def _make_phantom(phantom_dir: Path, cfg: DemoConfig, progress: bool) -> None:
+    from bonescreen.phantom import default_sites, generate_phantom
+
+    if (phantom_dir / "oracle.json").is_file():
+        return
+    generate_phantom(
+        phantom_dir,
+        n_per_site={s.name: cfg.n_dev if s.role == "development" else cfg.n_external for s in default_sites()},
+        pool_size=cfg.pool,
+        size=cfg.render_size,
+        seed=cfg.seed,
+        workers=cfg.workers,
         progress=progress,
     )
-    lap("preprocess")
+
+
+def _train_models(out: Path, manifest_path: Path, pool_files: list[str], cache: Path, cfg: DemoConfig,
+                  progress: bool, lap: _Laps) -> _Models:
+    """Teacher, pseudo-labels on the unlabelled pool, distilled student (stage 2), stage-1 model."""
+    from bonescreen.config import load_config
+    from bonescreen.training.distill import distill
+    from bonescreen.pseudolabel import pseudolabel
+    from bonescreen.training.jobs import train_model
 
     def resume(stage: str) -> bool:
         return cfg.resume and (out / stage / "checkpoint.pt").is_file()
 
-    teacher = train_model(paths["manifest"], out / "teacher", tcfg, cache_root=cache, model_name="teacher",
+    tcfg = load_config(cfg.preset, overrides={"seed": cfg.seed, "progress": progress, **cfg.overrides})
+    teacher = train_model(manifest_path, out / "teacher", tcfg, cache_root=cache, model_name="teacher",
                           resume=resume("teacher"))
     lap("teacher")
-    proxy = pseudolabel(
-        teacher.artifact_path,
-        pool_files,
-        out / "pseudolabels" / "proxy.csv",
-        thresholds=(tcfg.threshold_normal, tcfg.threshold_low),
-        cache_root=cache,
-        progress=progress,
-    )
+    proxy = pseudolabel(teacher.artifact_path, pool_files, out / "pseudolabels" / "proxy.csv",
+                        thresholds=(tcfg.threshold_normal, tcfg.threshold_low), cache_root=cache, progress=progress)
     lap("pseudolabel")
-    student = distill(
-        paths["manifest"], out / "student", tcfg, teacher=teacher.artifact_path, cache_root=cache,
-        proxy=proxy.out_csv, model_name="student", resume=resume("student"),
-    )
+    student = distill(manifest_path, out / "student", tcfg, teacher=teacher.artifact_path, cache_root=cache,
+                      proxy=proxy.out_csv, model_name="student", resume=resume("student"))
     lap("student")
-
     s1cfg = load_config(cfg.preset, overrides={"seed": cfg.seed, "progress": progress, **cfg.overrides,
                                                  **cfg.stage1_overrides})
-    stage1 = train_model(paths["manifest"], out / "stage1", s1cfg, cache_root=cache, task="stage1",
+    stage1 = train_model(manifest_path, out / "stage1", s1cfg, cache_root=cache, task="stage1",
                          model_name="stage1", resume=resume("stage1"))
     lap("stage1")
+    return _Models(teacher, student, stage1, proxy.counts)
 
-    pred_dir = out / "predictions"
+
+def _predict(manifest: pd.DataFrame, models: _Models, cache: Path, pred_dir: Path,
+             progress: bool) -> tuple[list[Path], pd.DataFrame]:
+    """Internal tune/test splits and every external site, scored by the same artifacts: the stage-2
+    prediction files and the cascade's rows. Every row (osteoporosis included) gets a stage-2 score:
+    the cascade runs stage 2 on whatever stage 1 passes."""
+    from bonescreen.training.inference import predict_manifest
+
     pred_dir.mkdir(exist_ok=True)
     pred_files = []
-    # Internal tune/test splits and every external site, scored by the same artifacts. Every row
-    # (osteoporosis included) gets a stage-2 score: the cascade runs stage 2 on whatever stage 1 passes.
     test = manifest[manifest["split"].isin(["tune", "test"])]
     scored: dict[str, pd.DataFrame] = {}
-    for name, res in (("teacher", teacher), ("student", student), ("stage1", stage1)):
+    for name, res in (("teacher", models.teacher), ("student", models.student), ("stage1", models.stage1)):
         preds = predict_manifest(res.artifact_path, test, cache, model_name=name, labelled_only=False,
                                  progress=progress)
         scored[name] = preds
@@ -156,14 +145,19 @@ def run_demo(out_dir: str | Path, config: DemoConfig | None = None, *, progress:
         preds[preds["label"].notna()].to_csv(f, index=False)  # stage 2: osteoporosis rows have no label
         if name != "stage1":
             pred_files.append(f)
-    cascade_rows = _cascade_rows(test, scored["stage1"], scored["student"], stage1.artifact_path,
-                                 student.artifact_path)
+    cascade_rows = _cascade_rows(test, scored["stage1"], scored["student"], models.stage1.artifact_path,
+                                 models.student.artifact_path)
     cascade_rows.to_csv(pred_dir / "cascade.csv", index=False)
-    lap("predict")
+    return pred_files, cascade_rows
+
+
+def _reports(out: Path, pred_dir: Path, pred_files: list[Path], cascade: dict[str, Any], paths: dict[str, Path],
+             cfg: DemoConfig, progress: bool) -> tuple[Any, Any]:
+    """The stage-1 report and the stage-2 report (with the cascade), each against the phantom's oracle."""
+    from bonescreen.evaluate.report import EvaluateConfig, run_evaluation
 
     report_dir = out / "report"
-    cascade_eval = cascade_rows[cascade_rows["split"] == "test"]
-    cascade = cascade_by_site(cascade_eval, n_boot=cfg.bootstrap, seed=cfg.seed)
+    oracle_path = out / "phantom" / "oracle.json"
     stage1_rep, _ = run_evaluation(
         [pred_dir / "stage1.csv"],
         report_dir / "stage1",
@@ -182,17 +176,17 @@ def run_demo(out_dir: str | Path, config: DemoConfig | None = None, *, progress:
         cascade=cascade,
         progress=progress,
     )
-    lap("report")
-    stories = site_stories(student.artifact_path, manifest, cache, oracle_path, seed=cfg.seed,
-                           n_boot=cfg.bootstrap)
-    lap("adapt")
+    return rep, stage1_rep
 
+
+def _summary(reports: tuple[Any, ...]) -> pd.DataFrame:
+    """One row per model and site: AUC with its CI, the oracle AUC and the share of the headroom."""
     rows = []
-    for report, oracle in ((rep, rep.oracle), (stage1_rep, stage1_rep.oracle)):
+    for report in reports:
         for model, sites_ in report.sites.items():
             for site, a in sites_.items():
                 auc = a.main.estimates["auc"]
-                o = oracle.get(site)
+                o = report.oracle.get(site)
                 rows.append(
                     {
                         "model": model,
@@ -205,13 +199,56 @@ def run_demo(out_dir: str | Path, config: DemoConfig | None = None, *, progress:
                         "headroom": round((auc.value - 0.5) / (o - 0.5), 3) if auc.defined and o and o > 0.5 else None,
                     }
                 )
-    summary = pd.DataFrame(rows)
+    return pd.DataFrame(rows)
+
+
+def run_demo(out_dir: str | Path, config: DemoConfig | None = None, *, progress: bool = True) -> DemoResult:
+    from bonescreen.cohort import CohortConfig, build_cohort, sites_from_phantom
+    from bonescreen.config import load_config
+    from bonescreen.evaluate.cascade import cascade_by_site
+    from bonescreen.preprocess import preprocess_files
+
+    cfg = config or DemoConfig()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lap = _Laps()
+    phantom_dir = out / "phantom"
+    _make_phantom(phantom_dir, cfg, progress)
+    lap("phantom")
+
+    cohort = build_cohort(sites_from_phantom(phantom_dir), CohortConfig(seed=cfg.seed), workers=cfg.workers,
+                          progress=progress)
+    paths = cohort.write(out / "cohort")
+    manifest = cohort.manifest
+    lap("cohort")
+
+    image_size = load_config(cfg.preset, overrides={"seed": cfg.seed, "progress": progress,
+                                                    **cfg.overrides}).image_size
+    cache = out / "cache"
+    pool_files = sorted(str(p) for p in (phantom_dir / "pool" / "images").glob("*.dcm"))
+    preprocess_files([*manifest["path"].tolist(), *pool_files], cache, size=image_size, workers=cfg.workers,
+                     progress=progress)
+    lap("preprocess")
+
+    models = _train_models(out, paths["manifest"], pool_files, cache, cfg, progress, lap)
+    pred_dir = out / "predictions"
+    pred_files, cascade_rows = _predict(manifest, models, cache, pred_dir, progress)
+    lap("predict")
+
+    cascade = cascade_by_site(cascade_rows[cascade_rows["split"] == "test"], n_boot=cfg.bootstrap, seed=cfg.seed)
+    rep, stage1_rep = _reports(out, pred_dir, pred_files, cascade, paths, cfg, progress)
+    lap("report")
+    stories = site_stories(models.student.artifact_path, manifest, cache, phantom_dir / "oracle.json",
+                           seed=cfg.seed, n_boot=cfg.bootstrap)
+    lap("adapt")
+
+    summary = _summary((rep, stage1_rep))
     summary.to_csv(out / "summary.csv", index=False)
     (out / "cascade.json").write_text(json.dumps(cascade, indent=2))
     (out / "site_adaptation.json").write_text(json.dumps(stories, indent=2))
-    (out / "timings.json").write_text(json.dumps(timings, indent=2))
-    (out / "pseudolabel_counts.json").write_text(json.dumps(proxy.counts, indent=2, default=str))
-    return DemoResult(out, summary, report_dir, timings, cascade, stories)
+    (out / "timings.json").write_text(json.dumps(lap.timings, indent=2))
+    (out / "pseudolabel_counts.json").write_text(json.dumps(models.proxy_counts, indent=2, default=str))
+    return DemoResult(out, summary, out / "report", lap.timings, cascade, stories)
 
 
 #: each half of a site (calibrate's local pairs; the held-out measurement) needs calibrate's minimum

@@ -38,6 +38,8 @@ from bonescreen.errors import (
     WrongModalityError,
 )
 from bonescreen.labels import normalize_sex
+from bonescreen.schema import LATERAL_VIEWS
+from bonescreen.walk import walk_files
 
 __all__ = [
     "DEFAULT_MODALITIES",
@@ -80,7 +82,6 @@ if not any(isinstance(f, _NoTagValues) for f in _pydicom_logger.filters):
 #: spellings that real archives still contain.
 DEFAULT_MODALITIES: tuple[str, ...] = ("CR", "DX", "DR", "RG")
 IMAGE_EXTENSIONS = (".dcm", ".dicom", ".dic", ".ima", ".png", ".jpg", ".jpeg")
-LATERAL_VIEWS = ("LAT",)
 
 
 class TruncatedFileError(ImageReadError):
@@ -175,18 +176,10 @@ _VIEW_ALIASES = {
     "ANTERO_POSTERIOR": "AP",
     "AP SUPINE": "AP",
     "AP ERECT": "AP",
-    "LAT": "LAT",
-    "LATERAL": "LAT",
-    "LL": "LAT",
-    "RL": "LAT",
-    "LLAT": "LAT",
-    "RLAT": "LAT",
-    "LEFT LATERAL": "LAT",
-    "RIGHT LATERAL": "LAT",
-    "LATERAL-LEFT": "LAT",
-    "LATERAL-RIGHT": "LAT",
+    **{v: "LAT" for v in LATERAL_VIEWS},
 }
-_TEXT_LATERAL = re.compile(r"\b(LAT|LATERAL|LL|RL|LLAT|RLAT)\b")
+# the one-word spellings (LAT, LATERAL, LL, RL, LLAT, RLAT) as words of free text ("THORAX LAT")
+_TEXT_LATERAL = re.compile(r"\b(" + "|".join(v for v in LATERAL_VIEWS if v.isalpha()) + r")\b")
 _TEXT_PA = re.compile(r"\bPA\b|POSTERO[-_ ]?ANTERIOR")
 _TEXT_AP = re.compile(r"\bAP\b|ANTERO[-_ ]?POSTERIOR")
 
@@ -492,7 +485,7 @@ def _transfer_syntax(ds: Any) -> Any:
 
 
 def _check_decoder(ts: Any, path: Path) -> None:
-    from pydicom.pixels import get_decoder
+    from pydicom.pixels.decoders.base import get_decoder
 
     try:
         decoder = get_decoder(ts)
@@ -514,7 +507,8 @@ def _decode(ds: Any, path: Path) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return ds.pixel_array
+            arr: np.ndarray = ds.pixel_array
+            return arr
     except MemoryError:
         raise
     except Exception as exc:
@@ -523,6 +517,72 @@ def _decode(ds: Any, path: Path) -> np.ndarray:
         if any(w in low for w in ("less than expected", "truncat", "end of", "too short", "insufficient")):
             raise TruncatedFileError(f"{path}: pixel data shorter than the header says ({msg})") from exc
         raise CorruptImageError(f"{path}: cannot decode pixel data ({type(exc).__name__}: {msg})") from exc
+
+
+def _check_pixel_module(ds: Any, p: Path, photometric: str) -> None:
+    """A single-frame, one-sample, MONOCHROME1/2 image with its pixel tags; else the specific error."""
+    if "PixelData" not in ds:
+        if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+            raise UnsupportedImageError(f"{p}: float pixel data is not a radiograph")
+        raise NoPixelDataError(f"{p}: no pixel data (a report, presentation state or header-only file)")
+    try:
+        n_frames = int(ds.get("NumberOfFrames") or 1)
+    except (TypeError, ValueError):
+        n_frames = 1
+    if n_frames > 1:
+        raise MultiFrameError(f"{p}: {n_frames} frames; expected a single-frame radiograph")
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise UnsupportedImageError(
+            f"{p}: photometric interpretation {photometric or 'missing'}; expected MONOCHROME1/2"
+        )
+    if int(ds.get("SamplesPerPixel") or 1) != 1:
+        raise UnsupportedImageError(f"{p}: {ds.SamplesPerPixel} samples per pixel; expected 1")
+    for kw in ("BitsStored", "BitsAllocated", "Rows", "Columns"):
+        if ds.get(kw) in (None, ""):
+            raise MissingTagError(f"{p}: missing image pixel tag {kw}")
+
+
+def _modality_lut(arr: np.ndarray, ds: Any) -> tuple[np.ndarray, float, float]:
+    """The modality LUT or rescale applied, and the output range it maps the stored range onto."""
+    from pydicom.pixels.processing import apply_modality_lut
+
+    lo, hi = _stored_range(ds)
+    mlut = ds.get("ModalityLUTSequence")
+    if mlut:
+        lo, hi = 0.0, float(2 ** _lut_depth(mlut[0]) - 1)
+    elif "RescaleSlope" in ds and "RescaleIntercept" in ds:
+        s, b = float(ds.RescaleSlope), float(ds.RescaleIntercept)
+        lo, hi = sorted((lo * s + b, hi * s + b))
+    return apply_modality_lut(arr, ds), lo, hi
+
+
+def _voi_lut(arr: np.ndarray, ds: Any, p: Path, lo: float, hi: float) -> tuple[np.ndarray, float, float]:
+    """The VOI LUT or window applied (pydicom), and the range its output spans."""
+    from pydicom.pixels.processing import apply_voi_lut
+
+    mlut = ds.get("ModalityLUTSequence")
+    voi_seq = ds.get("VOILUTSequence")
+    has_lut = bool(voi_seq) and None not in (voi_seq[0].get("LUTDescriptor"), voi_seq[0].get("LUTData"))
+    has_window = ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None
+    if has_lut:
+        if arr.dtype.kind == "f" and np.all(arr == np.round(arr)):
+            arr = arr.astype(np.int64)  # integral after rescale: a LUT index
+        lo, hi = 0.0, float(2 ** _lut_depth(voi_seq[0]) - 1)
+    elif has_window:
+        # apply_windowing's y_min/y_max: stored range, through the modality LUT
+        lo, hi = _stored_range(ds)
+        if mlut:
+            lo, hi = 0.0, float(2 ** _lut_depth(mlut[0]) - 1)
+        if ds.get("RescaleSlope") is not None and ds.get("RescaleIntercept") is not None:
+            s, b = float(ds.RescaleSlope), float(ds.RescaleIntercept)
+            lo, hi = lo * s + b, hi * s + b
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            arr = apply_voi_lut(arr, ds, index=0, prefer_lut=True)
+    except (ValueError, IndexError, AttributeError, TypeError) as exc:
+        raise CorruptImageError(f"{p}: invalid VOI LUT / window ({exc})") from exc
+    return arr, lo, hi
 
 
 def read_dicom(
@@ -539,8 +599,6 @@ def read_dicom(
     non-empty (e.g. ``("PatientID", "StudyDate")``). ``apply_voi=False``
     skips the VOI LUT / window (the modality LUT is always applied).
     """
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
     p = Path(path)
     ds = _dcmread(p, stop_before_pixels=False)
     _check_required(ds, p, require)
@@ -551,67 +609,18 @@ def read_dicom(
         raise WrongModalityError(
             f"{p}: modality {modality} is not a radiograph (allowed: {', '.join(allowed_modalities)})"
         )
-    if "PixelData" not in ds:
-        if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
-            raise UnsupportedImageError(f"{p}: float pixel data is not a radiograph")
-        raise NoPixelDataError(f"{p}: no pixel data (a report, presentation state or header-only file)")
-    try:
-        n_frames = int(ds.get("NumberOfFrames") or 1)
-    except (TypeError, ValueError):
-        n_frames = 1
-    if n_frames > 1:
-        raise MultiFrameError(f"{p}: {n_frames} frames; expected a single-frame radiograph")
     photometric = (meta.photometric or "").upper()
-    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise UnsupportedImageError(
-            f"{p}: photometric interpretation {photometric or 'missing'}; expected MONOCHROME1/2"
-        )
-    if int(ds.get("SamplesPerPixel") or 1) != 1:
-        raise UnsupportedImageError(f"{p}: {ds.SamplesPerPixel} samples per pixel; expected 1")
-    for kw in ("BitsStored", "BitsAllocated", "Rows", "Columns"):
-        if ds.get(kw) in (None, ""):
-            raise MissingTagError(f"{p}: missing image pixel tag {kw}")
-
+    _check_pixel_module(ds, p, photometric)
     ts = _transfer_syntax(ds)
     _check_decoder(ts, p)
     arr = _decode(ds, p)
     if arr.ndim != 2:
         raise UnsupportedImageError(f"{p}: decoded pixel array has shape {arr.shape}; expected 2-D")
-
     # Track the output range of each step so MONOCHROME1 inverts about the
     # range's midpoint, mirroring the stored range exactly.
-    lo, hi = _stored_range(ds)
-    mlut = ds.get("ModalityLUTSequence")
-    if mlut:
-        lo, hi = 0.0, float(2 ** _lut_depth(mlut[0]) - 1)
-    elif "RescaleSlope" in ds and "RescaleIntercept" in ds:
-        s, b = float(ds.RescaleSlope), float(ds.RescaleIntercept)
-        lo, hi = sorted((lo * s + b, hi * s + b))
-    arr = apply_modality_lut(arr, ds)
-
+    arr, lo, hi = _modality_lut(arr, ds)
     if apply_voi:
-        voi_seq = ds.get("VOILUTSequence")
-        has_lut = bool(voi_seq) and None not in (voi_seq[0].get("LUTDescriptor"), voi_seq[0].get("LUTData"))
-        has_window = ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None
-        if has_lut:
-            if arr.dtype.kind == "f" and np.all(arr == np.round(arr)):
-                arr = arr.astype(np.int64)  # integral after rescale: a LUT index
-            lo, hi = 0.0, float(2 ** _lut_depth(voi_seq[0]) - 1)
-        elif has_window:
-            # apply_windowing's y_min/y_max: stored range, through the modality LUT
-            lo, hi = _stored_range(ds)
-            if mlut:
-                lo, hi = 0.0, float(2 ** _lut_depth(mlut[0]) - 1)
-            if ds.get("RescaleSlope") is not None and ds.get("RescaleIntercept") is not None:
-                s, b = float(ds.RescaleSlope), float(ds.RescaleIntercept)
-                lo, hi = lo * s + b, hi * s + b
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                arr = apply_voi_lut(arr, ds, index=0, prefer_lut=True)
-        except (ValueError, IndexError, AttributeError, TypeError) as exc:
-            raise CorruptImageError(f"{p}: invalid VOI LUT / window ({exc})") from exc
-
+        arr, lo, hi = _voi_lut(arr, ds, p, lo, hi)
     arr = np.asarray(arr, dtype=np.float64)
     inverse_shape = str(ds.get("PresentationLUTShape") or "").upper() == "INVERSE"
     if photometric == "MONOCHROME1" or (photometric == "MONOCHROME2" and inverse_shape):
@@ -774,8 +783,8 @@ def _read_raster(p: Path, fmt: str) -> tuple[np.ndarray, str]:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(p) as im:
-            im = ImageOps.exif_transpose(im)
+        with Image.open(p) as opened:
+            im = ImageOps.exif_transpose(opened)
             mode = im.mode
             if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
                 arr = np.asarray(im).astype(np.float32)
@@ -897,8 +906,7 @@ def iter_image_files(
     for raw in paths:
         p = Path(raw)
         if p.is_dir():
-            walker = p.rglob("*") if recursive else p.glob("*")
-            found = sorted(f for f in walker if f.is_file() and _is_candidate(f) and not _hidden(f, p))
+            found: Iterable[Path] = (f for f in walk_files(p, recursive=recursive) if _is_candidate(f))
         else:
             found = [p]
         for f in found:
@@ -906,12 +914,3 @@ def iter_image_files(
             if key not in seen:
                 seen.add(key)
                 yield f
-
-
-def _hidden(path: Path, root: Path) -> bool:
-    try:
-        rel = path.relative_to(root)
-    except ValueError:
-        return False
-    return any(part.startswith(".") for part in rel.parts)
-

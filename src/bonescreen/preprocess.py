@@ -115,7 +115,8 @@ def preprocess_array(img: np.ndarray, size: int = 512) -> np.ndarray:
     """The paper's preprocessing: truncation, then resize; uint8 ``(size, size)``."""
     trunc = grayscale_truncation(img)
     small = resize(trunc, size)
-    return np.clip(np.rint(small), 0, 255).astype(np.uint8)
+    out: np.ndarray = np.clip(np.rint(small), 0, 255).astype(np.uint8)
+    return out
 
 
 def _atomic_write_png(arr: np.ndarray, dest: Path) -> None:

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from bonescreen.errors import TableError
+from bonescreen.walk import walk_files
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +48,12 @@ class PoolSelection:
 
 
 def _index_files(root: Path) -> dict[str, str]:
-    """filename -> path for every image under root (NIH spreads images over images_0NN/)."""
+    """filename -> path for every image under root (NIH spreads images over images_0NN/); a name
+    found twice keeps its first path in walk order (``bonescreen.walk``: sorted, so the same every run)."""
     out: dict[str, str] = {}
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            if f.lower().endswith((".png", ".jpg", ".jpeg", ".dcm")):
-                out.setdefault(f, os.path.join(dirpath, f))
+    for f in walk_files(root):
+        if f.name.lower().endswith((".png", ".jpg", ".jpeg", ".dcm")):
+            out.setdefault(f.name, str(f))
     return out
 
 

@@ -311,3 +311,9 @@ NON_CHEST_CODES: dict[str, str] = {
 #: hold other exams, so it is used only when none of the others names a region.
 ANATOMY_FIELDS = ("AnatomicRegionSequence", "BodyPartExamined", "ProtocolName", "SeriesDescription")
 STUDY_ANATOMY_FIELDS = ("StudyDescription",)
+
+#: Every spelling of a lateral view position archives use (DICOM ViewPosition ``LL``/``RL``,
+#: vendor and free-text forms). ``io.normalise_view`` maps each onto ``LAT``; the gate refuses
+#: any of them as ``lateral_view``, whether or not the view was normalised first.
+LATERAL_VIEWS = ("LAT", "LATERAL", "LL", "RL", "LLAT", "RLAT", "LEFT LATERAL", "RIGHT LATERAL",
+                 "LATERAL-LEFT", "LATERAL-RIGHT")

@@ -83,7 +83,7 @@ class Estimate:
         d = d or {}
         kw = {k: d[k] for k in ("num", "den", "method", "note") if d.get(k) is not None}
         nan = [math.nan if d.get(k) is None else float(d[k]) for k in ("value", "lo", "hi")]
-        return cls(*nan, **kw)
+        return cls(nan[0], nan[1], nan[2], **kw)
 
 
 def proportion(x: int, n: int, alpha: float = 0.05) -> Estimate:
@@ -209,7 +209,8 @@ class CalibrationFit:
 
 def _logit(scores: ArrayLike, eps: float = 1e-6) -> NDArray[np.float64]:
     p = np.clip(np.asarray(scores, dtype=float), eps, 1 - eps)
-    return np.log(p / (1 - p))
+    out: NDArray[np.float64] = np.log(p / (1 - p))
+    return out
 
 
 def calibration_slope_intercept(labels: ArrayLike, scores: ArrayLike, alpha: float = 0.05) -> CalibrationFit:
@@ -556,8 +557,7 @@ def evaluate_binary(
     notes: list[str] = []
     if n == 0:
         nan = Estimate(math.nan, note="no cases")
-        ests = {k: nan for k in (*PROPORTIONS, "f1", "auc")}
-        return BinaryResult(0, 0, 0, threshold, None, ests, math.nan, math.nan,
+        return BinaryResult(0, 0, 0, threshold, None, {k: nan for k in (*PROPORTIONS, "f1", "auc")}, math.nan, math.nan,
                             calibration(y, s), {"n_boot": 0}, ["no cases"])
     conf = confusion(y, s, threshold)
     ests: dict[str, Estimate] = dict(conf.proportions(alpha))

@@ -80,26 +80,8 @@ class EvaluateConfig:
 # --------------------------------------------------------------------------
 
 
-def prepare_predictions(df: pd.DataFrame, source: str) -> tuple[pd.DataFrame, list[str]]:
-    """Validate one predictions table; return the usable rows and warnings.
-
-    Rows are dropped (and counted) for: score missing / not a number / outside
-    [0, 1]; label missing or not 0/1; conflicting duplicate image ids.
-    """
-    warnings: list[str] = []
-    missing = [c for c in schema.PREDICTION_REQUIRED if c not in df.columns]
-    if missing:
-        raise TableError(
-            f"{source}: missing required column(s) {missing}; found {list(df.columns)}. "
-            f"A predictions table needs {schema.PREDICTION_REQUIRED} "
-            f"(optional: {schema.PREDICTION_OPTIONAL}).",
-            reason="missing_columns",
-        )
-    df = df.copy()
-    n0 = len(df)
-    if n0 == 0:
-        raise TableError(f"{source}: the predictions table has no rows", reason="empty_table")
-    df["image_id"] = df["image_id"].astype(str)
+def _valid_scores(df: pd.DataFrame, source: str, warnings: list[str]) -> pd.DataFrame:
+    """Rows with a probability in [0, 1], and abstentions (scored or not)."""
     # Abstentions ("indeterminate: consider DXA") are a result, not bad rows: they are counted
     # (STARD item 15) even when the model gave them no score.
     df["_abstain"] = (df["category"].astype(str).str.strip().str.lower() == ABSTAIN_CATEGORY
@@ -120,6 +102,11 @@ def prepare_predictions(df: pd.DataFrame, source: str) -> tuple[pd.DataFrame, li
             "positive class, not a logit"
         )
     df = df[(df["score"].notna() | df["_abstain"]) & ~out]
+    return df
+
+
+def _valid_labels(df: pd.DataFrame, source: str, warnings: list[str]) -> pd.DataFrame:
+    """Rows labelled 0 or 1 (``true``/``false`` read as 1/0), the label as int."""
     lab_raw = df["label"].map(lambda v: {"true": 1, "false": 0}.get(v.strip().lower(), v) if isinstance(v, str) else v)
     lab = pd.to_numeric(lab_raw, errors="coerce")
     nolab = int(lab.isna().sum())
@@ -132,11 +119,11 @@ def prepare_predictions(df: pd.DataFrame, source: str) -> tuple[pd.DataFrame, li
                         f"(values seen: {sorted(set(lab[lab.notna() & ~lab.isin([0, 1])].tolist()))[:5]})")
     df = df[lab.isin([0, 1])].copy()
     df["label"] = lab[lab.isin([0, 1])].astype(int)
-    if df.empty:
-        raise TableError(f"{source}: no usable rows left out of {n0} (see the warnings above): "
-                         + "; ".join(warnings), reason="no_valid_rows")
+    return df
 
-    # optional columns
+
+def _optional_columns(df: pd.DataFrame, source: str, warnings: list[str]) -> pd.DataFrame:
+    """model (default: the file's stem), site, patient_id (unknown: its own resampling unit), sex, age, severity."""
     stem = Path(source).stem
     if "model" not in df.columns:
         df["model"] = stem
@@ -167,7 +154,11 @@ def prepare_predictions(df: pd.DataFrame, source: str) -> tuple[pd.DataFrame, li
         else:
             df["severity"] = df["severity"].where(df["severity"].notna(), pd.Series(derived, index=df.index))
 
-    # duplicates within a model
+    return df
+
+
+def _drop_duplicate_images(df: pd.DataFrame, source: str, warnings: list[str]) -> pd.DataFrame:
+    """Within a model, an image listed twice: once if the rows agree, dropped altogether if they conflict."""
     key = ["model", "image_id"]
     dup = df.duplicated(key, keep=False)
     if dup.any():
@@ -183,6 +174,34 @@ def prepare_predictions(df: pd.DataFrame, source: str) -> tuple[pd.DataFrame, li
         if len(df2) < len(df):
             warnings.append(f"{source}: {len(df) - len(df2)} exact duplicate row(s) (same image id) dropped")
         df = df2
+    return df
+
+
+def prepare_predictions(df: pd.DataFrame, source: str) -> tuple[pd.DataFrame, list[str]]:
+    """Validate one predictions table; return the usable rows and warnings.
+
+    Rows are dropped (and counted) for: score missing / not a number / outside
+    [0, 1]; label missing or not 0/1; conflicting duplicate image ids.
+    """
+    warnings: list[str] = []
+    missing = [c for c in schema.PREDICTION_REQUIRED if c not in df.columns]
+    if missing:
+        raise TableError(
+            f"{source}: missing required column(s) {missing}; found {list(df.columns)}. "
+            f"A predictions table needs {schema.PREDICTION_REQUIRED} "
+            f"(optional: {schema.PREDICTION_OPTIONAL}).",
+            reason="missing_columns",
+        )
+    df = df.copy()
+    n0 = len(df)
+    if n0 == 0:
+        raise TableError(f"{source}: the predictions table has no rows", reason="empty_table")
+    df["image_id"] = df["image_id"].astype(str)
+    df = _valid_labels(_valid_scores(df, source, warnings), source, warnings)
+    if df.empty:
+        raise TableError(f"{source}: no usable rows left out of {n0} (see the warnings above): "
+                         + "; ".join(warnings), reason="no_valid_rows")
+    df = _drop_duplicate_images(_optional_columns(df, source, warnings), source, warnings)
     if df.empty:
         raise TableError(f"{source}: no usable rows left after removing duplicates", reason="no_valid_rows")
     return df.reset_index(drop=True), warnings
@@ -290,6 +309,107 @@ def _site_seed(seed: int, model_i: int, site_i: int) -> int:
     return seed + 7919 * model_i + 104729 * site_i
 
 
+def _split_rows(df: pd.DataFrame, tune: pd.DataFrame | None, warns: list[str],
+                notes: list[str]) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """Leave train/tune rows out of the evaluation; the tune rows are the tuning set unless one was given."""
+    if "split" not in df.columns:
+        return df, tune
+    split = df["split"].astype(str).str.strip().str.lower()
+    if tune is None and (split == "tune").any():
+        tune = df[split == "tune"]
+        notes.append(f"{len(tune)} row(s) with split = tune used as the tuning set for operating points "
+                     "and left out of the evaluation")
+    drop = split.isin(["tune", "train"])
+    if (split == "train").any():
+        notes.append(f"{int((split == 'train').sum())} row(s) with split = train left out of the evaluation")
+    if drop.all():
+        warns.append("every row is in the train/tune split; evaluating all of them anyway")
+        return df, tune
+    return df[~drop], tune
+
+
+def _tuned_thresholds(df: pd.DataFrame, tune: pd.DataFrame | None, cfg: EvaluateConfig, warns: list[str],
+                      notes: list[str]) -> dict[str, dict[str, float]]:
+    """Per evaluated model, the operating points chosen on the tuning rows (none without tuning rows)."""
+    if tune is None or not len(tune):
+        return {}
+    thresholds, w = choose_thresholds(tune, cfg.target_sensitivity)
+    warns += w
+    models_eval = list(pd.unique(df["model"]))
+    if len(thresholds) == 1 and len(models_eval) == 1 and models_eval[0] not in thresholds:
+        (tuned_name, thr), = thresholds.items()
+        notes.append(f"tuning set model {tuned_name!r} applied to evaluated model {models_eval[0]!r} "
+                     "(one model on each side)")
+        thresholds = {models_eval[0]: thr}
+    for m in models_eval:
+        if m not in thresholds:
+            warns.append(f"no tuning-set rows for model {m!r} (tuning models: {sorted(thresholds)}); "
+                         "only the fixed cut-off is reported for it")
+    return thresholds
+
+
+def _available_columns(df: pd.DataFrame, notes: list[str]) -> dict[str, bool]:
+    """Which optional columns hold values; a note for each analysis a missing one skips."""
+    has = {c: c in df.columns and df[c].notna().any() for c in ("sex", "age", "severity", "patient_id")}
+    if not has["patient_id"]:
+        notes.append("no patient_id column: the bootstrap resamples images (each image its own patient)")
+    if not has["sex"]:
+        notes.append("no sex column: sex subgroups skipped")
+    if not has["age"]:
+        notes.append("no age column: age-band subgroups skipped")
+    if not has["severity"]:
+        notes.append("no severity or t_min column: accuracy by severity (Figure 2) skipped")
+    return has
+
+
+def _subgroups(g: pd.DataFrame, cfg: EvaluateConfig, has: dict[str, bool], seed: int, label: str,
+               warns: list[str]) -> tuple[list[SubgroupRow], dict[str, dict[str, Any]]]:
+    """Sex and age-band subgroups with their heterogeneity tests (none without the columns)."""
+    fams: dict[str, pd.Series] = {}
+    if has["sex"] and "sex" in g:
+        fams["sex"] = pd.Series(pd.Categorical(g["sex"], categories=["F", "M", "O"]))
+    if has["age"] and "age" in g:
+        fams["age"] = pd.Series(pd.Categorical(assign_age_band(g["age"], cfg.age_bands),
+                                               categories=age_band_labels(cfg.age_bands)))
+    if not fams:
+        return [], {}
+    sub_rows, hetero = subgroup_analysis(g, fams, threshold=cfg.threshold, n_boot=cfg.n_boot, seed=seed)
+    for r in sub_rows:
+        if not r.result.estimates["auc"].defined:
+            warns.append(f"{label}: subgroup {r.subgroup} has a single class "
+                         f"({r.result.n} image(s)): AUC undefined, reported as NA")
+    return sub_rows, hetero
+
+
+def _analyse_site(g_all: pd.DataFrame, model: str, site: str, cfg: EvaluateConfig, seed: int,
+                  thresholds: dict[str, float], has: dict[str, bool], warns: list[str]) -> SiteAnalysis | None:
+    """Every number of one model on one site (None when no row of it has a score)."""
+    abst = abstention_summary(g_all, cfg.threshold, cfg.alpha) if g_all["_abstain"].any() else None
+    g = g_all[g_all["score"].notna()].reset_index(drop=True)  # abstentions without a score are counted only
+    if g.empty:
+        return None
+    label = f"{model} / {site}"
+    y = g["label"].to_numpy()
+    s = g["score"].to_numpy(dtype=float)
+    groups = g["patient_id"].to_numpy() if has["patient_id"] else None
+    boot = bootstrap_weights(y, groups, n_boot=cfg.n_boot, seed=seed) if 0 < y.sum() < y.size else None
+    main = evaluate_binary(y, s, groups=groups, threshold=cfg.threshold, n_boot=cfg.n_boot, seed=seed,
+                           alpha=cfg.alpha, boot=boot)
+    warns += [f"{label}: {n}" for n in main.notes]
+    ops = {name: evaluate_binary(y, s, threshold=thr, n_boot=0, alpha=cfg.alpha) for name, thr in thresholds.items()}
+    sub_rows, hetero = _subgroups(g, cfg, has, seed, label, warns)
+    sev = severity_accuracy(g, cfg.threshold) if has["severity"] and "severity" in g else []
+    band = weighted_roc_band(y, s, boot.weights, alpha=cfg.alpha) if boot is not None and len(boot.weights) else None
+    auc = main.estimates["auc"]
+    curve = plots.Curve(model, y, s, auc.value, auc.lo, auc.hi, main.average_precision, band, main.calibration)
+    cal_fit = calibration_slope_intercept(y, s, cfg.alpha)
+    dca = decision_curve(
+        y, s, sex=g["sex"].to_numpy() if has["sex"] else None, age=g["age"].to_numpy() if has["age"] else None,
+        referral_ages=cfg.referral_rule, model_name=model)
+    return SiteAnalysis(main, ops, sub_rows, hetero, sev, curve, cal_fit, expected_calibration_error(y, s), dca,
+                        abst)
+
+
 def evaluate_predictions(
     preds: pd.DataFrame,
     *,
@@ -309,51 +429,10 @@ def evaluate_predictions(
     cfg = config or EvaluateConfig()
     warns = list(warnings)
     notes: list[str] = []
-    df = preds
-    if "_abstain" not in df.columns:
-        df = df.assign(_abstain=False)
-
-    # tuning rows: an explicit table wins; else rows with split == "tune"
-    if "split" in df.columns:
-        split = df["split"].astype(str).str.strip().str.lower()
-        if tune is None and (split == "tune").any():
-            tune = df[split == "tune"]
-            notes.append(f"{len(tune)} row(s) with split = tune used as the tuning set for operating points "
-                         "and left out of the evaluation")
-        drop = split.isin(["tune", "train"])
-        if (split == "train").any():
-            notes.append(f"{int((split == 'train').sum())} row(s) with split = train left out of the evaluation")
-        if drop.all():
-            warns.append("every row is in the train/tune split; evaluating all of them anyway")
-        else:
-            df = df[~drop]
-    thresholds: dict[str, dict[str, float]] = {}
-    if tune is not None and len(tune):
-        thresholds, w = choose_thresholds(tune, cfg.target_sensitivity)
-        warns += w
-        models_eval = list(pd.unique(df["model"]))
-        if len(thresholds) == 1 and len(models_eval) == 1 and models_eval[0] not in thresholds:
-            (tuned_name, thr), = thresholds.items()
-            notes.append(f"tuning set model {tuned_name!r} applied to evaluated model {models_eval[0]!r} "
-                         "(one model on each side)")
-            thresholds = {models_eval[0]: thr}
-        for m in models_eval:
-            if m not in thresholds:
-                warns.append(f"no tuning-set rows for model {m!r} (tuning models: {sorted(thresholds)}); "
-                             "only the fixed cut-off is reported for it")
-
-    has = {c: c in df.columns and df[c].notna().any() for c in ("sex", "age", "severity", "patient_id")}
-    if not has["patient_id"]:
-        notes.append("no patient_id column: the bootstrap resamples images (each image its own patient)")
-    if not has["sex"]:
-        notes.append("no sex column: sex subgroups skipped")
-    if not has["age"]:
-        notes.append("no age column: age-band subgroups skipped")
-    if not has["severity"]:
-        notes.append("no severity or t_min column: accuracy by severity (Figure 2) skipped")
-
-    if tune is not None and "_abstain" in tune.columns:
-        tune = tune[tune["score"].notna()]
+    df = preds if "_abstain" in preds.columns else preds.assign(_abstain=False)
+    df, tune = _split_rows(df, tune, warns, notes)
+    thresholds = _tuned_thresholds(df, tune, cfg, warns, notes)
+    has = _available_columns(df, notes)
     models = list(pd.unique(df["model"]))
     sites_all = list(pd.unique(df["site"]))
     result: dict[str, dict[str, SiteAnalysis]] = {}
@@ -362,46 +441,10 @@ def evaluate_predictions(
         g_all = df[(df["model"] == model) & (df["site"] == site)].reset_index(drop=True)
         if g_all.empty:
             continue
-        abst = abstention_summary(g_all, cfg.threshold, cfg.alpha) if g_all["_abstain"].any() else None
-        g = g_all[g_all["score"].notna()].reset_index(drop=True)  # abstentions without a score are counted only
-        if g.empty:
-            continue
-        y = g["label"].to_numpy()
-        s = g["score"].to_numpy(dtype=float)
-        groups = g["patient_id"].to_numpy() if has["patient_id"] else None
-        seed = _site_seed(cfg.seed, mi, si)
-        boot = bootstrap_weights(y, groups, n_boot=cfg.n_boot, seed=seed) if 0 < y.sum() < y.size else None
-        main = evaluate_binary(y, s, groups=groups, threshold=cfg.threshold, n_boot=cfg.n_boot, seed=seed,
-                               alpha=cfg.alpha, boot=boot)
-        for n in main.notes:
-            warns.append(f"{model} / {site}: {n}")
-        ops: dict[str, BinaryResult] = {}
-        for name, thr in thresholds.get(model, {}).items():
-            ops[name] = evaluate_binary(y, s, threshold=thr, n_boot=0, alpha=cfg.alpha)
-        fams: dict[str, pd.Series] = {}
-        if has["sex"] and "sex" in g:
-            fams["sex"] = pd.Series(pd.Categorical(g["sex"], categories=["F", "M", "O"]))
-        if has["age"] and "age" in g:
-            fams["age"] = pd.Series(pd.Categorical(assign_age_band(g["age"], cfg.age_bands),
-                                                   categories=age_band_labels(cfg.age_bands)))
-        sub_rows, hetero = subgroup_analysis(g, fams, threshold=cfg.threshold, n_boot=cfg.n_boot, seed=seed) \
-            if fams else ([], {})
-        for r in sub_rows:
-            if not r.result.estimates["auc"].defined:
-                warns.append(f"{model} / {site}: subgroup {r.subgroup} has a single class "
-                             f"({r.result.n} image(s)): AUC undefined, reported as NA")
-        sev = severity_accuracy(g, cfg.threshold) if has["severity"] and "severity" in g else []
-        band = None
-        if boot is not None and len(boot.weights):
-            band = weighted_roc_band(y, s, boot.weights, alpha=cfg.alpha)
-        auc = main.estimates["auc"]
-        curve = plots.Curve(model, y, s, auc.value, auc.lo, auc.hi, main.average_precision, band, main.calibration)
-        cal_fit = calibration_slope_intercept(y, s, cfg.alpha)
-        dca = decision_curve(
-            y, s, sex=g["sex"].to_numpy() if has["sex"] else None, age=g["age"].to_numpy() if has["age"] else None,
-            referral_ages=cfg.referral_rule, model_name=model)
-        result.setdefault(model, {})[site] = SiteAnalysis(main, ops, sub_rows, hetero, sev, curve, cal_fit,
-                                                          expected_calibration_error(y, s), dca, abst)
+        analysis = _analyse_site(g_all, model, site, cfg, _site_seed(cfg.seed, mi, si), thresholds.get(model, {}),
+                                 has, warns)
+        if analysis is not None:
+            result.setdefault(model, {})[site] = analysis
 
     delong_rows = _delong_all(df[df["score"].notna()], models, sites_all, warns)
     if delong_rows and has["patient_id"] and df.groupby(["model", "patient_id"]).size().max() > 1:
@@ -409,8 +452,7 @@ def evaluate_predictions(
                      "so its p-values are somewhat optimistic")
     dca_notes = sorted({n for ss in result.values() for a in ss.values() if a.decision for n in a.decision.notes or []})
     notes += [f"decision curves: {n}" for n in dca_notes]
-    oracle_d = dict(oracle or {})
-    rep = Report(cfg, dict(inputs or {}), warns, notes, thresholds, result, delong_rows, oracle_d,
+    rep = Report(cfg, dict(inputs or {}), warns, notes, thresholds, result, delong_rows, dict(oracle or {}),
                  cascade=dict(cascade) if cascade else None)
     if manifest is not None:
         rep.table1 = tables.table1(manifest)
@@ -556,7 +598,7 @@ def metrics_dict(rep: Report) -> dict[str, Any]:
             if site in rep.oracle:
                 d["oracle_auc"] = rep.oracle[site]
             out["results"][model][site] = d
-    return json_clean(out)
+    return dict(json_clean(out))
 
 
 def _safe(name: str) -> str:
@@ -833,7 +875,7 @@ def summary_text(rep: Report) -> str:
         for site, a in sites.items():
             e = a.main.estimates
 
-            def f(k: str, e: dict = e) -> str:
+            def f(k: str, e: dict[str, Estimate] = e) -> str:
                 return "  NA" if not e[k].defined else f"{e[k].value:.2f}"
 
             line = (f"{model[:14]:<14} {site[:16]:<16} {a.main.n:>6} {e['auc'].fmt():<19} {f('sensitivity'):>5} "

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from bonescreen.errors import TableError
+from bonescreen.evaluate.metrics import bootstrap_weights, percentile_ci
 
 PAIRS = {"z": ("z_true", "z_pred"), "bmd": ("bmd_true", "bmd_pred")}
 
@@ -56,13 +57,6 @@ def pearson(a: np.ndarray, b: np.ndarray, alpha: float = 0.05) -> dict[str, floa
     return {"value": float(res.statistic), "lo": float(ci.low), "hi": float(ci.high), "p": float(res.pvalue)}
 
 
-def _boot_ci(values: np.ndarray, alpha: float) -> tuple[float, float]:
-    v = values[np.isfinite(values)]
-    if v.size == 0:
-        return math.nan, math.nan
-    return float(np.quantile(v, alpha / 2)), float(np.quantile(v, 1 - alpha / 2))
-
-
 def agreement(true: np.ndarray, pred: np.ndarray, *, groups: np.ndarray | None = None, n_boot: int = 1000,
               seed: int = 0, alpha: float = 0.05) -> dict[str, Any]:
     """r, ICC(2,1) and MAE with CIs, bias and 95 % limits of agreement.
@@ -73,7 +67,6 @@ def agreement(true: np.ndarray, pred: np.ndarray, *, groups: np.ndarray | None =
     when some patient has several images, r. With one image per patient (or no
     ``groups``) r keeps its Fisher-z interval, which assumes independent rows.
     """
-    from bonescreen.evaluate.metrics import bootstrap_weights
 
     t = np.asarray(true, float)
     p = np.asarray(pred, float)
@@ -98,14 +91,14 @@ def agreement(true: np.ndarray, pred: np.ndarray, *, groups: np.ndarray | None =
     if boot.unit == "patient":
         rs = np.array([np.corrcoef(t[i], p[i])[0, 1] if np.std(t[i]) > 0 and np.std(p[i]) > 0 else np.nan
                        for i in idx])
-        lo, hi = _boot_ci(rs, alpha)
+        lo, hi = percentile_ci(rs, alpha)
         out["pearson_r"].update({"lo": lo, "hi": hi, "method": "patient bootstrap"})
     else:
         out["pearson_r"]["method"] = "fisher z"
     icc = icc_2_1(t, p)
-    lo, hi = _boot_ci(iccs, alpha)
+    lo, hi = percentile_ci(iccs, alpha)
     out["icc_2_1"] = {"value": icc, "lo": lo, "hi": hi}
-    lo, hi = _boot_ci(maes, alpha)
+    lo, hi = percentile_ci(maes, alpha)
     out["mae"] = {"value": float(np.abs(diff).mean()), "lo": lo, "hi": hi}
     out["bias"] = bias
     out["sd_diff"] = sd

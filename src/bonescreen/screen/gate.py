@@ -55,6 +55,7 @@ from bonescreen.schema import (
     CHEST_TERMS,
     FRONTAL_VIEWS,
     GATE_REASONS,
+    LATERAL_VIEWS,
     NEUTRAL_ANATOMY_TERMS,
     NEUTRAL_CODES,
     NON_CHEST_CODES,
@@ -75,7 +76,6 @@ __all__ = [
 ]
 
 UNKNOWN_FACTS = ("age", "view", "modality")
-LATERAL_VIEWS = ("LAT", "LL", "RL", "LATERAL")
 
 
 class MetaLike(Protocol):

@@ -28,6 +28,7 @@ from bonescreen import schema
 from bonescreen.dates import optional_date
 from bonescreen.errors import TableError
 from bonescreen.screen.models import model_id
+from bonescreen.walk import walk_files
 
 __all__ = [
     "HEIGHT_CM_RANGE",
@@ -86,25 +87,16 @@ def _manifest_rows(path: Path) -> Iterator[InputItem]:
             yield InputItem(str(pp), row)
 
 
-def _walk(folder: Path, exclude: set[str]) -> Iterator[Path]:
-    """Sorted, lazy (one directory listing at a time), hidden files and ``exclude`` folders skipped."""
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and
-                         os.path.realpath(os.path.join(root, d)) not in exclude)
-        for name in sorted(files):
-            if not name.startswith("."):
-                yield Path(root) / name
-
-
 def iter_inputs(inputs: Iterable[str | os.PathLike[str]], *, exclude: Iterable[str | os.PathLike[str]] = ()
                 ) -> Iterator[InputItem]:
-    """Files, folders (recursive; every non-hidden file gets a row) and manifests (.csv/.tsv with ``path``)."""
-    ex = {os.path.realpath(e) for e in exclude}
+    """Files, folders (``bonescreen.walk.walk_files``: every file it picks gets a row, an image or not, so
+    a non-image is a recorded skip) and manifests (.csv/.tsv with ``path``)."""
+    ex = [os.path.realpath(e) for e in exclude]
     seen: set[str] = set()
     for raw in inputs:
         p = Path(raw)
         if p.is_dir():
-            items: Iterator[InputItem] = (InputItem(str(f)) for f in _walk(p, ex))
+            items: Iterator[InputItem] = (InputItem(str(f)) for f in walk_files(p, exclude=ex))
         elif _is_manifest(p):
             items = _manifest_rows(p)
         else:

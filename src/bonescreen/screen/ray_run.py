@@ -177,6 +177,120 @@ def _chunks(items: Iterator[InputItem], n: int) -> Iterator[list[InputItem]]:
         yield chunk
 
 
+@dataclass
+class _RayPlan:
+    """Where the replicas run and what they load: decided once on the driver, so every actor agrees."""
+
+    device: str
+    workers: int
+    backend: str
+    label: str
+    actor_threads: int | None
+    choice: Any = None
+
+
+def _plan(ray: Any, model: str | os.PathLike[str], stage1: str | os.PathLike[str] | None, backend: str,
+          threads: int | None, opts: ScreenOptions, ray_workers: int | None, ray_address: str | None,
+          out_dir: str | os.PathLike[str]) -> _RayPlan:
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if opts.device == "cuda" and not gpus:
+        raise ScreenError("--device cuda: the Ray cluster has no GPU")
+    device = "cuda" if gpus and opts.device in ("auto", "cuda") else "cpu"
+    workers = gpus if ray_workers is None and device == "cuda" else (ray_workers or 1)
+    # torch/onnxruntime/OpenVINO threads per actor: this machine's cores shared by the local actors
+    actor_threads = threads or (max(1, (os.cpu_count() or 1) // workers) if not ray_address else None)
+    choice = None
+    if backend == "auto" and device == "cpu":
+        # probed once here (where the command runs), so every actor loads the same backend
+        from bonescreen.screen.auto import choose_backend
+
+        choice = choose_backend(model, stage1, threads=actor_threads, cache_dir=Path(out_dir) / ".onnx",
+                                device="cpu", calibration=calibration_for(model, opts.calibration),
+                                batch_size=opts.batch_size)
+        backend = choice.backend
+    label = backend_label(backend, device, opts.compile) if backend != "auto" else f"auto@{device}"
+    return _RayPlan(device, workers, backend, label, actor_threads, choice)
+
+
+@dataclass
+class _Pipeline:
+    """One chunk of inputs as a Ray Data pipeline: decode/preprocess tasks, then the predict actors."""
+
+    spec: PrepSpec
+    finished: Any
+    plan: _RayPlan
+    opts: ScreenOptions
+    actor_kwargs: dict[str, Any]
+    actor_memory: int
+
+    def dataset(self, ray: Any, items: list[InputItem]) -> Any:
+        opts = self.opts
+        ds = ray.data.from_items(
+            [{"path": it.path, "extra": json.dumps(it.extra) if it.extra else ""} for it in items],
+            override_num_blocks=max(1, -(-len(items) // opts.batch_size)),
+        )
+        ds = ds.map_batches(prepare_batch, fn_kwargs={"spec": self.spec, "finished": self.finished},
+                            batch_size=opts.batch_size, batch_format="numpy", num_cpus=1,
+                            compute=ray.data.TaskPoolStrategy(size=opts.workers))
+        return ds.map_batches(
+            PredictActor, batch_size=opts.batch_size, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=self.plan.workers), num_cpus=1,
+            num_gpus=1 if self.plan.device == "cuda" else 0, memory=self.actor_memory,
+            fn_constructor_kwargs=self.actor_kwargs,
+        )
+
+
+def _pipeline(run: Any, model: str | os.PathLike[str], stage1: str | os.PathLike[str] | None, plan: _RayPlan,
+              opts: ScreenOptions, out_dir: str | os.PathLike[str]) -> _Pipeline:
+    engine = run.engine
+    key_file = str(Path(opts.pseudonym_key_file).resolve()) if opts.pseudonym_key_file else None
+    key_fp = json.loads((run.out / "run.json").read_text()).get("pseudonym_key")
+    spec = PrepSpec(engine.policy, engine.ctx.sizes, opts.site, opts.include_patient_id, key_file, key_fp,
+                    engine.ctx.pediatric, str(opts.clinical) if opts.clinical else None)
+    load_kw = {"threads": plan.actor_threads, "cache_dir": str(Path(out_dir).resolve() / ".onnx"),
+               "device": plan.device, "compile": opts.compile, "calibration": opts.calibration,
+               "batch_size": opts.batch_size}
+    actor_kwargs = {"model": str(Path(model).resolve()), "stage1": str(Path(stage1).resolve()) if stage1 else None,
+                    "backend": plan.backend, "load": load_kw, "engine": engine_policy(opts), "sizes": spec.sizes,
+                    "out": str(Path(out_dir).resolve()), "explain": opts.explain, "dicom_sc": opts.dicom_sc}
+    # decode/preprocess tasks and predict actors must stay separate operators (CPU tasks scale with
+    # --workers, replicas with --ray-workers); Ray fuses a task map into the next actor map when their
+    # resource requests are equal, so an actor also reserves the memory a model replica needs
+    actor_memory = ACTOR_MEMORY + 2 * sum(Path(p).stat().st_size for p in (model, stage1) if p)
+    # the ids an earlier run screened: Ray ships fn_kwargs to the tasks once (object store)
+    return _Pipeline(spec, engine.ctx.finished, plan, opts, actor_kwargs, actor_memory)
+
+
+def _stream(ray: Any, run: Any, inputs: Sequence[str | os.PathLike[str]], pipe: _Pipeline,
+            chunk: int) -> tuple[int, float]:
+    """Screen what an earlier run did not, chunk by chunk, each result stored as it comes back:
+    (images screened now, seconds spent screening them, the first counting pass not included)."""
+    from tqdm.auto import tqdm
+
+    workers = pipe.plan.workers
+    total = count_inputs(inputs, exclude=run.exclude)
+    bar = tqdm(total=total, unit="img", desc=f"screen (ray, {workers} worker{'s' * (workers > 1)})",
+               disable=not pipe.opts.progress)
+    bar.update(min(total, len(run.tally.paths)))
+    todo = (it for it in iter_inputs(inputs, exclude=run.exclude) if os.path.realpath(it.path) not in run.tally.paths)
+    start = time.perf_counter()
+    n_new = 0
+    run.store.open()
+    try:
+        for items in _chunks(todo, chunk):
+            for batch in pipe.dataset(ray, items).iter_batches(batch_size=None, batch_format="numpy"):
+                rows = [json.loads(r) for r in batch["row"]]
+                run.store.append(rows)
+                for r in rows:
+                    run.tally.add(r)
+                n_new += len(rows)
+                bar.update(len(rows))
+    finally:
+        run.store.close()
+        bar.close()
+    return n_new, time.perf_counter() - start
+
+
 def ray_screen(
     inputs: Sequence[str | os.PathLike[str]],
     model: str | os.PathLike[str],
@@ -191,104 +305,31 @@ def ray_screen(
     chunk: int = CHUNK,
 ) -> ScreenSummary:
     """Screen ``inputs`` on Ray; same outputs (plus ``OUT/parquet/``) and resume rules as :func:`screen`."""
-    from tqdm.auto import tqdm
-
     opts = replace(options or ScreenOptions(), write_parquet=True)
     if ray_workers is not None and ray_workers < 1:
         raise ScreenError("--ray-workers must be at least 1")
     if isinstance(model, (list, tuple)) or not isinstance(model, (str, os.PathLike)):
         raise ScreenError("the Ray engine loads the model from its path (every worker opens it)")
-    cores = os.cpu_count() or 1
-    workers = ray_workers or 1
-    started = init_ray(ray_address, num_cpus=workers + opts.workers if not ray_address else None)
+    started = init_ray(ray_address, num_cpus=(ray_workers or 1) + opts.workers if not ray_address else None)
     import ray
     import ray.data
 
     try:
-        gpus = int(ray.cluster_resources().get("GPU", 0))
-        if opts.device == "cuda" and not gpus:
-            raise ScreenError("--device cuda: the Ray cluster has no GPU")
-        device = "cuda" if gpus and opts.device in ("auto", "cuda") else "cpu"
-        if ray_workers is None and device == "cuda":
-            workers = gpus
-        # torch/onnxruntime/OpenVINO threads per actor: this machine's cores shared by the local actors
-        actor_threads = threads or (max(1, cores // workers) if not ray_address else None)
-        choice = None
-        if backend == "auto" and device == "cpu":
-            # probed once here (where the command runs), so every actor loads the same backend
-            from bonescreen.screen.auto import choose_backend
-
-            choice = choose_backend(model, stage1, threads=actor_threads, cache_dir=Path(out_dir) / ".onnx",
-                                    device="cpu", calibration=calibration_for(model, opts.calibration),
-                                    batch_size=opts.batch_size)
-            backend = choice.backend
-        label = backend_label(backend, device, opts.compile) if backend != "auto" else f"auto@{device}"
+        plan = _plan(ray, model, stage1, backend, threads, opts, ray_workers, ray_address, out_dir)
         # the driver needs the artifact's facts (gate, thresholds, OOD parts) only: plain torch on the CPU
         driver_models = load_models(model, stage1, backend="torch")
-        driver_models.choice = choice.as_dict() if choice is not None else None
-        driver_models.backend = label
+        driver_models.choice = plan.choice.as_dict() if plan.choice is not None else None
+        driver_models.backend = plan.label
         run = open_run(inputs, driver_models, out_dir, options=replace(opts, explain=False, dicom_sc=False),
-                       info={"engine": "ray", "ray_workers": workers, "device": device})
+                       info={"engine": "ray", "ray_workers": plan.workers, "device": plan.device})
         run.opts = opts  # SRs, labels, Parquet: the caller's options
-        engine = run.engine
-        key_file = str(Path(opts.pseudonym_key_file).resolve()) if opts.pseudonym_key_file else None
-        key_fp = json.loads((run.out / "run.json").read_text()).get("pseudonym_key")
-        spec = PrepSpec(engine.policy, engine.ctx.sizes, opts.site, opts.include_patient_id, key_file, key_fp,
-                        engine.ctx.pediatric, str(opts.clinical) if opts.clinical else None)
-        engine_kw = engine_policy(opts)
-        load_kw = {"threads": actor_threads, "cache_dir": str(Path(out_dir).resolve() / ".onnx"),
-                   "device": device, "compile": opts.compile, "calibration": opts.calibration,
-                   "batch_size": opts.batch_size}
+        pipe = _pipeline(run, model, stage1, plan, opts, out_dir)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
         logging.getLogger("ray.data").setLevel(logging.WARNING)
-
-        total = count_inputs(inputs, exclude=run.exclude)
-        bar = tqdm(total=total, unit="img", desc=f"screen (ray, {workers} worker{'s' * (workers > 1)})",
-                   disable=not opts.progress)
-        bar.update(min(total, len(run.tally.paths)))
-        todo = (it for it in iter_inputs(inputs, exclude=run.exclude)
-                if os.path.realpath(it.path) not in run.tally.paths)
-        # the ids an earlier run screened: one object in Ray's store, shared by every CPU task
-        finished = run.engine.ctx.finished  # Ray ships fn_kwargs to the tasks once (object store)
-        # decode/preprocess tasks and predict actors must stay separate operators (CPU tasks scale with
-        # --workers, replicas with --ray-workers); Ray fuses a task map into the next actor map when their
-        # resource requests are equal, so an actor also reserves the memory a model replica needs
-        actor_memory = ACTOR_MEMORY + 2 * sum(Path(p).stat().st_size for p in (model, stage1) if p)
-        start = time.perf_counter()
-        n_new = 0
-        run.store.open()
-        try:
-            for items in _chunks(todo, chunk):
-                ds = ray.data.from_items(
-                    [{"path": it.path, "extra": json.dumps(it.extra) if it.extra else ""} for it in items],
-                    override_num_blocks=max(1, -(-len(items) // opts.batch_size)),
-                )
-                ds = ds.map_batches(prepare_batch, fn_kwargs={"spec": spec, "finished": finished},
-                                    batch_size=opts.batch_size, batch_format="numpy", num_cpus=1,
-                                    compute=ray.data.TaskPoolStrategy(size=opts.workers))
-                ds = ds.map_batches(
-                    PredictActor, batch_size=opts.batch_size, batch_format="numpy",
-                    compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1,
-                    num_gpus=1 if device == "cuda" else 0, memory=actor_memory,
-                    fn_constructor_kwargs={"model": str(Path(model).resolve()),
-                                           "stage1": str(Path(stage1).resolve()) if stage1 else None,
-                                           "backend": backend, "load": load_kw, "engine": engine_kw,
-                                           "sizes": spec.sizes, "out": str(Path(out_dir).resolve()),
-                                           "explain": opts.explain, "dicom_sc": opts.dicom_sc},
-                )
-                for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                    rows = [json.loads(r) for r in batch["row"]]
-                    run.store.append(rows)
-                    for r in rows:
-                        run.tally.add(r)
-                    n_new += len(rows)
-                    bar.update(len(rows))
-        finally:
-            run.store.close()
-            bar.close()
-        return finish_run(run, n_new, time.perf_counter() - start, backend=label)
+        n_new, seconds = _stream(ray, run, inputs, pipe, chunk)
+        return finish_run(run, n_new, seconds, backend=plan.label)
     finally:
         if started:
             ray.shutdown()

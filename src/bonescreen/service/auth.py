@@ -1,4 +1,12 @@
-"""Accounts, roles, API tokens, session cookies, CSRF and sign-in throttling.
+"""Accounts, roles, API tokens, session cookies, CSRF and sign-in throttling: the one auth module.
+
+Every route module (``service.routes``) asks this module who a request is:
+:func:`request_principal` is the one place credentials are read (API token,
+static service token or session cookie), :func:`require` the one role and
+CSRF check of the API, :func:`set_session` / :func:`clear_session` the session
+cookie. The routes find the :class:`Authenticator` on ``app.state.service``
+(``create_app`` puts it there), so this module imports no route module and
+not the runtime.
 
 * **Passwords**: argon2id (argon2-cffi's ``PasswordHasher`` defaults), rehashed on
   sign-in when the parameters change.
@@ -25,21 +33,40 @@ import datetime as dt
 import hashlib
 import logging
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, cast
+
+from fastapi import Depends, HTTPException, Request, Response
 
 from bonescreen.errors import BonescreenError
 from bonescreen.service.config import ROLES, ServiceConfig, read_secret_file
 from bonescreen.service.store import Store, User
 
 __all__ = [
+    "ADMIN",
+    "LOGIN_CSRF_COOKIE",
+    "REVIEWER",
     "SESSION_COOKIE",
+    "VIEWER",
+    "Admin",
     "AuthError",
     "Authenticator",
     "Principal",
+    "Reviewer",
+    "Viewer",
+    "authenticator",
+    "clear_session",
+    "client_ip",
     "hash_password",
+    "is_https",
     "new_token",
+    "principal_at_least",
+    "request_principal",
+    "require",
     "role_at_least",
+    "set_login_csrf",
+    "set_session",
     "token_digest",
     "verify_password",
 ]
@@ -203,3 +230,85 @@ class Authenticator:
                 self.store.update_user(user.username, password_hash=hash_password(password))
         except Exception:  # a rehash is an optimisation; never fail a sign-in over it
             log.debug("password rehash skipped", exc_info=True)
+
+
+# ------------------------------------------------------------------ HTTP side
+
+#: methods that change something: a cookie-authenticated one must carry the session's CSRF token
+UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def client_ip(request: Request) -> str | None:
+    """The peer address (uvicorn applies X-Forwarded-For only from ``forwarded_allow_ips``)."""
+    return request.client.host if request.client else None
+
+
+def is_https(request: Request) -> bool:
+    return request.url.scheme == "https"
+
+
+def authenticator(request: Request) -> Authenticator:
+    """The app's authenticator (``create_app`` puts the service on ``app.state``)."""
+    return cast(Authenticator, request.app.state.service.auth)
+
+
+def request_principal(request: Request) -> Principal | None:
+    """Who the request is (API token, static token or session cookie), whatever its role; None if nobody."""
+    return authenticator(request).principal(request.headers, request.cookies)
+
+
+def principal_at_least(request: Request, role: str) -> Principal | None:
+    """The request's principal if it has at least ``role`` (the HTML pages, which redirect instead of 401)."""
+    p = request_principal(request)
+    return p if p is not None and role_at_least(p.role, role) else None
+
+
+def csrf_ok(principal: Principal, request: Request) -> bool:
+    """A cookie-authenticated write carries the session's CSRF token; other requests need none."""
+    if principal.via != "session" or request.method not in UNSAFE:
+        return True
+    given = request.headers.get("x-csrf-token", "")
+    return bool(principal.csrf) and secrets.compare_digest(given.encode(), (principal.csrf or "").encode())
+
+
+def require(role: str) -> Callable[[Request], Principal]:
+    """A dependency: the request's principal, at least ``role``; CSRF-checked for cookie writes."""
+
+    def dep(request: Request) -> Principal:
+        p = request_principal(request)
+        if p is None:
+            raise HTTPException(401, "missing or wrong credentials", headers={"WWW-Authenticate": "Bearer"})
+        if not role_at_least(p.role, role):
+            raise HTTPException(403, f"this needs the {role} role")
+        if not csrf_ok(p, request):
+            raise HTTPException(403, "missing or wrong CSRF token")
+        request.state.principal = p
+        return p
+
+    return dep
+
+
+#: the role dependencies (``dependencies=[VIEWER]``) and the principal parameters (``p: Reviewer``)
+VIEWER = Depends(require("viewer"))
+REVIEWER = Depends(require("reviewer"))
+ADMIN = Depends(require("admin"))
+Viewer = Annotated[Principal, VIEWER]
+Reviewer = Annotated[Principal, REVIEWER]
+Admin = Annotated[Principal, ADMIN]
+
+
+def set_session(request: Request, response: Response, user: User) -> None:
+    """Sign the session cookie for ``user`` onto ``response`` (password and single sign-on alike)."""
+    auth = authenticator(request)
+    response.set_cookie(SESSION_COOKIE, auth.session_cookie(user), httponly=True, samesite="lax",
+                        secure=is_https(request), max_age=auth.max_age, path="/")
+
+
+def clear_session(response: Response) -> None:
+    response.delete_cookie(SESSION_COOKIE, path="/")
+
+
+def set_login_csrf(request: Request, response: Response, cookie: str) -> None:
+    """The sign-in form's signed double-submit cookie (strict, an hour, the sign-in path only)."""
+    response.set_cookie(LOGIN_CSRF_COOKIE, cookie, httponly=True, samesite="strict", secure=is_https(request),
+                        max_age=3600, path="/login")

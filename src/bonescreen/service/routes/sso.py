@@ -22,20 +22,25 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware.sessions import SessionMiddleware
 
+from bonescreen.pseudonym import load_or_create_key
+from bonescreen.service.auth import client_ip, set_session
 from bonescreen.service.config import read_secret_file
+from bonescreen.service.routes.common import Svc
 from bonescreen.service.runtime import Service
 from bonescreen.service.store import StoreError, User
 
-__all__ = ["add_oidc_routes", "account_for_claims"]
+__all__ = ["account_for_claims", "install_sso", "router"]
 
 log = logging.getLogger(__name__)
 
 OIDC_COOKIE = "bonescreen_oidc"
+
+router = APIRouter(include_in_schema=False)
 
 
 def account_for_claims(service: Service, claims: dict[str, Any]) -> tuple[User | None, str]:
@@ -67,11 +72,9 @@ def account_for_claims(service: Service, claims: dict[str, Any]) -> tuple[User |
     return user, ""
 
 
-def add_oidc_routes(app: FastAPI, service: Service) -> None:
-    from authlib.integrations.starlette_client import OAuth, OAuthError
-
-    from bonescreen.pseudonym import load_or_create_key
-    from bonescreen.service.web import client_ip, set_session
+def install_sso(app: FastAPI, service: Service) -> None:
+    """Register the identity provider (``app.state.oidc_client``), its state cookie and the two routes."""
+    from authlib.integrations.starlette_client import OAuth
 
     cfg = service.config
     secret = read_secret_file(cfg.oidc_client_secret_file or "", "oidc_client_secret_file")
@@ -80,42 +83,49 @@ def add_oidc_routes(app: FastAPI, service: Service) -> None:
     oauth.register("hospital", client_id=cfg.oidc_client_id, client_secret=secret,
                    server_metadata_url=f"{issuer}/.well-known/openid-configuration",
                    client_kwargs={"scope": cfg.oidc_scopes, "code_challenge_method": "S256"})
-    client = oauth.create_client("hospital")
+    app.state.oidc_client = oauth.create_client("hospital")
     key = load_or_create_key(cfg.session_key_path)
     # state + nonce between the redirect and the callback: SameSite=Lax, so the provider's
     # top-level redirect back carries it; 10 minutes to sign in at the provider
     app.add_middleware(SessionMiddleware, secret_key=key.hex() + ":oidc", session_cookie=OIDC_COOKIE,
                        max_age=600, same_site="lax", https_only=False)
+    app.include_router(router)
 
-    @app.get("/login/oidc", include_in_schema=False)
-    async def oidc_start(request: Request) -> Response:
-        redirect_uri = cfg.oidc_redirect_url or str(request.url_for("oidc_callback"))
-        try:
-            return await client.authorize_redirect(request, redirect_uri)  # type: ignore[no-any-return]
-        except Exception as exc:  # provider unreachable or its discovery document is bad
-            log.warning("single sign-on: provider not usable (%s)", type(exc).__name__)
-            return RedirectResponse("/login?error=sso", status_code=303)
 
-    @app.get("/login/oidc/callback", include_in_schema=False, name="oidc_callback")
-    async def oidc_callback(request: Request) -> Response:
-        ip = client_ip(request)
-        try:
-            token = await client.authorize_access_token(request)
-            claims = dict(token.get("userinfo") or {})
-        except (OAuthError, Exception) as exc:  # bad state, code, signature, nonce, audience, expiry...
-            why = type(exc).__name__
-            log.warning("single sign-on refused: %s", why)
-            await run_in_threadpool(lambda: service.store.audit("login_failed", actor=None, ip=ip,
-                                                                detail={"via": "oidc", "why": why}))
-            return RedirectResponse("/login?error=sso", status_code=303)
-        user, why = await run_in_threadpool(account_for_claims, service, claims)
-        if user is None:
-            name = str(claims.get(cfg.oidc_username_claim) or "")[:64] or None
-            await run_in_threadpool(lambda: service.store.audit("login_failed", actor=name, ip=ip,
-                                                                detail={"via": "oidc", "why": why}))
-            return RedirectResponse("/login?error=sso", status_code=303)
-        await run_in_threadpool(lambda: service.store.audit("login", actor=user.username, ip=ip,
-                                                            detail={"via": "oidc"}))
-        resp = RedirectResponse("/worklist", status_code=303)
-        set_session(service, request, resp, user)
-        return resp
+@router.get("/login/oidc")
+async def oidc_start(request: Request, service: Svc) -> Response:
+    redirect_uri = service.config.oidc_redirect_url or str(request.url_for("oidc_callback"))
+    try:
+        return await request.app.state.oidc_client.authorize_redirect(  # type: ignore[no-any-return]
+            request, redirect_uri)
+    except Exception as exc:  # provider unreachable or its discovery document is bad
+        log.warning("single sign-on: provider not usable (%s)", type(exc).__name__)
+        return RedirectResponse("/login?error=sso", status_code=303)
+
+
+@router.get("/login/oidc/callback", name="oidc_callback")
+async def oidc_callback(request: Request, service: Svc) -> Response:
+    from authlib.integrations.starlette_client import OAuthError
+
+    cfg = service.config
+    ip = client_ip(request)
+    try:
+        token = await request.app.state.oidc_client.authorize_access_token(request)
+        claims = dict(token.get("userinfo") or {})
+    except (OAuthError, Exception) as exc:  # bad state, code, signature, nonce, audience, expiry...
+        why = type(exc).__name__
+        log.warning("single sign-on refused: %s", why)
+        await run_in_threadpool(lambda: service.store.audit("login_failed", actor=None, ip=ip,
+                                                            detail={"via": "oidc", "why": why}))
+        return RedirectResponse("/login?error=sso", status_code=303)
+    user, why = await run_in_threadpool(account_for_claims, service, claims)
+    if user is None:
+        name = str(claims.get(cfg.oidc_username_claim) or "")[:64] or None
+        await run_in_threadpool(lambda: service.store.audit("login_failed", actor=name, ip=ip,
+                                                            detail={"via": "oidc", "why": why}))
+        return RedirectResponse("/login?error=sso", status_code=303)
+    await run_in_threadpool(lambda: service.store.audit("login", actor=user.username, ip=ip,
+                                                        detail={"via": "oidc"}))
+    resp = RedirectResponse("/worklist", status_code=303)
+    set_session(request, resp, user)
+    return resp
