@@ -15,6 +15,7 @@ Z, each image's clinical row held fixed). :func:`explain_manifest` is
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -66,86 +67,114 @@ def explain_paths(
 
     from tqdm.auto import tqdm
 
-    from bonescreen.screen import ClinicalTable, ScreeningEngine, count_inputs, iter_inputs, load_models, safe_name
+    from bonescreen.screen import ClinicalTable, ScreeningEngine, count_inputs, iter_inputs, load_models
 
     models = load_models(model)
     loaded = models.main_torch
     task = models.task
     pediatric = task.needs_clinical  # explained with its clinical row held fixed
-    names = list(loaded.spec.class_names)
-    if target is not None and target not in names:
-        raise ExplainError(f"class {target!r} is not one of this model's classes {names}")
-    if task.explain_target and target not in (None, task.explain_target):
-        raise ExplainError(f"a {task.name} model is explained towards {task.explain_target} (lower predicted "
-                           "Z-score) only")
-    if clinical is not None and not pediatric:
-        raise ExplainError("--clinical gives height/weight to a pediatric model; this model does not use them")
-    cls = names.index(target) if target is not None else int(loaded.spec.positive_class)
+    cls = _explained_class(loaded, task, target, clinical)
     overrides = dict(gate_overrides or {})
     if not gate:  # only image sanity: explaining a lateral or a child is allowed on purpose
         overrides["check_scope"] = False
         ood = "off"
     table = ClinicalTable(clinical) if (pediatric and clinical is not None) else None
     engine = ScreeningEngine(models, gate=overrides, ood=ood, clinical=table)
-    explainer: Any = task.explainer(loaded)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    counts = {"explained": 0, "skipped": 0}
     bar = tqdm(total=count_inputs(inputs, exclude=[out]), unit="img", desc="explain", disable=not progress)
     with open(out / "explain.csv", "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=PEDIATRIC_EXPLAIN_COLUMNS if pediatric else EXPLAIN_COLUMNS,
                                 extrasaction="ignore")
         writer.writeheader()
+        run = _ExplainRun(engine, task.explainer(loaded), writer, out, loaded, cls, pediatric, ood)
         batch: list[Any] = []
-
-        def flush() -> None:
-            if not batch:
-                return
-            outputs = engine.infer(batch)
-            rows = engine.decide(outputs)
-            keep = [k for k, r in enumerate(rows) if r.get("reason") != "out_of_distribution" or ood == "flag"]
-            for k, (b, r) in enumerate(zip(batch, rows)):
-                if k not in keep:  # refused by the OOD check: listed with its reason, no map
-                    b.row.update(eligible=False, reason=r["reason"], message=r["message"])
-                    writer.writerow(b.row)
-                    counts["skipped"] += 1
-            sel = [batch[k] for k in keep]
-            if sel:
-                imgs = np.stack([b.images[loaded.size] for b in sel])
-                extra: list[dict[str, Any]] = [{} for _ in sel]
-                if pediatric:
-                    from bonescreen.screen import clinical_raw
-
-                    clin = [b.clinical or {} for b in sel]
-                    preds = outputs.pediatric.iloc[keep]
-                    probs = preds["prob_low_bmd"].to_numpy(dtype=float)
-                    cams = explainer.cams(imgs, clinical_raw(clin))
-                    extra = [{"pred_z": float(z), "pred_bmd": float(bm), **c}
-                             for z, bm, c in zip(preds["pred_z"], preds["pred_bmd"], clin)]
-                else:
-                    probs = np.asarray(outputs.probs_main)[keep][:, cls]
-                    cams = explainer.cams(imgs, cls)
-                for b, img, cam, p, ex in zip(sel, imgs, cams, probs, extra):
-                    name = f"{safe_name(b.row['image_id'])}.png"
-                    save_png(out / name, overlay(img, cam))
-                    writer.writerow({**b.row, **ex, "class": names[cls], "probability": float(p), "overlay": name})
-                    counts["explained"] += 1
-            bar.update(len(batch))
-            batch.clear()
-
         for item in iter_inputs(inputs, exclude=[out]):
             prep = engine.prepare(item)
             if prep.images is None:
                 writer.writerow(prep.row)
-                counts["skipped"] += 1
+                run.counts["skipped"] += 1
                 bar.update(1)
                 continue
             batch.append(prep)
             if len(batch) >= batch_size:
-                flush()
-        flush()
+                run.write_batch(batch)
+                bar.update(len(batch))
+                batch = []
+        run.write_batch(batch)
+        bar.update(len(batch))
     bar.close()
-    return {**counts, "csv": str(out / "explain.csv"), "class": names[cls]}
+    return {**run.counts, "csv": str(out / "explain.csv"), "class": run.names[cls]}
+
+
+def _explained_class(loaded: Any, task: Any, target: str | None, clinical: Any) -> int:
+    """The class index to explain; refuses a class the model lacks or a request its task cannot serve."""
+    names = list(loaded.spec.class_names)
+    if target is not None and target not in names:
+        raise ExplainError(f"class {target!r} is not one of this model's classes {names}")
+    if task.explain_target and target not in (None, task.explain_target):
+        raise ExplainError(f"a {task.name} model is explained towards {task.explain_target} (lower predicted "
+                           "Z-score) only")
+    if clinical is not None and not task.needs_clinical:
+        raise ExplainError("--clinical gives height/weight to a pediatric model; this model does not use them")
+    return names.index(target) if target is not None else int(loaded.spec.positive_class)
+
+
+@dataclass
+class _ExplainRun:
+    """One ``explain_paths`` run: the engine that scores a batch, the explainer and the CSV it writes."""
+
+    engine: Any
+    explainer: Any
+    writer: Any
+    out: Path
+    loaded: Any
+    cls: int
+    pediatric: bool
+    ood: str
+    counts: dict[str, int] = field(default_factory=lambda: {"explained": 0, "skipped": 0})
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.loaded.spec.class_names)
+
+    def write_batch(self, batch: list[Any]) -> None:
+        """Score ``batch`` as ``screen`` would; a map for each image the OOD check lets through."""
+        from bonescreen.screen import safe_name
+
+        if not batch:
+            return
+        outputs = self.engine.infer(batch)
+        rows = self.engine.decide(outputs)
+        keep = [k for k, r in enumerate(rows) if r.get("reason") != "out_of_distribution" or self.ood == "flag"]
+        for k, (b, r) in enumerate(zip(batch, rows)):
+            if k not in keep:  # refused by the OOD check: listed with its reason, no map
+                b.row.update(eligible=False, reason=r["reason"], message=r["message"])
+                self.writer.writerow(b.row)
+                self.counts["skipped"] += 1
+        sel = [batch[k] for k in keep]
+        if not sel:
+            return
+        imgs = np.stack([b.images[self.loaded.size] for b in sel])
+        extra: list[dict[str, Any]] = [{} for _ in sel]
+        if self.pediatric:
+            from bonescreen.screen import clinical_raw
+
+            clin = [b.clinical or {} for b in sel]
+            preds = outputs.pediatric.iloc[keep]
+            probs = preds["prob_low_bmd"].to_numpy(dtype=float)
+            cams = self.explainer.cams(imgs, clinical_raw(clin))
+            extra = [{"pred_z": float(z), "pred_bmd": float(bm), **c}
+                     for z, bm, c in zip(preds["pred_z"], preds["pred_bmd"], clin)]
+        else:
+            probs = np.asarray(outputs.probs_main)[keep][:, self.cls]
+            cams = self.explainer.cams(imgs, self.cls)
+        for b, img, cam, p, ex in zip(sel, imgs, cams, probs, extra):
+            name = f"{safe_name(b.row['image_id'])}.png"
+            save_png(self.out / name, overlay(img, cam))
+            self.writer.writerow({**b.row, **ex, "class": self.names[self.cls], "probability": float(p),
+                                  "overlay": name})
+            self.counts["explained"] += 1
 
 
 def explain_manifest(

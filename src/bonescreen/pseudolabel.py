@@ -29,6 +29,7 @@ from bonescreen.distributed import DistEnv, barrier, cleanup, init_distributed
 from bonescreen.errors import TableError
 from bonescreen.training.inference import infer_logits_distributed, softmax_rows
 from bonescreen.training.prepare import cpu_workers
+from bonescreen.walk import walk_files
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +77,8 @@ def pool_frame(pool: str | Path | pd.DataFrame | Sequence[str | Path]) -> pd.Dat
     if isinstance(pool, (str, Path)):
         p = Path(pool)
         if p.is_dir():
-            files = sorted(
-                f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
-            )
+            # the one folder walker (hidden names skipped, folder links not followed), as screen and cohort
+            files = sorted(f for f in walk_files(p) if f.suffix.lower() in IMAGE_SUFFIXES)
             if not files:
                 raise TableError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {p}")
             return read_manifest(pd.DataFrame({"path": [str(f) for f in files]}))

@@ -37,6 +37,7 @@ from bonescreen import __version__
 from bonescreen.adapt.abstain import AbstainBand, apply_band, classify
 from bonescreen.adapt.recalibrate import CalibrationError, Recalibration
 from bonescreen.errors import ModelArtifactError
+from bonescreen.jsonable import plain
 from bonescreen.tasks import TASKS, get_task
 
 PROFILE_SCHEMA = "bonescreen-site-profile"
@@ -118,7 +119,7 @@ class SiteProfile:
             "base_profile": self.base_profile, "created": self.created,
             "bonescreen_version": self.bonescreen_version, "notes": list(self.notes),
         }
-        return _plain(d)
+        return plain(d, strict=True)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SiteProfile:
@@ -148,31 +149,6 @@ class SiteProfile:
         d["adaptation"] = summarise_adaptation(self.adaptation)
         d.pop("metrics", None)
         return d
-
-
-def _plain(o: Any) -> Any:
-    """Plain JSON types all the way down; NaN/inf become None (strict JSON, ONNX metadata)."""
-    if isinstance(o, Mapping):
-        return {str(k): _plain(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_plain(v) for v in o]
-    if isinstance(o, (bool, str)) or o is None:
-        return o
-    if isinstance(o, (int, np.integer)):
-        return int(o)
-    if isinstance(o, (float, np.floating)):
-        return float(o) if math.isfinite(float(o)) else None
-    return _plain(_json_default(o))
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, (dt.date, dt.datetime)):
-        return o.isoformat()
-    raise TypeError(f"{type(o).__name__} is not JSON-able")
 
 
 # --------------------------------------------------------------------------

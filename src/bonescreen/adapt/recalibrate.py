@@ -27,8 +27,9 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from bonescreen.errors import BonescreenError
+from bonescreen.evaluate.metrics import LOGIT_EPS, logit
 
-EPS = 1e-6
+EPS = LOGIT_EPS
 ISOTONIC_EPS = 1e-3
 METHODS = ("identity", "platt", "isotonic", "prior_shift")
 
@@ -37,11 +38,6 @@ class CalibrationError(BonescreenError):
     """The local data cannot support a recalibration (too few pairs, one class, ...)."""
 
     reason = "calibration"
-
-
-def logit(p: ArrayLike, eps: float = EPS) -> NDArray[np.float64]:
-    q = np.clip(np.asarray(p, dtype=float), eps, 1.0 - eps)
-    return np.log(q / (1.0 - q))
 
 
 def sigmoid(x: ArrayLike) -> NDArray[np.float64]:

@@ -207,7 +207,12 @@ class CalibrationFit:
         return {"slope": self.slope.to_dict(), "intercept": self.intercept.to_dict(), "n": self.n}
 
 
-def _logit(scores: ArrayLike, eps: float = 1e-6) -> NDArray[np.float64]:
+#: probabilities are clipped to [LOGIT_EPS, 1 - LOGIT_EPS] before a logit (0 and 1 stay finite)
+LOGIT_EPS = 1e-6
+
+
+def logit(scores: ArrayLike, eps: float = LOGIT_EPS) -> NDArray[np.float64]:
+    """log(p / (1 - p)) of clipped probabilities: the one logit (calibration here, site profiles' maps)."""
     p = np.clip(np.asarray(scores, dtype=float), eps, 1 - eps)
     out: NDArray[np.float64] = np.log(p / (1 - p))
     return out
@@ -224,7 +229,7 @@ def calibration_slope_intercept(labels: ArrayLike, scores: ArrayLike, alpha: flo
     import statsmodels.api as sm
 
     y = np.asarray(labels).astype(float)
-    lp = _logit(scores)
+    lp = logit(scores)
     n = int(y.size)
     if not _two_classes(y.astype(int)):
         nan = Estimate(math.nan, note="needs both classes")

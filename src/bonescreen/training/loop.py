@@ -34,10 +34,11 @@ from bonescreen.config import TrainConfig
 from bonescreen.data import EpochSampler, balanced_weights, class_weights
 from bonescreen.distributed import DistEnv, all_gather_object, all_reduce_sum, barrier, broadcast_object, state_checksum
 from bonescreen.errors import BonescreenError
+from bonescreen.jsonable import plain
 from bonescreen.training.checkpoint import LoopState, Optimisation, save_checkpoint, start_state
 from bonescreen.training.hooks import EpochScore, Evaluation, LossFn, TrainDataset, TrainResult
 from bonescreen.training.inference import autocast
-from bonescreen.training.outputs import plain_python, spec_with_card, write_csv, write_frame
+from bonescreen.training.outputs import spec_with_card, write_csv, write_frame
 
 log = logging.getLogger(__name__)
 
@@ -301,16 +302,16 @@ def select_epoch(job: TrainJob, tr: Trainer, state: LoopState, record: dict[str,
     improved = broadcast_object(best is None or scored.score > best["score"], env)
     if improved:
         state.best = {"score": float(scored.score), "epoch": state.epoch + 1, "step": state.global_step,
-                      "metrics": plain_python(record), "tune_score_histogram": scored.histogram}
+                      "metrics": plain(record), "tune_score_histogram": scored.histogram}
         state.bad_epochs = 0
         if env.is_main:
             card = dict(job.model_card)
-            card["tune_metrics"] = plain_python(record)
+            card["tune_metrics"] = plain(record)
             save_artifact(paths.artifact, tr.opt.model, spec_with_card(job.spec, card))
     elif not record["partial"]:
         state.bad_epochs += 1
     record["best"] = bool(improved)
-    state.history.append(plain_python(record))
+    state.history.append(plain(record))
 
 
 def log_epoch(record: dict[str, Any], scored: EpochScore, state: LoopState, paths: RunPaths, env: DistEnv,
@@ -385,13 +386,13 @@ def finish_run(job: TrainJob, model: nn.Module, state: LoopState, paths: RunPath
         predictions_path = paths.out / "predictions.csv"
         write_frame(preds, predictions_path)
     if env.is_main:
-        save_artifact(paths.artifact, model, spec_with_card(job.spec, plain_python(card)))
-        (paths.out / "model_card.json").write_text(json.dumps(plain_python(card), indent=1, default=str))
+        save_artifact(paths.artifact, model, spec_with_card(job.spec, plain(card)))
+        (paths.out / "model_card.json").write_text(json.dumps(plain(card), indent=1, default=str))
     barrier(env)
     return TrainResult(
         out_dir=paths.out, artifact_path=paths.artifact, checkpoint_path=paths.checkpoint,
         metrics_csv=paths.metrics_csv, predictions_path=predictions_path,
         best_epoch=best["epoch"] if best else None, best_metrics=best["metrics"] if best else {},
         history=state.history, global_step=state.global_step, stopped=state.stopped,
-        n_skipped_images=job.n_skipped_images, model_card=plain_python(card),
+        n_skipped_images=job.n_skipped_images, model_card=plain(card),
     )

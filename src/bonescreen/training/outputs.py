@@ -7,11 +7,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from bonescreen.artifact import ModelSpec
 from bonescreen.fsio import atomic_open, atomic_path
+from bonescreen.jsonable import plain
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
@@ -31,21 +31,8 @@ def write_frame(frame: pd.DataFrame, path: Path) -> None:
         frame.to_csv(tmp, index=False)
 
 
-def plain_python(value: Any) -> Any:
-    """Numpy scalars and containers -> plain Python (artifacts load with weights_only)."""
-    if isinstance(value, dict):
-        return {str(k): plain_python(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain_python(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
 def spec_with_card(spec: ModelSpec, card: dict[str, Any]) -> ModelSpec:
-    return replace(spec, model_card=plain_python(card))
+    return replace(spec, model_card=plain(card))
 
 
 def data_summary(frame: pd.DataFrame, class_names: list[str]) -> dict[str, Any]:

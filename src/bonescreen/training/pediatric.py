@@ -45,6 +45,7 @@ from bonescreen.config import ConfigError, TrainConfig, load_config
 from bonescreen.data import PreparedImages, read_manifest, split_rows
 from bonescreen.distributed import DistEnv, all_gather_object, cleanup, init_distributed
 from bonescreen.errors import TableError
+from bonescreen.jsonable import plain
 from bonescreen.labels import PEDIATRIC_LOW_Z
 from bonescreen.models import GRAY_MEAN, GRAY_STD
 from bonescreen.pediatric.data import PediatricDataset, clinical_of, pediatric_rows, targets_of
@@ -71,7 +72,7 @@ from bonescreen.training.checkpoint import seed_everything
 from bonescreen.training.hooks import Evaluation, LossFn, TrainResult
 from bonescreen.training.jobs import train_task
 from bonescreen.training.model import resolve_pretrained
-from bonescreen.training.outputs import plain_python, write_frame
+from bonescreen.training.outputs import write_frame
 from bonescreen.training.prepare import prepare_split
 from bonescreen.training.selection import CallbackEvaluation, TrainLossSelection
 
@@ -373,7 +374,7 @@ class PediatricHooks:
         test_path = out / "predictions.csv"
         write_frame(preds, test_path)
         regression = regression_metrics(preds, n_boot=200, seed=cfg.seed)
-        (out / "regression.json").write_text(json.dumps(plain_python(regression), indent=1, default=str))
+        (out / "regression.json").write_text(json.dumps(plain(regression), indent=1, default=str))
         return test_path, regression
 
     def final_card(self, card: dict[str, Any], chosen: str, selection: dict[str, dict[str, float]] | None,
@@ -406,12 +407,12 @@ class PediatricHooks:
         tune_path = self.write_tune(tune_scored, chosen, out)
         test_path, regression = self.write_test(model, chosen, cfg, out)
         card = self.final_card(result.model_card, chosen, selection, regression)
-        spec = replace(self.spec, extra=plain_python(self.extra), model_card=plain_python(card))
+        spec = replace(self.spec, extra=plain(self.extra), model_card=plain(card))
         save_artifact(result.artifact_path, model, spec)
         # the OOD part (one class: a regression), on the training split, threshold on tuning
         attach_ood(result.artifact_path, preps["train"].source, None, preps["tune"].source,
                    quantile=cfg.ood_quantile)
-        (out / "model_card.json").write_text(json.dumps(plain_python(card), indent=1, default=str))
+        (out / "model_card.json").write_text(json.dumps(plain(card), indent=1, default=str))
         return PediatricTrainResult(
             out, result.artifact_path, test_path, tune_path, regression, float(self.extra["residual_sd_z"]),
             result.history, self.dropped, z_from=chosen, best_epoch=result.best_epoch, z_from_selection=selection,

@@ -22,6 +22,7 @@ from torch import nn
 from bonescreen.config import TrainConfig
 from bonescreen.data import ManifestDataset
 from bonescreen.distributed import DistEnv
+from bonescreen.jsonable import plain
 from bonescreen.training.hooks import EpochScore, EvaluateFn
 from bonescreen.training.inference import (
     infer_logits_distributed,
@@ -29,7 +30,6 @@ from bonescreen.training.inference import (
     softmax_rows,
     tune_score_histogram,
 )
-from bonescreen.training.outputs import plain_python
 
 
 def classification_metrics(labels: np.ndarray, logits: np.ndarray) -> dict[str, float]:
@@ -163,7 +163,7 @@ class ClassifierEvaluation:
         if self.test_ds is None or not _nonempty(self.test_ds):
             return None, None
         logits = evaluate_split(model, self.test_ds, env, cfg, progress, "test")
-        test_m = plain_python(classification_metrics(self.test_ds.labels, logits))
+        test_m = plain(classification_metrics(self.test_ds.labels, logits))
         if not env.is_main:
             return test_m, None
         preds = predictions_frame(self.test_frame, softmax_rows(logits), self.task, model_name=model_name,
@@ -187,7 +187,7 @@ class CallbackEvaluation:
         score = float(score)
         if math.isnan(score):
             score = -math.inf
-        return EpochScore(plain_python(dict(m)), score, None, f", selection score {score:.4f}")
+        return EpochScore(plain(dict(m)), score, None, f", selection score {score:.4f}")
 
     def test(self, model: nn.Module, env: DistEnv, cfg: TrainConfig, progress: bool,
              model_name: str) -> tuple[dict[str, Any] | None, pd.DataFrame | None]:
