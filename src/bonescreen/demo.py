@@ -257,8 +257,13 @@ MIN_STORY_HALF = 20
 
 def site_stories(model: Path, manifest: pd.DataFrame, cache: Path, oracle_path: Path, *, seed: int = 0,
                  n_boot: int = 1000) -> list[dict[str, Any]]:
-    """Before / label-free / calibrate on every site that is not the development site (DEV's tune
-    split makes the home profile), as a hospital would run ``calibrate`` and ``adapt``."""
+    """Before / label-free / calibrate on every site that is not the development site, as a hospital
+    would run ``calibrate`` and ``adapt``.
+
+    The home profile is fitted on the development site's held-out images (its tune and test splits:
+    never trained on; the demo's tune split alone is only ~7 % of the site, too few for a calibration
+    at small sizes). Without a home profile (too few images, one class) there is no story: logged.
+    """
     from bonescreen.adapt.calibrate import manifest_images, select_manifest
     from bonescreen.adapt.recalibrate import CalibrationError
     from bonescreen.adapt.story import SiteData, home_profile, site_story
@@ -268,18 +273,24 @@ def site_stories(model: Path, manifest: pd.DataFrame, cache: Path, oracle_path: 
     task = str(loaded.spec.task)
     oracle = json.loads(oracle_path.read_text())
 
-    def data(name: str, split: str | None) -> SiteData:
-        frame = select_manifest(manifest, task, site=name, split=split)
+    def data(name: str, splits: tuple[str, ...] | None = None) -> SiteData:
+        frame = select_manifest(manifest, task, site=name)
+        if splits is not None:
+            frame = frame[frame["split"].astype(str).isin(splits)].reset_index(drop=True)
         o = oracle.get(name)
         return SiteData(name, manifest_images(frame, cache, loaded.size), frame["label"].astype(int).to_numpy(),
                         frame["patient_id"].astype(str).to_numpy(),
                         float(o["auc"]) if isinstance(o, dict) and "auc" in o else None)
 
     dev = str(manifest.loc[manifest["split"] == "train", "site"].mode().iloc[0])  # the training site
-    home = home_profile(loaded, data(dev, "tune"), seed=seed)
+    try:
+        home = home_profile(loaded, data(dev, ("tune", "test")), seed=seed)
+    except CalibrationError as exc:
+        log.warning("demo: no home profile on %s's held-out images (%s): no adaptation story", dev, exc)
+        return []
     stories = []
     for name in sorted(set(manifest["site"].astype(str)) - {dev}):
-        site = data(name, None)
+        site = data(name)
         if len(site.labels) < 2 * MIN_STORY_HALF:
             log.warning("demo: %s has %d labelled images; the adaptation story needs %d", name, len(site.labels),
                         2 * MIN_STORY_HALF)

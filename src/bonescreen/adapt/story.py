@@ -5,7 +5,8 @@ functions ``bonescreen calibrate`` and ``bonescreen adapt`` run:
 
 1. a **home profile** at the development site: the adaptation of :func:`~bonescreen.adapt.tta.
    fit_home_adaptation` (the grey-scale reference; BatchNorm where the network has it) fitted on
-   its tune split, then calibrated there (``calibrate --adapt ... --site DEV --split tune``);
+   held-out images (its tune split in the README's commands; the demo takes tune and test), then
+   calibrated there (``calibrate --adapt ... --site DEV --split tune``);
 2. **before**: the model at its own cut-off;
 3. **label-free**: ``adapt --home HOME`` on all of the site's images (no label read);
 4. **calibrate**: half of the site's patients as local DXA-paired results (``calibrate`` on the
@@ -48,7 +49,7 @@ def home_method(loaded: Any) -> str:
 
 def home_profile(loaded: Any, home: SiteData, *, method: str | None = None, target_sensitivity: float = 0.90,
                  seed: int = 0) -> SiteProfile:
-    """What ``calibrate --adapt METHOD`` makes on the development site's tune split."""
+    """What ``calibrate --adapt METHOD`` makes on held-out images of the development site."""
     from bonescreen.artifact import weights_fingerprint
 
     adaptation = fit_home_adaptation(loaded, home.images, method or home_method(loaded))
