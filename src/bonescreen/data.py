@@ -128,7 +128,7 @@ class ImageSource:
         cached: np.ndarray = self._cache.get(self.paths[i])
         return cached
 
-    def batch(self, indices: Sequence[int]) -> np.ndarray:
+    def batch(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         return np.stack([self.get(int(i)) for i in indices]) if len(indices) else np.zeros(
             (0, self.size, self.size), np.uint8
         )
