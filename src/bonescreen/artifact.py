@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -230,7 +231,7 @@ class ScoringGraph(nn.Module):
 
 
 def load_artifact(
-    path: str | Path, *, expected_task: str | None = None, device: str = "cpu"
+    path: str | os.PathLike[str], *, expected_task: str | None = None, device: str = "cpu"
 ) -> LoadedModel:
     """Load and validate an artifact; refuse corrupt files, other versions and other tasks."""
     path = Path(path)

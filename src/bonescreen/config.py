@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 
@@ -260,5 +260,6 @@ def add_config_arguments(parser: Any) -> None:
 def config_from_args(args: Any, extra: dict[str, Any] | None = None) -> TrainConfig:
     overrides = parse_overrides(getattr(args, "overrides", None))
     overrides.update({k: v for k, v in (extra or {}).items() if v is not None})
-    source = getattr(args, "config", None) or getattr(args, "preset", "cpu-tiny")
+    # argparse fills these: ``config`` a path or None, ``preset`` a preset name
+    source = cast("str | Path", getattr(args, "config", None) or getattr(args, "preset", "cpu-tiny"))
     return load_config(source, overrides)

@@ -119,14 +119,16 @@ class ImageSource:
 
     def get(self, i: int) -> np.ndarray:
         if self.array is not None:
-            return self.array[i]
+            img: np.ndarray = self.array[i]
+            return img
         if self._cache is None:
             from bonescreen.preprocess import PreprocessCache
 
             self._cache = PreprocessCache(self.cache_root, self.size)  # type: ignore[arg-type]
-        return self._cache.get(self.paths[i])
+        cached: np.ndarray = self._cache.get(self.paths[i])
+        return cached
 
-    def batch(self, indices: Sequence[int]) -> np.ndarray:
+    def batch(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         return np.stack([self.get(int(i)) for i in indices]) if len(indices) else np.zeros(
             (0, self.size, self.size), np.uint8
         )
@@ -294,7 +296,7 @@ def _flip_transform(compose: Any) -> Any:
 # --- dataset --------------------------------------------------------------------
 
 
-class ManifestDataset(Dataset):
+class ManifestDataset(Dataset[dict[str, Any]]):
     """Images + integer labels, with seeded per-sample augmentation.
 
     Items are dicts: ``image`` float ``(1, H, W)``, ``label`` int64, ``index``,
@@ -383,17 +385,19 @@ def balanced_weights(labels: Sequence[int] | np.ndarray) -> np.ndarray:
     """Per-sample weights 1 / n(class): every class is drawn equally often."""
     labels = np.asarray(labels)
     counts = np.bincount(labels)
-    return (1.0 / counts[labels]).astype(np.float64)
+    weights: np.ndarray = (1.0 / counts[labels]).astype(np.float64)
+    return weights
 
 
 def class_weights(labels: Sequence[int] | np.ndarray, num_classes: int) -> np.ndarray:
     """Loss weights n / (C * n(class)), as sklearn's ``class_weight='balanced'``."""
     counts = np.bincount(np.asarray(labels), minlength=num_classes).astype(np.float64)
     counts[counts == 0] = 1.0
-    return counts.sum() / (num_classes * counts)
+    weights: np.ndarray = counts.sum() / (num_classes * counts)
+    return weights
 
 
-class EpochSampler(DistributedSampler):
+class EpochSampler(DistributedSampler[int]):
     """A ``DistributedSampler`` that can also draw class-balanced samples and skip ahead.
 
     Works with one process too (``num_replicas=1``). ``weights`` draws a
@@ -414,8 +418,10 @@ class EpochSampler(DistributedSampler):
         weights: np.ndarray | None = None,
         drop_last: bool = False,
     ) -> None:
+        # DistributedSampler only takes len() of its dataset (torch types it Dataset); a range of n is enough
         super().__init__(
-            range(n), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
+            range(n),  # type: ignore[arg-type]
+            num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
         )
         self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
         self.start = 0

@@ -43,7 +43,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -325,8 +325,9 @@ def build_study_sr(
         is_verified=False,
         series_description="bonescreen bone health screening",
     )
-    sr.ContentDate = now.strftime("%Y%m%d")
-    sr.ContentTime = now.strftime("%H%M%S")
+    # highdicom annotates these as pydicom's DA/TM; pydicom takes the DICOM string form and converts it
+    sr.ContentDate = now.strftime("%Y%m%d")  # type: ignore[assignment]
+    sr.ContentTime = now.strftime("%H%M%S")  # type: ignore[assignment]
     sr.SoftwareVersions = __version__
     return sr
 
@@ -361,7 +362,7 @@ def build_sc(source: Dataset, rgb: np.ndarray, *, model_id: str = "") -> Any:
         sop_instance_uid=_uid("sc", sop, model_id),
         instance_number=1,
         manufacturer=MANUFACTURER,
-        patient_orientation=tuple(str(o) for o in orientation),
+        patient_orientation=cast("tuple[str, str]", tuple(str(o) for o in orientation)),  # two values (checked above)
         series_description="bonescreen Grad-CAM overlay",
     )
     sc.ImageType = ["DERIVED", "SECONDARY"]

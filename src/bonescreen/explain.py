@@ -220,7 +220,7 @@ def explain_manifest(
     rows = prep.frame
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    records = []
+    records: list[dict[str, Any]] = []
     background = clinical_of(bg_frame)
     for i in tqdm(range(len(rows)), desc="explain", unit="img", disable=not progress):
         r = rows.iloc[i : i + 1]
@@ -237,7 +237,7 @@ def explain_manifest(
             pred_z=float(res["z"][0]), pred_bmd=float(res["bmd"][0]),
             ref_z=float(r["_z"].iloc[0]), ref_bmd=ref_bmd if np.isfinite(ref_bmd) else None,
         )
-        rec = {"image_id": image_id, "png": name, "pred_z": float(res["z"][0]), "pred_bmd": float(res["bmd"][0]),
+        rec: dict[str, Any] = {"image_id": image_id, "png": name, "pred_z": float(res["z"][0]), "pred_bmd": float(res["bmd"][0]),
                "prob_low_bmd": float(res["prob_low_bmd"][0]), "dxa_z": float(r["_z"].iloc[0]),
                "dxa_bmd": ref_bmd, "shap_base": float(sh.base[0])}
         rec.update({f"shap_{f}": float(v) for f, v in zip(sh.features, sh.values[0])})

@@ -15,9 +15,9 @@ The model-level half of explaining: ``screen`` (overlays while screening) and
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import numpy as np
 
@@ -75,7 +75,9 @@ def find_target_layer(model: nn.Module, in_chans: int = 1, size: int = 96) -> nn
     try:
         model.eval()
         with torch.no_grad():
-            feats = model.forward_features(torch.zeros(1, in_chans, size, size))
+            # checked above (hasattr); nn.Module.__getattr__ types it as Tensor | Module
+            forward_features = cast(Callable[..., Any], model.forward_features)
+            feats = forward_features(torch.zeros(1, in_chans, size, size))
     finally:
         for h in handles:
             h.remove()
@@ -126,7 +128,8 @@ class Explainer:
                 maps = cam(input_tensor=x.to(device).clone(),
                            targets=[ClassifierOutputTarget(int(c)) for c in classes])
         maps = np.nan_to_num(np.asarray(maps, dtype=np.float32))
-        return np.clip(maps, 0.0, 1.0)
+        clipped: np.ndarray = np.clip(maps, 0.0, 1.0)
+        return clipped
 
 
 def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.4) -> np.ndarray:
@@ -141,7 +144,8 @@ def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.4) -> np.ndarra
     cam = np.asarray(cam, dtype=np.float32)
     if cam.shape != img.shape:
         cam = cv2.resize(cam, (img.shape[1], img.shape[0]), interpolation=cv2.INTER_LINEAR)
-    return show_cam_on_image(rgb, np.clip(cam, 0, 1), use_rgb=True, image_weight=1.0 - alpha)
+    blended: np.ndarray = show_cam_on_image(rgb, np.clip(cam, 0, 1), use_rgb=True, image_weight=1.0 - alpha)
+    return blended
 
 
 def save_png(path: str | os.PathLike[str], rgb: np.ndarray) -> Path:

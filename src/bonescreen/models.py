@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -54,7 +55,7 @@ def create_model(
     """
     import timm
 
-    kwargs: dict = {"num_classes": num_classes, "in_chans": in_chans, "drop_rate": drop_rate}
+    kwargs: dict[str, Any] = {"num_classes": num_classes, "in_chans": in_chans, "drop_rate": drop_rate}
     if drop_path_rate is not None:
         kwargs["drop_path_rate"] = drop_path_rate
     if arch not in timm.list_models():
@@ -79,6 +80,7 @@ def create_model(
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise PretrainedLoadError(f"pretrained weights file not found: {path}")
+    state: Any  # safetensors gives a dict of tensors; torch.load whatever the file holds
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

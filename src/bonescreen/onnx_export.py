@@ -153,7 +153,8 @@ class OnnxModel:
         x = np.asarray(images, dtype=np.float32)
         if x.ndim == 2:
             x = x[None]
-        return self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(x)})[0]
+        probs: np.ndarray = self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(x)})[0]
+        return probs
 
     def predict_with_features(self, images: np.ndarray, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
         x = np.asarray(images, dtype=np.float32)
@@ -297,7 +298,8 @@ def quantize_onnx(
             if calibration is None or len(calibration) == 0:
                 raise ValueError("static quantization needs calibration images")
 
-            class Reader(CalibrationDataReader):
+            # onnxruntime.quantization ships no type information: its base class is Any to mypy
+            class Reader(CalibrationDataReader):  # type: ignore[misc]
                 def __init__(self, images: np.ndarray) -> None:
                     self.items = iter([{INPUT_NAME: images[i : i + 1].astype(np.float32)} for i in range(len(images))])
 

@@ -92,7 +92,8 @@ class OODError(BonescreenError):
 def _normalise(features: np.ndarray) -> np.ndarray:
     f = np.asarray(features, dtype=np.float64)
     n = np.linalg.norm(f, axis=1, keepdims=True)
-    return f / np.maximum(n, 1e-12)
+    unit: np.ndarray = f / np.maximum(n, 1e-12)
+    return unit
 
 
 def select_blocks(layout: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -145,7 +146,8 @@ class GaussianBlock:
         for mu in self.means:
             d = x - mu
             out = np.minimum(out, np.einsum("nd,de,ne->n", d, self.precision, d))
-        return np.sqrt(np.maximum(out, 0.0))
+        dist: np.ndarray = np.sqrt(np.maximum(out, 0.0))
+        return dist
 
     def distance(self, features: np.ndarray) -> np.ndarray:
         return self.raw_distance(features) / self.scale
@@ -231,7 +233,8 @@ class OODModel:
 
     def distance(self, features: np.ndarray) -> np.ndarray:
         """Combined distance ``(N,)``: the largest block distance."""
-        return np.max(np.stack([b.distance(features) for b in self.blocks]), axis=0)
+        combined: np.ndarray = np.max(np.stack([b.distance(features) for b in self.blocks]), axis=0)
+        return combined
 
     def score(self, features: np.ndarray) -> np.ndarray:
         """Distance / refusal threshold: 1.0 is the refusal threshold, whatever the model."""
@@ -260,7 +263,8 @@ class OODModel:
                 blocks = [GaussianBlock.from_dict({"name": PENULTIMATE, "start": 0, "stop": means.shape[1],
                                                    "means": means, "precision": d["precision"], "normalise": True,
                                                    "scale": 1.0, "shrinkage": d.get("shrinkage", 0.0)})]
-                if int(d.get("feature_dim", means.shape[1])) != means.shape[1]:
+                feature_dim: Any = d.get("feature_dim", means.shape[1])
+                if int(feature_dim) != means.shape[1]:
                     raise OODError("the artifact's OOD part names another feature dimension than its statistics")
             else:
                 blocks = [GaussianBlock.from_dict(b) for b in d["blocks"]]
@@ -406,7 +410,8 @@ def acquisition_augmentation(image: np.ndarray, rng: np.random.Generator) -> np.
                     x[:, -k:] = 0
     if rng.random() < 0.5:
         x = x[:, ::-1]
-    return np.round(x * 255).astype(np.uint8)
+    img: np.ndarray = np.round(x * 255).astype(np.uint8)
+    return img
 
 
 class _Augmented:
@@ -460,7 +465,8 @@ def attach_ood(
     """
     import torch
 
-    from bonescreen.artifact import FORMAT_VERSION, atomic_torch_save, load_artifact
+    from bonescreen.artifact import FORMAT_VERSION, load_artifact
+    from bonescreen.fsio import atomic_torch_save
 
     src = Path(artifact)
     loaded = load_artifact(src)
@@ -512,7 +518,8 @@ def fit_ood_for_artifact(
 
     import torch
 
-    from bonescreen.artifact import atomic_torch_save, load_artifact
+    from bonescreen.artifact import load_artifact
+    from bonescreen.fsio import atomic_torch_save
     from bonescreen.data import prepare_images, read_manifest, split_rows, task_labels
 
     src, dest = Path(artifact), Path(out)

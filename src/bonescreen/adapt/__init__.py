@@ -9,7 +9,6 @@
 """
 
 from bonescreen.adapt.abstain import (
-    INDETERMINATE,
     INDETERMINATE_MESSAGE,
     AbstainBand,
     apply_band,
@@ -37,6 +36,7 @@ from bonescreen.adapt.recalibrate import (
     fit_platt,
     prior_shift,
 )
+from bonescreen.schema import INDETERMINATE
 
 __all__ = [
     "INDETERMINATE",

@@ -240,7 +240,8 @@ def manifest_images(frame: Any, cache_root: str | Path, size: int, progress: boo
     from bonescreen.data import prepare_images
 
     prep = prepare_images(frame, cache_root, size, preload="false", workers=2, progress=progress)
-    return prep.source.batch(np.arange(len(prep.source)))
+    images: NDArray[np.uint8] = prep.source.batch(np.arange(len(prep.source)))
+    return images
 
 
 def pairs_from_manifest(model: Any, manifest: str | Path | Any, cache_root: str | Path, *, site: str | None = None,
@@ -299,7 +300,8 @@ def choose_threshold(labels: NDArray[Any], scores: NDArray[Any], config: Calibra
 
 
 def _est(e: Any) -> dict[str, Any]:
-    return e.to_dict()
+    d: dict[str, Any] = e.to_dict()
+    return d
 
 
 def metrics_block(labels: NDArray[Any], probs: NDArray[Any], decisions: NDArray[Any] | None = None,
@@ -453,6 +455,7 @@ def make_band(labels: NDArray[Any], scores: NDArray[Any], threshold: float, reca
     if config.abstain_width is not None:
         return band_from_probability(threshold, config.abstain_width, recal)
     if config.abstain_sensitivity is not None:
+        assert config.abstain_specificity is not None  # CalibrateConfig requires both or neither
         return band_from_rates(labels, scores, sensitivity=config.abstain_sensitivity,
                                specificity=float(config.abstain_specificity), threshold=threshold)
     return None

@@ -255,6 +255,7 @@ def label_free_profile(loaded: Any, *, name: str, base_scores: NDArray[np.float6
     rec = home_map.with_prior(prior, site_prior)
     post = rec.apply(scores)
     if rule == "sensitivity":
+        assert cfg.target_value is not None  # LabelFreeConfig refuses rule "sensitivity" without one
         t = sensitivity_cut(post, scores, float(cfg.target_value))
     elif rule == "probability":
         t = float(np.clip(rec.score_for(t0), 0.0, 1.0))

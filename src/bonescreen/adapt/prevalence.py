@@ -106,7 +106,8 @@ def _posteriors(scores: ArrayLike) -> NDArray[np.float64]:
         raise CalibrationError("no scores to estimate a prevalence from")
     if not np.all(np.isfinite(p)) or p.min() < 0 or p.max() > 1:
         raise CalibrationError("scores must be probabilities in [0, 1]")
-    return np.clip(p, EPS, 1.0 - EPS)
+    clipped: NDArray[np.float64] = np.clip(p, EPS, 1.0 - EPS)
+    return clipped
 
 
 def _check_prior(train_prior: float) -> None:

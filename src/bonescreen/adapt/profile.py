@@ -28,7 +28,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -119,7 +119,8 @@ class SiteProfile:
             "base_profile": self.base_profile, "created": self.created,
             "bonescreen_version": self.bonescreen_version, "notes": list(self.notes),
         }
-        return plain(d, strict=True)
+        out: dict[str, Any] = plain(d, strict=True)
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SiteProfile:
@@ -193,8 +194,7 @@ def artifact_lineage(path: str | Path) -> list[str]:
 
 
 def _save_profiles(path: Path, payload: dict[str, Any], profiles: dict[str, Any], out: Path | None) -> Path:
-    from bonescreen.artifact import atomic_torch_save
-    from bonescreen.fsio import file_sha256
+    from bonescreen.fsio import atomic_torch_save, file_sha256
 
     payload = dict(payload)
     payload["site_profiles"] = profiles
@@ -308,5 +308,5 @@ def site_rows(rows: Sequence[dict[str, Any]], profile: SiteProfile | None) -> li
         s = r.get(key)
         ok = s is not None and not (isinstance(s, float) and math.isnan(s))
         out.append(dict(r, site_profile=profile.name,
-                        site_probability=float(profile.probability([s])[0]) if ok else None))
+                        site_probability=float(profile.probability([cast(float, s)])[0]) if ok else None))
     return apply_band(out, profile.abstain if get_task(profile.task).abstain_band else None, score_key=key)

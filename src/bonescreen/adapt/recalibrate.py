@@ -42,7 +42,8 @@ class CalibrationError(BonescreenError):
 
 def sigmoid(x: ArrayLike) -> NDArray[np.float64]:
     z = np.asarray(x, dtype=float)
-    return np.exp(-np.logaddexp(0.0, -z))
+    p: NDArray[np.float64] = np.exp(-np.logaddexp(0.0, -z))
+    return p
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,8 @@ class Recalibration:
             return sigmoid(self.params["a"] + self.params["b"] * logit(s))
         x = np.asarray(self.params["x"], dtype=float)
         y = np.asarray(self.params["y"], dtype=float)
-        return np.clip(np.interp(s, x, y), ISOTONIC_EPS, 1.0 - ISOTONIC_EPS)
+        p: NDArray[np.float64] = np.clip(np.interp(s, x, y), ISOTONIC_EPS, 1.0 - ISOTONIC_EPS)
+        return p
 
     def score_for(self, probability: float) -> float:
         """The score whose recalibrated probability is ``probability`` (the map is monotone).

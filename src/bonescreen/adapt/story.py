@@ -55,10 +55,11 @@ def home_profile(loaded: Any, home: SiteData, *, method: str | None = None, targ
     adaptation = fit_home_adaptation(loaded, home.images, method or home_method(loaded))
     scores = score_images(adapted_model(loaded, adaptation), home.images)
     cfg = CalibrateConfig(target="sensitivity", target_value=target_sensitivity, learning_curve=(), seed=seed)
-    return calibrate_pairs(LocalPairs(home.labels, scores, home.groups), name="HOME",
-                           fingerprint=weights_fingerprint(loaded.model), task=str(loaded.spec.task),
-                           base_threshold=float(loaded.spec.threshold), config=cfg,
-                           adaptation=adaptation).profile
+    profile: SiteProfile = calibrate_pairs(LocalPairs(home.labels, scores, home.groups), name="HOME",
+                                           fingerprint=weights_fingerprint(loaded.model), task=str(loaded.spec.task),
+                                           base_threshold=float(loaded.spec.threshold), config=cfg,
+                                           adaptation=adaptation).profile
+    return profile
 
 
 def _row(stage: str, y: NDArray[Any], scores: NDArray[Any], threshold: float, oracle: float | None,

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -54,6 +54,12 @@ def batchnorm_layers(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchN
             if isinstance(m, BN_TYPES) and m.track_running_stats and m.running_mean is not None}
 
 
+def _running_stats(m: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's running mean and variance (:func:`batchnorm_layers` keeps only layers that track them)."""
+    assert m.running_mean is not None and m.running_var is not None
+    return m.running_mean, m.running_var
+
+
 def has_batchnorm(model: nn.Module) -> bool:
     return bool(batchnorm_layers(model))
 
@@ -71,7 +77,8 @@ def intensity_histogram(images: np.ndarray) -> list[float]:
     if arr.dtype != np.uint8 or arr.size == 0:
         raise CalibrationError("intensity statistics need preprocessed uint8 images")
     h = np.bincount(arr.reshape(-1), minlength=LEVELS).astype(np.float64)
-    return (h / h.sum()).tolist()
+    hist: list[float] = (h / h.sum()).tolist()
+    return hist
 
 
 def _mid_cdf(hist: np.ndarray) -> np.ndarray:
@@ -127,7 +134,10 @@ def fit_batchnorm(loaded: Any, images: np.ndarray, *, batch_size: int = 32,
         raise CalibrationError(f"{loaded.spec.arch} has no BatchNorm layers: use --method feature_align")
     if len(images) < 16:
         raise CalibrationError(f"batchnorm adaptation needs at least 16 images, got {len(images)}")
-    before = {n: (m.running_mean.clone(), m.running_var.clone()) for n, m in layers.items()}
+    before: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for n, m in layers.items():
+        mean, var = _running_stats(m)
+        before[n] = (mean.clone(), var.clone())
     for m in layers.values():
         m.reset_running_stats()
         m.momentum = None
@@ -140,8 +150,9 @@ def fit_batchnorm(loaded: Any, images: np.ndarray, *, batch_size: int = 32,
     shift = []
     for n, m in layers.items():
         mu0, var0 = before[n]
-        out[n] = {"mean": m.running_mean.double().tolist(), "var": m.running_var.double().tolist()}
-        shift.append(((m.running_mean - mu0).abs() / var0.clamp_min(1e-8).sqrt()).mean().item())
+        mean, var = _running_stats(m)
+        out[n] = {"mean": mean.double().tolist(), "var": var.double().tolist()}
+        shift.append(((mean - mu0).abs() / var0.clamp_min(1e-8).sqrt()).mean().item())
     return {"method": "batchnorm", "layers": out, "n_images": int(len(images)), "n_layers": len(out),
             "mean_shift_sd": float(np.mean(shift)), "max_layer_shift_sd": float(np.max(shift))}
 
@@ -167,7 +178,8 @@ def fit_home_adaptation(loaded: Any, images: np.ndarray, method: str, *, batch_s
 
 def penultimate(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The classifier head's input (timm: ``forward_head(forward_features(x), pre_logits=True)``)."""
-    return model.forward_head(model.forward_features(x), pre_logits=True)  # type: ignore[operator]
+    f: torch.Tensor = model.forward_head(model.forward_features(x), pre_logits=True)  # type: ignore[operator]
+    return f
 
 
 @torch.inference_mode()
@@ -224,7 +236,8 @@ class FeatureAligned(nn.Module):
         self.register_buffer("scale", t("source_std").clamp_min(eps) / t("target_std").clamp_min(eps))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_features(x)  # type: ignore[operator]
+        features: torch.Tensor = self.model.forward_features(x)  # type: ignore[operator]
+        return features
 
     def forward_intermediates(self, x: torch.Tensor, **kwargs: Any) -> Any:
         """The wrapped backbone's stages (bonescreen.features reads them for the OOD check)."""
@@ -233,10 +246,12 @@ class FeatureAligned(nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         f = self.model.forward_head(x, pre_logits=True)  # type: ignore[operator]
         f = (f - self.mu_t) * self.scale + self.mu_s
-        return f if pre_logits else self.model.get_classifier()(f)  # type: ignore[operator]
+        out: torch.Tensor = f if pre_logits else self.model.get_classifier()(f)  # type: ignore[operator]
+        return out
 
     def get_classifier(self) -> nn.Module:
-        return self.model.get_classifier()  # type: ignore[operator]
+        classifier: nn.Module = self.model.get_classifier()  # type: ignore[operator]
+        return classifier
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -263,19 +278,23 @@ class IntensityMapped(nn.Module):
 
     def remap(self, x: torch.Tensor) -> torch.Tensor:
         level = ((x.float() * self.std + self.mean) * 255.0).round().clamp(0, LEVELS - 1).long()
-        return self.lut.to(x.device)[level].to(x.dtype)
+        lut = cast(torch.Tensor, self.lut)  # a buffer registered in __init__
+        return lut.to(x.device)[level].to(x.dtype)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_features(self.remap(x))  # type: ignore[operator]
+        features: torch.Tensor = self.model.forward_features(self.remap(x))  # type: ignore[operator]
+        return features
 
     def forward_intermediates(self, x: torch.Tensor, **kwargs: Any) -> Any:
         return self.model.forward_intermediates(self.remap(x), **kwargs)  # type: ignore[operator]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.model.forward_head(x, pre_logits=pre_logits)  # type: ignore[operator]
+        out: torch.Tensor = self.model.forward_head(x, pre_logits=pre_logits)  # type: ignore[operator]
+        return out
 
     def get_classifier(self) -> nn.Module:
-        return self.model.get_classifier()  # type: ignore[operator]
+        classifier: nn.Module = self.model.get_classifier()  # type: ignore[operator]
+        return classifier
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(self.remap(x))  # type: ignore[no-any-return]
@@ -287,12 +306,13 @@ def _load_batchnorm(new: nn.Module, stored: Mapping[str, Any]) -> None:
         raise CalibrationError("the profile's BatchNorm statistics do not match this network's layers")
     with torch.no_grad():
         for n, m in layers.items():
-            mean = torch.tensor(stored[n]["mean"], dtype=m.running_mean.dtype)
-            var = torch.tensor(stored[n]["var"], dtype=m.running_var.dtype)
-            if mean.shape != m.running_mean.shape or var.shape != m.running_var.shape:
+            running_mean, running_var = _running_stats(m)
+            mean = torch.tensor(stored[n]["mean"], dtype=running_mean.dtype)
+            var = torch.tensor(stored[n]["var"], dtype=running_var.dtype)
+            if mean.shape != running_mean.shape or var.shape != running_var.shape:
                 raise CalibrationError(f"BatchNorm statistics for {n} have the wrong size")
-            m.running_mean.copy_(mean)
-            m.running_var.copy_(var)
+            running_mean.copy_(mean)
+            running_var.copy_(var)
 
 
 def adapted_module(model: nn.Module, adaptation: Mapping[str, Any] | None) -> nn.Module:

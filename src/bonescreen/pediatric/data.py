@@ -54,7 +54,7 @@ def pediatric_rows(
         if bmd_column in frame.columns
         else np.full(len(frame), np.nan)
     )
-    reasons = Counter()
+    reasons: Counter[str] = Counter()
     keep = np.ones(len(frame), dtype=bool)
     for i in range(len(frame)):
         if not np.isfinite(z[i]):
@@ -78,14 +78,16 @@ def pediatric_rows(
 
 def clinical_of(frame: pd.DataFrame) -> np.ndarray:
     """The raw clinical matrix of rows returned by :func:`pediatric_rows`."""
-    return frame[[f"_clin_{c}" for c in CLINICAL_FEATURES]].to_numpy(dtype=float)
+    clinical: np.ndarray = frame[[f"_clin_{c}" for c in CLINICAL_FEATURES]].to_numpy(dtype=float)
+    return clinical
 
 
 def targets_of(frame: pd.DataFrame) -> np.ndarray:
-    return frame[["_z", "_bmd"]].to_numpy(dtype=float)
+    targets: np.ndarray = frame[["_z", "_bmd"]].to_numpy(dtype=float)
+    return targets
 
 
-class PediatricDataset(Dataset):
+class PediatricDataset(Dataset[dict[str, Any]]):
     """A ManifestDataset item plus ``clinical`` (standardised), ``target`` and ``target_mask``.
 
     ``labels`` (low BMD, 0/1) is exposed so the training loop's class-balanced
@@ -132,6 +134,7 @@ def regression_loss(bmd_weight: float = 0.5):  # type: ignore[no-untyped-def]
         pred = model(x, batch["clinical"]).float()
         mask = batch["target_mask"].float()
         err = (pred - batch["target"].float()) ** 2 * mask * w.to(pred.device)
-        return err.sum() / (mask * w.to(pred.device)).sum().clamp_min(1.0)
+        loss: torch.Tensor = err.sum() / (mask * w.to(pred.device)).sum().clamp_min(1.0)
+        return loss
 
     return loss_fn

@@ -72,7 +72,8 @@ def _embeddings(loaded: Any, images: np.ndarray) -> np.ndarray:
     model = loaded.model
     device = next(model.parameters()).device
     with torch.inference_mode():
-        return model.image_embedding(x.to(device)).float().cpu().numpy()
+        embedding: np.ndarray = model.image_embedding(x.to(device)).float().cpu().numpy()
+        return embedding
 
 
 def clinical_shap(
@@ -123,7 +124,8 @@ class _WithClinical(nn.Module):
         self.clinical = clinical
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(x, self.clinical)
+        out: torch.Tensor = self.inner(x, self.clinical)
+        return out
 
 
 def _lower_z_target(extra: dict[str, Any], st: Standardizer, clinical_row: np.ndarray) -> Any:

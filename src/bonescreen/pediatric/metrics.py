@@ -119,7 +119,9 @@ def regression_metrics(preds: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0
             return None
         pid = frame["patient_id"].astype(object)
         # an unknown patient is its own resampling unit
-        return np.where(pid.notna(), pid.astype(str), "__img__" + pd.Series(range(len(frame))).astype(str)).astype(str)
+        groups: np.ndarray = np.where(pid.notna(), pid.astype(str),
+                                      "__img__" + pd.Series(range(len(frame))).astype(str)).astype(str)
+        return groups
 
     out: dict[str, Any] = {}
     for name, (tc, pc) in PAIRS.items():

@@ -17,10 +17,10 @@ the tuning split's undoing of the shrinkage toward the mean) lives in
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -59,7 +59,8 @@ class FusionRegressor(nn.Module):
         self.backbone = create_model(
             arch, 0, in_chans=in_chans, pretrained=pretrained, drop_rate=drop_rate, drop_path_rate=drop_path_rate
         )
-        n_img = int(self.backbone.num_features)
+        # timm models carry num_features and forward_features; nn.Module types attributes as Tensor | Module
+        n_img = int(cast(int, self.backbone.num_features))
         self.clinical = nn.Sequential(nn.Linear(n_clinical, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU())
         self.head = nn.Sequential(
             nn.Linear(n_img + hidden, hidden), nn.GELU(), nn.Dropout(drop_rate), nn.Linear(hidden, len(TARGETS))
@@ -68,13 +69,16 @@ class FusionRegressor(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The backbone's last feature map (Grad-CAM finds its target layer through this)."""
-        return self.backbone.forward_features(x)
+        forward_features = cast(Callable[[torch.Tensor], torch.Tensor], self.backbone.forward_features)
+        return forward_features(x)
 
     def image_embedding(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(x)
+        embedding: torch.Tensor = self.backbone(x)
+        return embedding
 
     def fuse(self, embedding: torch.Tensor, clinical: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.cat([embedding, self.clinical(clinical)], dim=1))
+        out: torch.Tensor = self.head(torch.cat([embedding, self.clinical(clinical)], dim=1))
+        return out
 
     def forward(self, x: torch.Tensor, clinical: torch.Tensor | None = None) -> torch.Tensor:
         if clinical is None:
@@ -191,7 +195,8 @@ def low_bmd_probability(z_pred: np.ndarray, residual_sd: float, threshold: float
     from scipy.stats import norm
 
     sd = max(float(residual_sd), MIN_RESIDUAL_SD)
-    return norm.cdf((threshold - np.asarray(z_pred, dtype=float)) / sd)
+    prob: np.ndarray = norm.cdf((threshold - np.asarray(z_pred, dtype=float)) / sd)
+    return prob
 
 
 # --- where the predicted Z comes from -----------------------------------------------------
@@ -242,7 +247,8 @@ def combine_z(
         raise ModelArtifactError(f"z_from {src!r} needs a fitted reference curve")
     age, sex = _age_sex(clinical_raw, extra)
     z_ref = ref.z(np.asarray(bmd_pred, dtype=float), age, sex)
-    return z_ref if src == "reference" else 0.5 * (z_head + z_ref)
+    z: np.ndarray = z_ref if src == "reference" else 0.5 * (z_head + z_ref)
+    return z
 
 
 # --- spread: undo the shrinkage toward the mean ---------------------------------------------

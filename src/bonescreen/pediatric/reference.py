@@ -54,7 +54,8 @@ def _design(age: np.ndarray, knots: np.ndarray, degree: int) -> np.ndarray:
 
     lo, hi = float(knots[degree]), float(knots[-degree - 1])
     a = np.clip(np.asarray(age, dtype=float), lo, hi)
-    return BSpline.design_matrix(a, knots, degree).toarray()
+    design: np.ndarray = BSpline.design_matrix(a, knots, degree).toarray()
+    return design
 
 
 def _transform(bmd: np.ndarray, name: str) -> np.ndarray:
@@ -76,18 +77,22 @@ class SexCurve:
     rmse_z: float  # cross-validated Z reconstruction error on the training pairs
 
     def mu(self, age: np.ndarray) -> np.ndarray:
-        return _design(age, np.asarray(self.mu_knots), MU_DEGREE) @ np.asarray(self.mu_coef)
+        mu: np.ndarray = _design(age, np.asarray(self.mu_knots), MU_DEGREE) @ np.asarray(self.mu_coef)
+        return mu
 
     def sigma(self, age: np.ndarray) -> np.ndarray:
         s = _design(age, np.asarray(self.sigma_knots), SIGMA_DEGREE) @ np.asarray(self.sigma_coef)
-        return np.maximum(s, self.sigma_floor)
+        sigma: np.ndarray = np.maximum(s, self.sigma_floor)
+        return sigma
 
     def z(self, bmd: np.ndarray, age: np.ndarray) -> np.ndarray:
-        return (_transform(bmd, self.transform) - self.mu(age)) / self.sigma(age)
+        z: np.ndarray = (_transform(bmd, self.transform) - self.mu(age)) / self.sigma(age)
+        return z
 
     def bmd(self, z: np.ndarray, age: np.ndarray) -> np.ndarray:
         y = self.mu(age) + np.asarray(z, dtype=float) * self.sigma(age)
-        return np.exp(y) if self.transform == "log" else y
+        bmd: np.ndarray = np.exp(y) if self.transform == "log" else y
+        return bmd
 
 
 def _fit_one(age: np.ndarray, z: np.ndarray, bmd: np.ndarray, transform: str, n_mu: int, n_sig: int,

@@ -209,7 +209,7 @@ def _ort(loaded: Any, ctx: BackendContext, path: Path) -> Predictor:
 
     model = load_onnx(path, threads=ctx.threads, providers=onnx_providers(ctx.device))
     model.spec = loaded.spec  # the artifact's description, OOD part included
-    return model  # type: ignore[return-value]
+    return model
 
 
 @register_backend("onnx")
@@ -293,7 +293,7 @@ def _openvino_factory(name: str, hint: str, precision: str, int8: bool) -> Any:
             raise ScreenError(f"the {name} backend runs on the CPU; with --device cuda use a torch or onnx backend")
         path = int8_onnx(loaded, ctx) if int8 else exported_onnx(loaded, ctx)
         return OpenVinoModel(path, loaded.spec, hint=hint, precision=precision, threads=ctx.threads,
-                             cache_dir=_cache(ctx) / "openvino")  # type: ignore[return-value]
+                             cache_dir=_cache(ctx) / "openvino")
 
     return factory
 

@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from bonescreen.adapt.abstain import INDETERMINATE, INDETERMINATE_MESSAGE
-from bonescreen.schema import OOD_FLAG_REASONS, OOD_POLICIES
+from bonescreen.adapt.abstain import INDETERMINATE_MESSAGE
+from bonescreen.schema import INDETERMINATE, OOD_FLAG_REASONS, OOD_POLICIES
 from bonescreen.tasks import (
     CASCADE,
     PEDIATRIC,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -206,8 +206,10 @@ class Task(ABC):
 #: name -> the registered task
 TASKS: dict[str, Task] = {}
 
+_T = TypeVar("_T", bound=Task)
 
-def register_task(task: Task) -> Task:
+
+def register_task(task: _T) -> _T:
     """Add ``task`` to the registry under ``task.name``; a second task of the same name is refused."""
     if task.name in TASKS and TASKS[task.name] is not task:
         raise ValueError(f"a task named {task.name!r} is already registered")

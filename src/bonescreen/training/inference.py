@@ -72,7 +72,7 @@ def infer_logits(
     out: list[np.ndarray] = []
     bar = tqdm(total=len(idx), desc=desc, unit="img", disable=not progress, leave=False)
     for start in range(0, len(idx), batch_size):
-        imgs = source.batch(idx[start : start + batch_size])  # type: ignore[arg-type]
+        imgs = source.batch(idx[start : start + batch_size])
         if flip:
             imgs = imgs[:, :, ::-1]
         x = normalize(np.ascontiguousarray(imgs), mean, std).to(device)
