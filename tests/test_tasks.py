@@ -288,3 +288,20 @@ def test_an_artifact_of_an_unknown_task_is_refused(tmp_path: Path) -> None:
     torch.save(payload, tmp_path / "x.pt")
     with pytest.raises(UnknownTaskError, match="unknown task 'stage9'"):
         load_artifact(tmp_path / "x.pt")
+
+
+def test_validation_table_columns_per_classifier_task() -> None:
+    """training's predictions.csv asks the task: P(positive) for binary tasks, 1 - P(normal) + the distribution for three_class."""
+    import numpy as np
+
+    from bonescreen.tasks import get_task
+
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]])
+    y = np.array([0.0, 2.0])
+    cols = get_task("three_class").validation_columns(probs, y)
+    np.testing.assert_allclose(cols["score"], [0.3, 0.9])
+    np.testing.assert_array_equal(cols["label"], [0.0, 1.0])
+    np.testing.assert_array_equal(cols["label_3class"], y)
+    assert [k for k in cols if k.startswith("prob_")] == ["prob_normal", "prob_low_bone_mass", "prob_osteoporosis"]
+    binary = get_task("stage1").validation_columns(probs[:, :2], np.array([1.0, 0.0]))
+    assert set(binary) == {"score", "label"} and binary["score"].tolist() == [0.2, 0.3]

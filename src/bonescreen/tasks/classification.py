@@ -86,6 +86,17 @@ class ClassificationTask(Task):
 
         return loss_fn
 
+    # ------------------------------------------------------------ validation (training's predictions.csv)
+
+    def validation_score(self, probs: np.ndarray) -> np.ndarray:
+        """``score`` of the validation predictions table: P(positive class)."""
+        out: np.ndarray = np.asarray(probs)[:, self.positive_class]
+        return out
+
+    def validation_columns(self, probs: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
+        """``score`` and ``label`` (the DXA label the report measures ``score`` against), and any extras."""
+        return {"score": self.validation_score(probs), "label": y}
+
     # ------------------------------------------------------------ decisions
 
     def decide(self, outputs: DecisionInputs, rule: DecisionRule, *, cascade: bool = False) -> list[dict[str, Any]]:
@@ -204,6 +215,19 @@ class ThreeClassTask(ClassificationTask):
     """Normal / low bone mass / osteoporosis by arg-max; ``score`` = P(low | not osteoporosis)."""
 
     explain_decided_class = True
+
+    def validation_score(self, probs: np.ndarray) -> np.ndarray:
+        """1 - P(normal): any low bone density (what the binary report measures against ``label``)."""
+        out: np.ndarray = 1.0 - np.asarray(probs)[:, 0]
+        return out
+
+    def validation_columns(self, probs: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
+        """Binary ``label`` (any low bone density), ``label_3class`` and the full distribution."""
+        cols = {"score": self.validation_score(probs), "label": np.where(np.isnan(y), np.nan, (y > 0).astype(float)),
+                "label_3class": y}
+        for j, name in enumerate(self.class_names):
+            cols[f"prob_{name}"] = np.asarray(probs)[:, j]
+        return cols
 
     def categorize_row(self, row: dict[str, Any], i: int, probs_main: np.ndarray | None,
                        probs_stage1: np.ndarray | None, *, threshold: float, threshold_stage1: float,

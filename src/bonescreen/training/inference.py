@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from bonescreen.artifact import TASK_CLASSES, LoadedModel, load_artifact
+from bonescreen.artifact import LoadedModel, load_artifact
 from bonescreen.config import TrainConfig
 from bonescreen.data import (
     TASK_LABEL_COLUMN,
@@ -23,6 +23,7 @@ from bonescreen.data import (
 )
 from bonescreen.distributed import DistEnv, all_gather_object, resolve_device
 from bonescreen.models import GRAY_MEAN, GRAY_STD
+from bonescreen.tasks import ClassificationTask, UnknownTaskError, get_task
 from bonescreen.training.prepare import cpu_workers
 
 # The schema.PREDICTION_* columns, ids and demographics before the score (spreadsheet order).
@@ -108,11 +109,18 @@ def softmax_rows(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)  # type: ignore[no-any-return]
 
 
+def _classifier(task: str) -> ClassificationTask:
+    t = get_task(task)
+    if not isinstance(t, ClassificationTask):
+        raise UnknownTaskError(f"{task!r} is not a classifier task; its predictions are not a class table")
+    return t
+
+
 def tune_score_histogram(probs: np.ndarray, task: str) -> dict[str, Any]:
     """Histogram of the tuning split's ``score`` (as ``predictions_frame`` defines it) for the model card."""
     from bonescreen.evaluate.metrics import score_histogram
 
-    scores = 1.0 - probs[:, 0] if task == "three_class" else probs[:, 1]
+    scores = _classifier(task).validation_score(probs)
     return {**score_histogram(scores), "split": "tune", "n": int(len(scores))}
 
 
@@ -140,15 +148,8 @@ def predictions_frame(
         col = TASK_LABEL_COLUMN.get(task, "label")
         y = pd.to_numeric(frame[col], errors="coerce") if col in frame.columns else pd.Series(np.nan, index=frame.index)
     y = y.to_numpy(dtype=float)
-    if task == "three_class":
-        out["score"] = 1.0 - probs[:, 0]
-        out["label"] = np.where(np.isnan(y), np.nan, (y > 0).astype(float))
-        out["label_3class"] = y
-        for j, name in enumerate(TASK_CLASSES["three_class"]):
-            out[f"prob_{name}"] = probs[:, j]
-    else:
-        out["score"] = probs[:, 1]
-        out["label"] = y
+    for col, values in _classifier(task).validation_columns(probs, y).items():
+        out[col] = values
     if not np.isnan(out["label"]).any():
         out["label"] = out["label"].astype(int)
     out["model"] = model_name
