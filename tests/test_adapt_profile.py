@@ -335,6 +335,10 @@ def test_label_free_follows_the_home_profiles_intensity_reference(models: dict[s
     assert out.report["method"] == "intensity_batchnorm"  # auto: the home profile's adaptation
     assert ad["reference_histogram"] == pytest.approx(home_ad["reference_histogram"])
     assert out.report["adaptation"]["mean_level_shift"] > 10
+    # the home's grey scale wins over --reference images: its calibration was made on that scale
+    other = adapt_images(loaded, site, name="NEW", config=LabelFreeConfig(n_boot=50), home=home,
+                         reference_hist=[1.0 / 256] * 256)
+    assert other.profile.adaptation["reference_histogram"] == pytest.approx(home_ad["reference_histogram"])
     with pytest.raises(CalibrationError, match="adapt this site the same way"):
         adapt_images(loaded, site, name="NEW", config=LabelFreeConfig(method="batchnorm", n_boot=50), home=home)
     with pytest.raises(CalibrationError, match="--adapt must be one of"):

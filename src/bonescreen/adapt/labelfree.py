@@ -123,11 +123,11 @@ def resolve_method(loaded: Any, method: str, source_stats: dict[str, Any] | None
 
 
 def reference_histogram(home: SiteProfile | None, given: Sequence[float] | None) -> list[float] | None:
-    """The development site's pooled grey-level histogram: given (``--reference``) or the home profile's."""
-    if given is not None:
-        return [float(v) for v in given]
+    """The development site's pooled grey-level histogram: the home profile's when it holds one (its
+    calibration was made on that grey scale), else the one given (``--reference`` images)."""
     stored = (home.adaptation or {}).get("reference_histogram") if home is not None else None
-    return [float(v) for v in stored] if stored is not None else None
+    chosen = stored if stored is not None else given
+    return [float(v) for v in chosen] if chosen is not None else None
 
 
 def expected_rates(posteriors: NDArray[np.float64], scores: NDArray[np.float64], threshold: float) -> dict[str, float]:

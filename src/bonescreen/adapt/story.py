@@ -89,9 +89,9 @@ def site_story(loaded: Any, site: SiteData, home: SiteProfile, *, target_sensiti
         raise CalibrationError(f"{site.name}: cannot split its {len(y_all)} pairs into two halves with both classes")
     fit, rest = drawn
     y = y_all[rest]
-    base = score_images(loaded, site.images)
     lf = adapt_images(loaded, site.images, name=f"{site.name}_LABEL_FREE", home=home,
                       config=LabelFreeConfig(n_boot=n_boot, seed=seed))
+    base = lf.scores_before  # the unadapted model's scores, already computed by the adaptation
     cfg = CalibrateConfig(target="sensitivity", target_value=target_sensitivity, learning_curve=(), seed=seed)
     cal = calibrate_pairs(LocalPairs(y_all[fit], base[fit], np.asarray(site.groups)[fit]), name=site.name,
                           fingerprint=home.model_fingerprint, task=home.task,
