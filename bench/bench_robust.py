@@ -15,10 +15,15 @@ AUC next to the phantom's oracle AUC and the headroom fraction
 selected on (DEV: its test split; other sites: all their labelled images), plus
 sensitivity, specificity and the positive rate at the 0.5 cut-off.
 
-Pediatric (``--pediatric``): PED 300 + PED_EXT 150 children at 128 px, preset
+Pediatric (``--pediatric``): PED 300 (``--n-ped``) + PED_EXT 150 children at 128 px, preset
 ``pediatric-cpu-tiny``; ``before`` without site shift and without the spread
 calibration, ``after`` with ``PED_AFTER`` and ``z_spread=match``;
 per test site r(Z), MAE, SD(predicted Z) / SD(DXA Z), AUC next to the oracle.
+``transfer`` (``--variants transfer --init-from ADULT.pt``): the image branch starts from
+an adult bonescreen model of the same architecture; ``ensemble``: ImageNet start; both
+without site shift, ``z_spread=match``, and with ``--folds K`` the mean of K cross-fitted
+members (``pediatric train --folds K``). ``--train-seed S`` repeats a variant on the same
+phantom with another training seed (output folder ``<variant>_s<S>[_k<K>]``).
 
 Results: ``bench/results/robust.json`` (or ``--json``).
 """
@@ -46,6 +51,10 @@ BEFORE = {"site_shift": 0.0, "site_shift_polarity": 0.0, "selection": "tune"}
 AFTER = {"site_shift": 0.8, "site_shift_polarity": 0.05, "selection": "tune_shifted"}
 PED_BEFORE = {"site_shift": 0.0, "site_shift_polarity": 0.0}
 PED_AFTER = {"site_shift": 0.8, "site_shift_polarity": 0.05}  # pediatric selection: tune MAE (see README)
+# pediatric "transfer": the image branch starts from an adult bonescreen model (--init-from);
+# "ensemble": ImageNet start; both no site shift, z_spread match, and --folds K cross-fitted members
+PED_TRANSFER = {"site_shift": 0.0, "site_shift_polarity": 0.0}
+PED_SPREAD = {"before": "none", "after": "match", "transfer": "match", "ensemble": "match"}
 
 
 def headroom(auc: float, oracle: float) -> float:
@@ -168,6 +177,7 @@ def pediatric(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, 
     from bonescreen.cohort import CohortConfig, build_cohort, sites_from_phantom
     from bonescreen.config import load_config
     from bonescreen.evaluate.metrics import auc_point
+    from bonescreen.training.crossfit import train_pediatric_ensemble
     from bonescreen.training.pediatric import train_pediatric
     from bonescreen.phantom import generate_phantom
     from bonescreen.phantom.pediatric import default_pediatric_sites
@@ -175,7 +185,7 @@ def pediatric(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, 
     work = args.out / "pediatric"
     ph = work / "phantom"
     if not (ph / "oracle.json").is_file():
-        generate_phantom(ph, sites=default_pediatric_sites(), n_per_site={"PED": 300, "PED_EXT": 150},
+        generate_phantom(ph, sites=default_pediatric_sites(), n_per_site={"PED": args.n_ped, "PED_EXT": 150},
                          pool_size=0, size=128, seed=args.seed, workers=args.workers, progress=not args.quiet)
     cohort = work / "cohort" / "manifest.csv"
     if not cohort.is_file():
@@ -185,12 +195,25 @@ def pediatric(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, 
     truth = pd.read_csv(ph / "truth_pediatric.csv", dtype={"patient_id": str}).set_index("patient_id")
     out: dict[str, Any] = {}
     for name in args.variants:
-        ov = {**(PED_BEFORE if name == "before" else PED_AFTER), **overrides}
-        cfg = load_config("pediatric-cpu-tiny", {"seed": args.seed, "progress": not args.quiet, **ov})
-        spread = "none" if name == "before" else "match"
-        print(f"\n# pediatric, variant {name}: overrides {ov}, z_spread={spread}", flush=True)
+        ov = {**{"before": PED_BEFORE, "after": PED_AFTER, "transfer": PED_TRANSFER, "ensemble": PED_TRANSFER}[name],
+              **overrides}
+        if name == "transfer":
+            if args.init_from is None:
+                raise SystemExit("the pediatric transfer variant needs --init-from ADULT_MODEL.pt "
+                                 "(e.g. the student of `bonescreen demo --out DIR`: DIR/student/model.pt)")
+            ov["pretrained"] = str(args.init_from)
+        seed = args.seed if args.train_seed is None else args.train_seed
+        cfg = load_config("pediatric-cpu-tiny", {"seed": seed, "progress": not args.quiet, **ov})
+        spread = PED_SPREAD[name]
+        folds = args.folds if name in ("transfer", "ensemble") else 1
+        print(f"\n# pediatric, variant {name}: overrides {ov}, z_spread={spread}, folds {folds}, training seed {seed}",
+              flush=True)
         t0 = time.perf_counter()
-        r = train_pediatric(cohort, work / name, cfg, cache_root=work / "cache", z_spread=spread)
+        vdir = work / (f"{name}_s{seed}" + ("" if folds == 1 else f"_k{folds}"))
+        if folds > 1:
+            r = train_pediatric_ensemble(cohort, vdir, cfg, cache_root=work / "cache", folds=folds, z_spread=spread)
+        else:
+            r = train_pediatric(cohort, vdir, cfg, cache_root=work / "cache", z_spread=spread)
         wall = round(time.perf_counter() - t0, 1)
         preds = pd.read_csv(r.predictions_path, dtype={"patient_id": str})
         rows = []
@@ -209,7 +232,7 @@ def pediatric(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, 
                 "sensitivity": round(float(low[y == 1].mean()), 3), "specificity": round(float((~low)[y == 0].mean()), 3),
             })
         out[name] = {"overrides": ov, "z_spread": spread, "z_from": r.z_from, "best_epoch": r.best_epoch,
-                     "wall_s": wall, "sites": rows}
+                     "folds": folds, "training_seed": seed, "wall_s": wall, "sites": rows}
     return out
 
 
@@ -224,8 +247,8 @@ def print_tables(result: dict[str, Any]) -> None:
                 print(f"{model:<8} {r['site']:<6} {r['n']:>4} {r['auc']:>6.3f} {r['oracle_auc']:>7.3f} "
                       f"{r['headroom']:>9.2f} {r['sensitivity']:>5.2f} {r['specificity']:>5.2f} {r['positive_rate']:>5.2f}")
     for name, v in result.get("pediatric", {}).items():
-        print(f"\npediatric, {name} ({v['overrides']}, z_spread {v['z_spread']}, z_from {v['z_from']}); "
-              f"wall {v['wall_s']} s")
+        print(f"\npediatric, {name} ({v['overrides']}, z_spread {v['z_spread']}, z_from {v['z_from']}, "
+              f"training seed {v.get('training_seed')}); wall {v['wall_s']} s")
         print(f"{'site':<8} {'n':>4} {'r(Z)':>6} {'MAE':>5} {'SD pred/true':>13} {'AUC':>6} {'oracle':>7} "
               f"{'headroom':>9} {'sens':>5} {'spec':>5}")
         for r in v["sites"]:
@@ -239,17 +262,25 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("/tmp/bonescreen-bench-robust"))
-    ap.add_argument("--variants", nargs="+", default=["before", "after"], choices=["before", "after"])
+    ap.add_argument("--variants", nargs="+", default=["before", "after"],
+                    choices=["before", "after", "transfer", "ensemble"],
+                    help="transfer, ensemble: pediatric only (transfer needs --init-from)")
+    ap.add_argument("--folds", type=int, default=1,
+                    help="pediatric transfer / ensemble variants: K cross-fitted members (pediatric train --folds K)")
     ap.add_argument("--n-dev", type=int, default=700)
     ap.add_argument("--n-external", type=int, default=180)
     ap.add_argument("--pool", type=int, default=600)
     ap.add_argument("--render-size", type=int, default=256)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="phantom seed (and training seed unless --train-seed)")
+    ap.add_argument("--train-seed", type=int, default=None, help="pediatric: training seed (repeats on one phantom)")
+    ap.add_argument("--init-from", type=Path, default=None, metavar="MODEL.pt",
+                    help="pediatric transfer variant: the adult bonescreen model its image branch starts from")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--bootstrap", type=int, default=200)
     ap.add_argument("--recipe", choices=["demo", "teacher"], default="demo",
                     help="adult: the whole demo (teacher, pseudo-labels, student) or its teacher stage alone")
     ap.add_argument("--pediatric", action="store_true", help="also the pediatric model")
+    ap.add_argument("--n-ped", type=int, default=300, help="pediatric development-site children (default 300)")
     ap.add_argument("--no-adult", action="store_true", help="skip the adult demo")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="extra training override for every variant (exploration)")
@@ -257,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     overrides = parse_overrides(args.overrides)
+    if {"transfer", "ensemble"} & set(args.variants) and not (args.no_adult and args.pediatric):
+        ap.error("--variants transfer / ensemble are pediatric variants: use them with --no-adult --pediatric")
     args.out.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"command": "python bench/bench_robust.py " + " ".join(sys.argv[1:] if argv is None else argv),
                               "load_avg_start": os.getloadavg()[0]}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -204,6 +205,12 @@ def test_spread_calibration_undoes_shrinkage_on_known_data() -> None:
     # the count below the cut-off comes back: shrunk predictions miss children with Z <= -2
     true_low = (z_new <= -2).mean()
     assert (p_new <= -2).mean() < 0.85 * true_low and abs((cal <= -2).mean() - true_low) < 0.2 * true_low
+    # the bootstrap range of the stretch holds the truth and narrows with more pairs (~1/sqrt(n))
+    lo, hi = fit_spread(z_tune, p_tune, n_boot=400)["b_ci95"]
+    assert lo < 1 / 0.8 < hi and lo < sp["b"] < hi
+    lo30, hi30 = fit_spread(z_tune[:30], p_tune[:30], n_boot=400)["b_ci95"]
+    assert (hi30 - lo30) > 2.5 * (hi - lo)
+    assert "b_ci95" not in sp  # only when asked (the per-epoch selection fits it many times)
     # refused without signal or pairs; identity without a fitted spread
     assert fit_spread(z_tune[:5], p_tune[:5]) is None
     assert fit_spread(z_tune, -p_tune) is None
@@ -629,3 +636,110 @@ def test_real_pediatric_cohort_trains_and_evaluates(real: dict[str, Path]) -> No
     if preds["patient_id"].duplicated().any():
         assert reg["z"]["bootstrap"]["unit"] == "patient"
     assert (rep / "classification" / "report.html").is_file()
+
+
+# --- transfer from an adult bonescreen model ----------------------------------------------
+
+
+def test_init_from_an_adult_artifact_starts_the_image_branch_there(tmp_path: Path) -> None:
+    """``pediatric train --init-from adult.pt``: the backbone starts from the adult model's weights (not its
+    classifier), the card names the source model by its weights' sha256, another architecture is refused."""
+    from _screen_helpers import make_artifact
+
+    from bonescreen.artifact import load_artifact, weights_fingerprint
+    from bonescreen.cli import build_parser
+    from bonescreen.config import config_from_args
+    from bonescreen.models import PretrainedLoadError
+    from bonescreen.pediatric.model import FusionRegressor
+    from bonescreen.training.model import resolve_pretrained
+
+    adult = make_artifact(tmp_path / "adult.pt", "stage2", arch=ARCH, seed=3, ood=False)
+    args = build_parser().parse_args(["pediatric", "train", "m.csv", "--out", "o", "--init-from", str(adult),
+                                      "--set", f"arch={ARCH}"])
+    cfg = config_from_args(args, {"pretrained": str(args.init_from)})
+    arg, desc = resolve_pretrained(cfg)
+    source = load_artifact(adult).model.state_dict()
+    assert arg == str(adult)
+    assert desc.startswith("bonescreen model adult.pt") and "task stage2" in desc
+    assert weights_fingerprint(source)[:16] in desc
+    net = FusionRegressor(ARCH, pretrained=arg)
+    body = net.backbone.state_dict()
+    shared = [k for k in body if k in source]
+    assert len(shared) == len(body) > 10  # every backbone tensor came from the adult model ...
+    assert all(torch.equal(body[k], source[k]) for k in shared)
+    assert not any(k.startswith("fc.") for k in body)  # ... and its classifier was left behind
+    with pytest.raises(PretrainedLoadError, match="architecture 'resnet10t'.*trains 'resnet18'"):
+        resolve_pretrained(config_from_args(args, {"pretrained": str(adult), "arch": "resnet18"}))
+
+
+def test_folds_ensemble_fits_spread_out_of_fold_and_screens_as_one_model(
+        run: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``pediatric train --folds K``: K members, each trained without one fold of the training children,
+    predict that fold; the Z source and stretch are fitted on those out-of-fold pairs; the artifact is
+    the members' mean and predicts like any pediatric model (SHAP's split of it is exact)."""
+    import bonescreen.training.pediatric as tp
+    from bonescreen.artifact import load_artifact
+    from bonescreen.config import ConfigError, load_config
+    from bonescreen.pediatric import predict_pediatric
+    from bonescreen.pediatric.model import FusionEnsemble
+    from bonescreen.training.crossfit import train_pediatric_ensemble
+
+    cfg = load_config("pediatric-cpu-tiny", {
+        "arch": ARCH, "pretrained": None, "image_size": 48, "epochs": 2, "batch_size": 8,
+        "progress": False, "tensorboard": False, "device": "cpu",
+    })
+    with pytest.raises(ConfigError, match="at least 2 folds"):
+        train_pediatric_ensemble(run["manifest"], tmp_path / "bad", cfg, cache_root=run["cache"], folds=1)
+    with pytest.raises(TableError, match="at least 50 training children"):
+        train_pediatric_ensemble(run["manifest"], tmp_path / "bad", cfg, cache_root=run["cache"], folds=10)
+    seen: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def spy(z_true: np.ndarray, z_pred: np.ndarray, n_boot: int = 0) -> dict[str, Any]:
+        # a 2-epoch model at 48 px need not correlate with Z: record the pairs, return a known stretch
+        seen.append((np.asarray(z_true, float), np.asarray(z_pred, float)))
+        return {"method": "moment_match", "a": 0.25, "b": 1.5, "n": len(z_true), "r": 0.5, "sd_true": 1.5,
+                "sd_pred": 1.0, "b_ci95": [1.4, 1.6]}
+
+    monkeypatch.setattr(tp, "fit_spread", spy)
+    res = train_pediatric_ensemble(run["manifest"], tmp_path / "cf", cfg, cache_root=run["cache"], folds=2)
+    manifest = pd.read_csv(run["manifest"], dtype={"patient_id": str, "image_id": str})
+    train = manifest[(manifest["split"] == "train") & manifest["z_lumbar_spine"].notna()]
+    members = tmp_path / "cf" / "members"
+    held = [pd.read_csv(members / f"fold{k}" / "predictions.csv", dtype={"patient_id": str, "image_id": str})
+            for k in (0, 1)]
+    assert held[0].size and held[1].size and not set(held[0]["patient_id"]) & set(held[1]["patient_id"])
+    assert sorted(pd.concat(held)["image_id"]) == sorted(train["image_id"])  # each training pair held out once
+    assert not (members / "fold0" / "model.pt").exists()  # the ensemble's artifact holds the weights
+    oof = pd.read_csv(tmp_path / "cf" / "oof_predictions.csv", dtype={"image_id": str})
+    assert sorted(oof["image_id"]) == sorted(train["image_id"])
+    # the artifact's stretch was fitted on the out-of-fold pairs (the last fit; earlier ones score epochs)
+    np.testing.assert_allclose(seen[-1][0], oof["z_true"].to_numpy(float))
+    assert len(seen[-1][1]) == len(train) > len(pd.read_csv(tmp_path / "cf" / "tune_predictions.csv"))
+    loaded = load_artifact(res.artifact_path, expected_task="pediatric")
+    net = loaded.model
+    assert isinstance(net, FusionEnsemble) and len(net.members) == 2
+    extra = loaded.spec.extra
+    assert extra["ensemble"]["members"] == 2
+    assert extra["z_spread"]["fitted_on"].startswith("out-of-fold") and extra["z_spread"]["b"] == 1.5
+    card = json.loads((tmp_path / "cf" / "model_card.json").read_text())
+    assert card["model_selection"].startswith("each of the 2 members") and len(card["ensemble"]["member_best_epochs"]) == 2
+    # one model to every caller: the mean of the members; SHAP's embedding/fuse split gives the same output
+    m0, m1 = net.members
+    assert not torch.equal(m0.head[-1].weight, m1.head[-1].weight)
+    x, c = torch.rand(3, 1, loaded.size, loaded.size), torch.randn(3, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, c), (m0(x, c) + m1(x, c)) / 2)
+        torch.testing.assert_close(net.fuse(net.image_embedding(x), c), net(x, c))
+    imgs = np.random.default_rng(0).integers(0, 256, (2, loaded.size, loaded.size), dtype=np.uint8)
+    clin = pd.DataFrame({"age": [5.0, 12.0], "sex": ["F", "M"], "height_cm": [110, 150], "weight_kg": [18, 40]})
+    out = predict_pediatric(loaded, imgs, clin)
+    assert out["pred_z"].notna().all() and out["reason"].tolist() == ["", ""]
+    assert loaded.spec.ood and loaded.features(imgs).shape[0] == 2  # the OOD check reads the first member
+    # explanation: SHAP of the mean is exact (base + sum = reported Z); Grad-CAM through the first member
+    from bonescreen.pediatric.explain import clinical_shap, gradcam_low_bmd
+
+    raw = np.array([[5.0, 1.0, 110.0, 18.0], [12.0, 0.0, 150.0, 40.0]])
+    bg = np.column_stack([np.linspace(2, 17, 12), np.ones(12), np.linspace(90, 180, 12), np.linspace(12, 70, 12)])
+    sh = clinical_shap(loaded, imgs, raw, bg)
+    np.testing.assert_allclose(sh.base + sh.values.sum(axis=1), loaded.predict_pediatric(imgs, raw)["z"], atol=1e-4)
+    assert gradcam_low_bmd(loaded, imgs, raw).shape == (2, loaded.size, loaded.size)

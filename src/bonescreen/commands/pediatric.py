@@ -58,13 +58,22 @@ def register(sub: Any) -> None:
     tr.add_argument("--config", help="YAML file (may say 'base: <preset>'); replaces --preset")
     tr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override one config key, e.g. --set epochs=5 --set arch=resnet18 (repeatable)")
+    tr.add_argument("--init-from", type=Path, metavar="MODEL.pt",
+                    help="start the image branch from a bonescreen model of the same architecture, e.g. your "
+                         "adult screening model (transfer learning; replaces the ImageNet weights, sets pretrained)")
     tr.add_argument("--bmd-weight", type=float, default=0.5, help="loss weight of raw BMD next to Z (default 0.5)")
     tr.add_argument("--z-from", choices=["auto", "head", "reference", "mean"], default="auto",
                     help="predicted Z from the Z head, from predicted BMD through the reference curves "
                          "fitted on the training DXA table, their mean, or the best on the tuning split (auto)")
     tr.add_argument("--z-spread", choices=["match", "none"], default="match",
-                    help="match (default): stretch the reported Z to the tuning split's mean and SD of the DXA Z "
-                         "(a regression shrinks toward the mean); none: keep the regression's Z")
+                    help="match (default): stretch the reported Z to the DXA Z's mean and SD (on the tuning split; "
+                         "with --folds on out-of-fold predictions of the training split); none: keep the "
+                         "regression's Z (a regression shrinks toward the mean)")
+    tr.add_argument("--folds", type=int, default=1, metavar="K",
+                    help="K >= 2: the model is the mean of K cross-fitted members (children split into K folds; "
+                         "member k trains without fold k), and the Z source, spread and residual SD are fitted on "
+                         "their out-of-fold predictions of every training pair: for small cohorts. Costs K "
+                         "trainings and K forward passes per screened image (default 1: one model)")
     tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     tr.add_argument("--name", default="pediatric", help="model name in predictions.csv")
     tr.set_defaults(func=_train)
@@ -124,14 +133,22 @@ def _cohort(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from bonescreen.config import config_from_args
+    from bonescreen.config import ConfigError, config_from_args
     from bonescreen.pediatric.metrics import summary_lines
+    from bonescreen.training.crossfit import train_pediatric_ensemble
     from bonescreen.training.pediatric import train_pediatric
 
-    cfg = config_from_args(args)
-    res = train_pediatric(args.manifest, args.out, cfg, cache_root=args.cache, resume=args.resume,
-                          model_name=args.name, bmd_weight=args.bmd_weight, z_from=args.z_from,
-                          z_spread=args.z_spread)
+    cfg = config_from_args(args, {"pretrained": str(args.init_from) if args.init_from else None})
+    if args.folds > 1:
+        if args.resume:
+            raise ConfigError("--resume continues one model's checkpoint; it cannot resume --folds members")
+        res = train_pediatric_ensemble(args.manifest, args.out, cfg, cache_root=args.cache, folds=args.folds,
+                                       model_name=args.name, bmd_weight=args.bmd_weight, z_from=args.z_from,
+                                       z_spread=args.z_spread)
+    else:
+        res = train_pediatric(args.manifest, args.out, cfg, cache_root=args.cache, resume=args.resume,
+                              model_name=args.name, bmd_weight=args.bmd_weight, z_from=args.z_from,
+                              z_spread=args.z_spread)
     print(f"model: {res.artifact_path}")
     if res.predictions_path:
         print(f"test predictions: {res.predictions_path}")

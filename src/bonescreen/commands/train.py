@@ -17,7 +17,8 @@ def add_common_training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder (model.pt, metrics.csv, predictions.csv, ...)")
     p.add_argument("--cache", default="bonescreen-cache", help="preprocessing cache folder (default: %(default)s)")
     p.add_argument("--task", choices=TASKS, default="stage2", help="label to learn (default: %(default)s)")
-    p.add_argument("--pretrained", help="ImageNet weights: a file (timm state dict / .safetensors), 'timm', 'lite0', 'auto' or 'none'")
+    p.add_argument("--pretrained", help="starting weights: a file (timm state dict / .safetensors, or a bonescreen model.pt of the "
+                        "same architecture), 'timm', 'lite0', 'auto' or 'none'")
     p.add_argument("--arch", help="any timm model name (overrides the preset)")
     p.add_argument("--epochs", type=int, help="number of epochs (overrides the preset)")
     p.add_argument("--batch-size", type=int, help="global batch size (overrides the preset)")

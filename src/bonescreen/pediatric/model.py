@@ -94,17 +94,66 @@ class FusionRegressor(nn.Module):
         return self.fuse(self.image_embedding(x), clinical)
 
 
-def build_from_spec(spec: Any) -> FusionRegressor:
-    """Rebuild the (untrained) fusion model an artifact describes."""
+class FusionEnsemble(nn.Module):
+    """The mean of K fusion models' standardised (Z, BMD): the cross-fitted members of ``pediatric train --folds K``.
+
+    Why: with a few hundred children one network's ranking varies a lot with its
+    seed and its tuning-selected epoch; the mean of K members trained on different
+    folds varies less and correlates better with the DXA Z (measured in the README).
+    It has the single model's interface, so prediction, screening, SHAP and the
+    OOD check need no second path: ``image_embedding`` is the members' embeddings
+    side by side and ``fuse`` the mean of each member's head on its own part (so
+    SHAP of the mean is exact); ``backbone`` and ``forward_features`` are the first
+    member's (the OOD features and Grad-CAM's layer: that member's share of the mean).
+    """
+
+    def __init__(self, members: Sequence[FusionRegressor]) -> None:
+        super().__init__()
+        if len(members) < 2:
+            raise ModelArtifactError(f"an ensemble needs at least 2 members, got {len(members)}")
+        self.members = nn.ModuleList(members)
+        self.n_clinical = members[0].n_clinical
+        self.n_img = int(cast(int, members[0].backbone.num_features))
+
+    @property
+    def backbone(self) -> nn.Module:
+        first = cast(FusionRegressor, self.members[0])
+        return first.backbone
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return cast(FusionRegressor, self.members[0]).forward_features(x)
+
+    def image_embedding(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([cast(FusionRegressor, m).image_embedding(x) for m in self.members], dim=1)
+
+    def fuse(self, embedding: torch.Tensor, clinical: torch.Tensor) -> torch.Tensor:
+        parts = torch.split(embedding, self.n_img, dim=1)
+        outs = [cast(FusionRegressor, m).fuse(e, clinical) for m, e in zip(self.members, parts)]
+        return torch.stack(outs).mean(dim=0)
+
+    def forward(self, x: torch.Tensor, clinical: torch.Tensor | None = None) -> torch.Tensor:
+        outs = [m(x, clinical) for m in self.members]
+        return torch.stack(outs).mean(dim=0)
+
+
+def build_from_spec(spec: Any) -> FusionRegressor | FusionEnsemble:
+    """Rebuild the (untrained) fusion model, or ensemble of them (``extra["ensemble"]``), an artifact describes."""
     extra = spec.extra or {}
     if "clinical_mean" not in extra:
         raise ModelArtifactError("pediatric artifact lacks its clinical standardisation (spec.extra)")
-    return FusionRegressor(
-        spec.arch,
-        n_clinical=len(extra.get("clinical_features", CLINICAL_FEATURES)),
-        hidden=int(extra.get("hidden", DEFAULT_HIDDEN)),
-        in_chans=int(spec.in_chans),
-    )
+
+    def one() -> FusionRegressor:
+        return FusionRegressor(
+            spec.arch,
+            n_clinical=len(extra.get("clinical_features", CLINICAL_FEATURES)),
+            hidden=int(extra.get("hidden", DEFAULT_HIDDEN)),
+            in_chans=int(spec.in_chans),
+        )
+
+    ensemble = extra.get("ensemble")
+    if not ensemble:
+        return one()
+    return FusionEnsemble([one() for _ in range(int(ensemble["members"]))])
 
 
 # --- clinical vectors --------------------------------------------------------------------
@@ -258,7 +307,7 @@ MIN_SPREAD_PAIRS = 10
 SPREAD_LIMITS = (0.5, 4.0)  # the stretch b is clipped here (a wild b means the tuning split cannot say)
 
 
-def fit_spread(z_true: np.ndarray, z_pred: np.ndarray) -> dict[str, Any] | None:
+def fit_spread(z_true: np.ndarray, z_pred: np.ndarray, n_boot: int = 0) -> dict[str, Any] | None:
     """``z' = a + b z`` with the tuning split's mean and SD of the DXA Z (moment matching), or None.
 
     Why: any least-squares (or least-absolute) predictor of Z is shrunk toward
@@ -269,7 +318,8 @@ def fit_spread(z_true: np.ndarray, z_pred: np.ndarray) -> dict[str, Any] | None:
     while leaving the ranking (r, AUC) untouched; MAE grows a little, the price
     of an unbiased decision threshold. None (no stretch) when there are fewer
     than ``MIN_SPREAD_PAIRS`` pairs or the prediction does not correlate
-    positively with the DXA Z (stretching noise helps nobody).
+    positively with the DXA Z (stretching noise helps nobody). ``n_boot`` > 0 adds
+    ``b_ci95``, the bootstrap range of the stretch (:func:`spread_interval`).
     """
     t, p = np.asarray(z_true, dtype=float), np.asarray(z_pred, dtype=float)
     ok = np.isfinite(t) & np.isfinite(p)
@@ -281,8 +331,29 @@ def fit_spread(z_true: np.ndarray, z_pred: np.ndarray) -> dict[str, Any] | None:
         return None
     b = float(np.clip(np.std(t, ddof=1) / np.std(p, ddof=1), *SPREAD_LIMITS))
     a = float(np.mean(t) - b * np.mean(p))
-    return {"method": "moment_match", "a": a, "b": b, "n": int(len(t)), "r": r,
-            "sd_true": float(np.std(t, ddof=1)), "sd_pred": float(np.std(p, ddof=1))}
+    out: dict[str, Any] = {"method": "moment_match", "a": a, "b": b, "n": int(len(t)), "r": r,
+                           "sd_true": float(np.std(t, ddof=1)), "sd_pred": float(np.std(p, ddof=1))}
+    if n_boot:
+        out["b_ci95"] = spread_interval(t, p, n_boot)
+    return out
+
+
+SPREAD_TOLERANCE = 0.2  # the SD promise: predicted SD within 20 % of the DXA Z's
+
+
+def spread_interval(t: np.ndarray, p: np.ndarray, n_boot: int = 400, seed: int = 0) -> list[float]:
+    """Bootstrap 95 % percentile range of the stretch ``b = SD(t) / SD(p)`` (pairs resampled).
+
+    Why: ``b`` is a ratio of two SDs, so its sampling error on a small tuning split is
+    large (about +-25 % at 30 pairs); the range says how far the reported Z's spread can be
+    trusted, and training warns when it is wider than the +-20 % the user is promised.
+    """
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(t), size=(n_boot, len(t)))
+    sd_t, sd_p = np.std(t[idx], axis=1, ddof=1), np.std(p[idx], axis=1, ddof=1)
+    ratio = sd_t[sd_p > 1e-9] / sd_p[sd_p > 1e-9]
+    lo, hi = np.percentile(ratio, [2.5, 97.5]) if len(ratio) else (np.nan, np.nan)
+    return [float(lo), float(hi)]
 
 
 def spread_z(z: np.ndarray, extra: dict[str, Any]) -> np.ndarray:
@@ -294,7 +365,7 @@ def spread_z(z: np.ndarray, extra: dict[str, Any]) -> np.ndarray:
 
 @torch.inference_mode()
 def predict_outputs(
-    model: FusionRegressor,
+    model: FusionRegressor | FusionEnsemble,
     images: np.ndarray,
     clinical_raw: np.ndarray,
     extra: dict[str, Any],
@@ -320,7 +391,7 @@ def predict_outputs(
 
 
 def predict_arrays(
-    model: FusionRegressor,
+    model: FusionRegressor | FusionEnsemble,
     images: np.ndarray,
     clinical_raw: np.ndarray,
     extra: dict[str, Any],

@@ -54,7 +54,45 @@ def resolve_pretrained(cfg: TrainConfig) -> tuple[str | bool | None, str]:
             log.warning("pretrained: auto -> random init (%s); accuracy will be lower", why)
             return None, f"random init (pretrained auto: {why})"
         return str(path), "ImageNet (efficientnet-lite0 wheel)"
-    return str(value), f"file {Path(str(value)).name}"
+    described = describe_artifact_init(Path(str(value)), cfg.arch)
+    return str(value), described or f"file {Path(str(value)).name}"
+
+
+def describe_artifact_init(path: Path, arch: str) -> str | None:
+    """When ``pretrained`` names a bonescreen model artifact: check it fits ``arch`` and say which model it is.
+
+    Why: starting a small cohort's network (e.g. the pediatric model's image
+    branch) from a bonescreen model trained on many adult CXR-DXA pairs is
+    transfer learning between two bone-density tasks; the card must name the
+    exact source model (weights sha256), and an architecture mismatch must be
+    said in those words rather than as a tensor-shape error. None for any
+    other file (an ImageNet state dict), which ``create_model`` reads as before.
+    """
+    import torch
+
+    from bonescreen.artifact import FORMAT, weights_fingerprint
+
+    if not path.is_file():
+        return None  # create_model says "not found" when the model is built
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return None  # not a torch pickle of plain tensors: create_model reports what it is
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        return None
+    src_arch = str(payload.get("arch"))
+    if src_arch != arch:
+        raise PretrainedLoadError(
+            f"{path} is a bonescreen {payload.get('task')!r} model of architecture {src_arch!r}; this run trains "
+            f"{arch!r}: start from a model of the same architecture (or --set arch={src_arch})"
+        )
+    state = payload.get("state_dict")
+    if not isinstance(state, dict):
+        raise PretrainedLoadError(f"{path}: bonescreen artifact without weights")
+    card = payload.get("model_card") or {}
+    name = card.get("model_name") if isinstance(card, dict) else None
+    return (f"bonescreen model {path.name} ({name or 'unnamed'}, task {payload.get('task')}, {src_arch}, "
+            f"weights sha256 {weights_fingerprint(state)[:16]})")
 
 
 def build_model(cfg: TrainConfig, num_classes: int) -> tuple[nn.Module, str]:

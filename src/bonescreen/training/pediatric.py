@@ -56,6 +56,7 @@ from bonescreen.pediatric.model import (
     PEDIATRIC_ELIGIBILITY,
     TARGETS,
     Z_SPREADS,
+    SPREAD_TOLERANCE,
     FusionRegressor,
     Standardizer,
     combine_z,
@@ -232,6 +233,40 @@ def pediatric_card(cfg: TrainConfig, model_name: str, pretrained_desc: str, prep
     }
 
 
+@dataclass
+class SharedFit:
+    """What every member of an ensemble shares: the clinical/target standardisation and the BMD reference."""
+
+    standardizer: Standardizer
+    reference: ReferenceCurves | None
+
+
+@dataclass
+class OutOfFold:
+    """Every training pair predicted by the ensemble member that did not train on it (``training.crossfit``).
+
+    ``parts``: the candidate Zs per source (head, reference, mean) of the members;
+    ``averaging``: SD(a member's Z) / SD(the ensemble's Z) on the tuning images (no labels
+    needed), how much the ensemble's mean narrows a member's spread, so a stretch fitted on
+    member predictions is carried over to the ensemble's.
+    """
+
+    z_true: np.ndarray
+    parts: dict[str, np.ndarray]
+    averaging: dict[str, float]
+    folds: int
+
+    @property
+    def described(self) -> str:
+        return f"out-of-fold predictions of the training split ({self.folds} folds)"
+
+    def scaled(self, source: str) -> np.ndarray:
+        """A member's out-of-fold Z, narrowed as the ensemble's mean narrows it (about its mean)."""
+        p = np.asarray(self.parts[source], dtype=float)
+        narrowed: np.ndarray = p.mean() + (p - p.mean()) / float(self.averaging.get(source, 1.0))
+        return narrowed
+
+
 Scored = tuple[pd.DataFrame, dict[str, np.ndarray], np.ndarray]  # a split's rows, its candidate Zs, predicted BMD
 
 
@@ -251,6 +286,10 @@ class PediatricHooks:
     model_name: str
     dropped: dict[str, int]
     eval_batch_size: int
+    member: bool = False  # an ensemble member's run (training.crossfit): no OOD part
+    # out-of-fold predictions of the training split (an ensemble, training.crossfit): the Z source,
+    # spread and residual SD are fitted on these instead of the small tuning split
+    oof: OutOfFold | None = None
     task: str = PEDIATRIC_TASK
     extra: dict[str, Any] = field(init=False)
 
@@ -279,7 +318,8 @@ class PediatricHooks:
 
     def evaluation(self, preps: dict[str, PreparedImages], cfg: TrainConfig) -> Evaluation:
         if len(self.tune_frame) < 2:
-            log.warning("fewer than 2 tuning images: the epoch with the lowest training loss is kept")
+            (log.info if self.member else log.warning)(
+                "fewer than 2 tuning images: the epoch with the lowest training loss is kept")
             return TrainLossSelection()
         return CallbackEvaluation(self.evaluate_tune)
 
@@ -323,12 +363,16 @@ class PediatricHooks:
         return f, candidate_z(z_head, bmd, clinical_of(f), self.extra, self.reference), bmd
 
     def choose_z_from(self, tune_scored: Scored | None) -> tuple[str, dict[str, dict[str, float]] | None]:
-        """``z_from=auto``: the source with the lowest tuning MAE (into ``extra``); the per-source agreement."""
+        """``z_from=auto``: the source with the lowest tuning MAE (into ``extra``; an ensemble: out-of-fold
+        MAE); the per-source agreement."""
         extra, sel_key = self.extra, self.sel_key
         selection: dict[str, dict[str, float]] | None = None
-        if tune_scored is not None:
+        if self.oof is not None:
+            selection = {m: z_agreement(self.oof.z_true, self.oof.scaled(m)) for m in self.oof.parts}
+        elif tune_scored is not None:
             f, cands, _ = tune_scored
             selection = {m: z_agreement(f["_z"].to_numpy(float), cands[m]) for m in cands}
+        if selection is not None:
             if self.z_from == "auto":
                 finite = [m for m in self.modes if np.isfinite(selection[m]["mae"])]
                 extra["z_from"] = min(finite, key=lambda m: selection[m][sel_key]) if finite else "head"
@@ -341,23 +385,41 @@ class PediatricHooks:
                      f"{m} {v[sel_key]:.3f}" for m, v in selection.items()) + ")")
         return chosen, selection
 
+    def spread_pairs(self, tune_scored: Scored, chosen: str) -> tuple[np.ndarray, np.ndarray, str]:
+        """(DXA Z, predicted Z, what they are) the spread calibration and residual SD are fitted on."""
+        if self.oof is not None:
+            return self.oof.z_true, self.oof.scaled(chosen), self.oof.described
+        f, cands, _ = tune_scored
+        return f["_z"].to_numpy(float), cands[chosen], "the tuning split"
+
     def write_tune(self, tune_scored: Scored | None, chosen: str, out: Path) -> Path | None:
-        """The spread calibration and residual SD from the tuning split (into ``extra``); tune_predictions.csv."""
+        """The spread calibration and residual SD (into ``extra``; tuning split or out-of-fold pairs);
+        tune_predictions.csv."""
         extra = self.extra
         extra.pop("z_spread", None)
         if tune_scored is None:
-            log.warning("no tuning split: the low-BMD score uses a residual SD of 1.0 and no spread calibration")
+            (log.info if self.member else log.warning)(
+                "no tuning split: the low-BMD score uses a residual SD of 1.0 and no spread calibration")
             return None
         f, cands, bmd = tune_scored
-        spread = fit_spread(f["_z"].to_numpy(float), cands[chosen]) if self.z_spread == "match" else None
+        z_true, z_pred, fitted_on = self.spread_pairs(tune_scored, chosen)
+        spread = fit_spread(z_true, z_pred, n_boot=400) if self.z_spread != "none" else None
         if spread is not None:
-            extra["z_spread"] = spread
-            log.info("spread calibration on the tuning split: Z' = %.3f + %.3f Z (predicted SD %.2f -> %.2f)",
-                     spread["a"], spread["b"], spread["sd_pred"], spread["sd_true"])
-        elif self.z_spread == "match":
-            log.warning("no spread calibration: too few tuning pairs or no positive correlation")
+            extra["z_spread"] = {**spread, "fitted_on": fitted_on}
+            lo, hi = spread["b_ci95"]
+            log.info("spread calibration on %s (%d pairs): Z' = %.3f + %.3f Z (95%% range of the stretch %.2f-%.2f; "
+                     "predicted SD %.2f -> %.2f)", fitted_on, spread["n"], spread["a"], spread["b"], lo, hi,
+                     spread["sd_pred"], spread["sd_true"])
+            if not (lo >= spread["b"] * (1 - SPREAD_TOLERANCE) and hi <= spread["b"] * (1 + SPREAD_TOLERANCE)):
+                log.warning("the spread calibration rests on %d pairs (%s): its stretch may be off by more than "
+                            "%d %% (95%% range %.2f-%.2f around %.2f), and so may the reported Z's spread%s",
+                            spread["n"], fitted_on, round(100 * SPREAD_TOLERANCE), lo, hi, spread["b"],
+                            "; --folds K fits it on out-of-fold predictions of every training pair"
+                            if self.oof is None else "")
+        elif self.z_spread != "none":
+            log.warning("no spread calibration: too few pairs or no positive correlation (%s)", fitted_on)
+        extra["residual_sd_z"] = float(np.std(z_true - spread_z(z_pred, extra), ddof=1))
         z_tune = spread_z(cands[chosen], extra)
-        extra["residual_sd_z"] = float(np.std(f["_z"].to_numpy() - z_tune, ddof=1))
         tune_path = out / "tune_predictions.csv"
         write_frame(predictions_table(f, z_tune, bmd, extra["residual_sd_z"], model_name=self.model_name,
                                       split="tune", z_parts=cands), tune_path)
@@ -388,6 +450,9 @@ class PediatricHooks:
         card["model_selection"] = (
             ("tuning MAE of the predicted Z" + (" after the spread calibration" if self.sel_key == "mae_spread" else ""))
             if len(self.tune_frame) >= 2 else "lowest training loss (no tuning split)")
+        if self.oof is not None:
+            card["model_selection"] = (f"each of the {self.oof.folds} members: {card['model_selection']}; the Z "
+                                       f"source, spread and residual SD: {self.oof.described}")
         if self.reference is not None:
             card["z_reference_fit"] = {k: {"transform": c.transform, "n": c.n, "cv_rmse_z": c.rmse_z}
                                        for k, c in self.reference.curves.items()}
@@ -409,9 +474,9 @@ class PediatricHooks:
         card = self.final_card(result.model_card, chosen, selection, regression)
         spec = replace(self.spec, extra=plain(self.extra), model_card=plain(card))
         save_artifact(result.artifact_path, model, spec)
-        # the OOD part (one class: a regression), on the training split, threshold on tuning
-        attach_ood(result.artifact_path, preps["train"].source, None, preps["tune"].source,
-                   quantile=cfg.ood_quantile)
+        if not self.member:  # the OOD part (one class: a regression), on the training split, threshold on tuning
+            attach_ood(result.artifact_path, preps["train"].source, None, preps["tune"].source,
+                       quantile=cfg.ood_quantile)
         (out / "model_card.json").write_text(json.dumps(plain(card), indent=1, default=str))
         return PediatricTrainResult(
             out, result.artifact_path, test_path, tune_path, regression, float(self.extra["residual_sd_z"]),
@@ -430,13 +495,16 @@ def train_pediatric(
     bmd_weight: float = 0.5,
     z_from: str = "auto",
     z_spread: str = "match",
+    shared: SharedFit | None = None,
 ) -> PediatricTrainResult:
     """Train the fusion model on the manifest's train split (best epoch by tuning Z MAE); score tune and test.
 
     ``z_from``: "auto" (lowest tuning MAE), "head", "reference" or "mean"; see the module docstring.
     ``z_spread``: "match" (default) stretches the reported Z so its mean and SD on the
     tuning split are the DXA Z's (:func:`bonescreen.pediatric.model.fit_spread`);
-    "none" reports the regression's own, shrunken, Z.
+    "none" reports the regression's own, shrunken, Z. ``shared``: this run is one member of an
+    ensemble (:mod:`bonescreen.training.crossfit`): the ensemble's standardisation and reference
+    curve instead of its own, and no OOD part (nobody screens with a member alone).
     """
     if z_from not in Z_FROM_CHOICES:
         raise ValueError(f"z_from must be one of {Z_FROM_CHOICES}, got {z_from!r}")
@@ -452,8 +520,9 @@ def train_pediatric(
         out = Path(out_dir)
         preps, dropped = pediatric_splits(manifest, cache_root, cfg, env)
         train_f = preps["train"].frame
-        st = Standardizer.fit(clinical_of(train_f), targets_of(train_f))
-        reference = fit_reference(train_f, z_from, cfg.seed)
+        st, reference = ((shared.standardizer, shared.reference) if shared is not None else
+                         (Standardizer.fit(clinical_of(train_f), targets_of(train_f)),
+                          fit_reference(train_f, z_from, cfg.seed)))
         modes = ["head", "reference", "mean"] if (z_from == "auto" and reference is not None) else (
             ["head"] if z_from == "auto" else [z_from])
         spec = pediatric_spec(cfg, st, reference, modes)
@@ -463,7 +532,7 @@ def train_pediatric(
             cfg.arch, pretrained=pretrained, drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate
         )
         hooks = PediatricHooks(preps, spec, st, reference, modes, z_from, z_spread, bmd_weight, model_name, dropped,
-                               cfg.eval_batch_size or 2 * cfg.batch_size)
+                               cfg.eval_batch_size or 2 * cfg.batch_size, member=shared is not None)
         card = pediatric_card(cfg, model_name, pretrained_desc, preps, dropped, bmd_weight)
         return train_task(hooks, spec=spec, model=model, card=card, preps=preps, out=out, cfg=cfg, env=env,
                           resume=resume, model_name=model_name)
