@@ -743,3 +743,16 @@ def test_folds_ensemble_fits_spread_out_of_fold_and_screens_as_one_model(
     sh = clinical_shap(loaded, imgs, raw, bg)
     np.testing.assert_allclose(sh.base + sh.values.sum(axis=1), loaded.predict_pediatric(imgs, raw)["z"], atol=1e-4)
     assert gradcam_low_bmd(loaded, imgs, raw).shape == (2, loaded.size, loaded.size)
+
+
+def test_train_cli_folds_flag_and_refusals(tmp_path: Path) -> None:
+    """``pediatric train --folds K`` reaches the ensemble trainer; --resume cannot continue K members."""
+    from bonescreen.cli import build_parser, main
+
+    args = build_parser().parse_args(["pediatric", "train", "m.csv", "--out", "o", "--folds", "3"])
+    assert args.folds == 3 and args.z_spread == "match"
+    assert build_parser().parse_args(["pediatric", "train", "m.csv", "--out", "o"]).folds == 1
+    # refused before any data is read
+    assert main(["pediatric", "train", str(tmp_path / "m.csv"), "--out", str(tmp_path / "o"), "--folds", "3",
+                 "--resume"]) != 0
+    assert not (tmp_path / "o").exists()
