@@ -756,3 +756,29 @@ def test_train_cli_folds_flag_and_refusals(tmp_path: Path) -> None:
     assert main(["pediatric", "train", str(tmp_path / "m.csv"), "--out", str(tmp_path / "o"), "--folds", "3",
                  "--resume"]) != 0
     assert not (tmp_path / "o").exists()
+
+
+def test_folds_ensemble_without_a_tuning_split_fits_the_spread_out_of_fold(
+        run: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No tuning split: members keep their lowest-training-loss epoch, and the stretch and residual SD still
+    come from the out-of-fold pairs (a single model would get none)."""
+    import bonescreen.training.pediatric as tp
+    from bonescreen.artifact import load_artifact
+    from bonescreen.config import load_config
+    from bonescreen.training.crossfit import train_pediatric_ensemble
+
+    manifest = pd.read_csv(run["manifest"], dtype={"patient_id": str, "image_id": str})
+    manifest.loc[manifest["split"] == "tune", "split"] = "train"
+    cfg = load_config("pediatric-cpu-tiny", {
+        "arch": ARCH, "pretrained": None, "image_size": 48, "epochs": 1, "batch_size": 8,
+        "progress": False, "tensorboard": False, "device": "cpu",
+    })
+    monkeypatch.setattr(tp, "fit_spread", lambda t, p, n_boot=0: {
+        "method": "moment_match", "a": 0.0, "b": 2.0, "n": len(t), "r": 0.5, "sd_true": 2.0, "sd_pred": 1.0,
+        "b_ci95": [1.9, 2.1]})
+    res = train_pediatric_ensemble(manifest, tmp_path / "cf", cfg, cache_root=run["cache"], folds=2)
+    extra = load_artifact(res.artifact_path).spec.extra
+    n_train = int(((manifest["split"] == "train") & manifest["z_lumbar_spine"].notna()).sum())
+    assert extra["z_spread"]["n"] == n_train and extra["z_spread"]["fitted_on"].startswith("out-of-fold")
+    assert extra["residual_sd_z"] > 0 and res.tune_predictions_path is None
+    assert not (tmp_path / "cf" / "tune_predictions.csv").exists()

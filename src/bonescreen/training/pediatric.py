@@ -385,10 +385,11 @@ class PediatricHooks:
                      f"{m} {v[sel_key]:.3f}" for m, v in selection.items()) + ")")
         return chosen, selection
 
-    def spread_pairs(self, tune_scored: Scored, chosen: str) -> tuple[np.ndarray, np.ndarray, str]:
+    def spread_pairs(self, tune_scored: Scored | None, chosen: str) -> tuple[np.ndarray, np.ndarray, str]:
         """(DXA Z, predicted Z, what they are) the spread calibration and residual SD are fitted on."""
         if self.oof is not None:
             return self.oof.z_true, self.oof.scaled(chosen), self.oof.described
+        assert tune_scored is not None  # write_tune returns early without either
         f, cands, _ = tune_scored
         return f["_z"].to_numpy(float), cands[chosen], "the tuning split"
 
@@ -397,11 +398,10 @@ class PediatricHooks:
         tune_predictions.csv."""
         extra = self.extra
         extra.pop("z_spread", None)
-        if tune_scored is None:
+        if tune_scored is None and self.oof is None:
             (log.info if self.member else log.warning)(
                 "no tuning split: the low-BMD score uses a residual SD of 1.0 and no spread calibration")
             return None
-        f, cands, bmd = tune_scored
         z_true, z_pred, fitted_on = self.spread_pairs(tune_scored, chosen)
         spread = fit_spread(z_true, z_pred, n_boot=400) if self.z_spread != "none" else None
         if spread is not None:
@@ -419,6 +419,9 @@ class PediatricHooks:
         elif self.z_spread != "none":
             log.warning("no spread calibration: too few pairs or no positive correlation (%s)", fitted_on)
         extra["residual_sd_z"] = float(np.std(z_true - spread_z(z_pred, extra), ddof=1))
+        if tune_scored is None:  # an ensemble without a tuning split: fitted out of fold, no tuning table
+            return None
+        f, cands, bmd = tune_scored
         z_tune = spread_z(cands[chosen], extra)
         tune_path = out / "tune_predictions.csv"
         write_frame(predictions_table(f, z_tune, bmd, extra["residual_sd_z"], model_name=self.model_name,
