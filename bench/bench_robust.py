@@ -52,8 +52,8 @@ AFTER = {"site_shift": 0.8, "site_shift_polarity": 0.05, "selection": "tune_shif
 PED_BEFORE = {"site_shift": 0.0, "site_shift_polarity": 0.0}
 PED_AFTER = {"site_shift": 0.8, "site_shift_polarity": 0.05}  # pediatric selection: tune MAE (see README)
 # pediatric "transfer": the image branch starts from an adult bonescreen model (--init-from);
-# "ensemble": ImageNet start; both no site shift, z_spread match, and --folds K cross-fitted members
-PED_TRANSFER = {"site_shift": 0.0, "site_shift_polarity": 0.0}
+# "ensemble": ImageNet start; both PED_BEFORE's training (no site shift) with z_spread match, and
+# --folds K cross-fitted members
 PED_SPREAD = {"before": "none", "after": "match", "transfer": "match", "ensemble": "match"}
 
 
@@ -195,8 +195,7 @@ def pediatric(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, 
     truth = pd.read_csv(ph / "truth_pediatric.csv", dtype={"patient_id": str}).set_index("patient_id")
     out: dict[str, Any] = {}
     for name in args.variants:
-        ov = {**{"before": PED_BEFORE, "after": PED_AFTER, "transfer": PED_TRANSFER, "ensemble": PED_TRANSFER}[name],
-              **overrides}
+        ov = {**(PED_AFTER if name == "after" else PED_BEFORE), **overrides}
         if name == "transfer":
             if args.init_from is None:
                 raise SystemExit("the pediatric transfer variant needs --init-from ADULT_MODEL.pt "

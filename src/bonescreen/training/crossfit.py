@@ -48,6 +48,7 @@ from bonescreen.training.pediatric import (
     pediatric_spec,
     pediatric_splits,
     train_pediatric,
+    z_modes,
 )
 from bonescreen.training.model import resolve_pretrained
 
@@ -114,8 +115,7 @@ def train_pediatric_ensemble(
                              reason="no_data")
         shared = SharedFit(Standardizer.fit(clinical_of(train_f), targets_of(train_f)),
                            fit_reference(train_f, z_from, cfg.seed))
-        members = train_members(rows, preps["train"].frame, out, cfg, cache_root, folds, bmd_weight, z_from,
-                                model_name, shared)
+        members = train_members(rows, train_f, out, cfg, cache_root, folds, bmd_weight, z_from, model_name, shared)
         return assemble(members, preps, dropped, shared, out, cfg, env, folds=folds, z_from=z_from,
                         z_spread=z_spread, bmd_weight=bmd_weight, model_name=model_name)
     finally:
@@ -147,8 +147,8 @@ def train_members(rows: pd.DataFrame, train_f: pd.DataFrame, out: Path, cfg: Tra
     return members
 
 
-def out_of_fold(hooks: PediatricHooks, members: list[tuple[FusionRegressor, np.ndarray, int | None]],
-                ensemble: FusionEnsemble) -> tuple[OutOfFold, pd.DataFrame]:
+def out_of_fold(hooks: PediatricHooks, members: list[tuple[FusionRegressor, np.ndarray, int | None]]
+                ) -> tuple[OutOfFold, pd.DataFrame]:
     """Every training pair scored by the member that did not train on it; the ensemble's narrowing per source."""
     train_f = hooks.preps["train"].frame
     clin = clinical_of(train_f)
@@ -160,9 +160,11 @@ def out_of_fold(hooks: PediatricHooks, members: list[tuple[FusionRegressor, np.n
     averaging: dict[str, float] = {}
     if len(hooks.tune_frame) >= 2:  # SD(member) / SD(ensemble) on the tuning images: no labels used
         tune_clin = clinical_of(hooks.tune_frame)
-        ens = candidate_z(*hooks.outputs(ensemble, "tune", "cpu"), tune_clin, hooks.extra, hooks.reference)
-        each = [candidate_z(*hooks.outputs(net, "tune", "cpu"), tune_clin, hooks.extra, hooks.reference)
-                for net, _, _ in members]
+        outputs = [hooks.outputs(net, "tune", "cpu") for net, _, _ in members]
+        # the ensemble's (Z head, BMD) is the members' mean (FusionEnsemble averages, the un-standardising is affine)
+        ens_head, ens_bmd = (np.mean([o[i] for o in outputs], axis=0) for i in (0, 1))
+        ens = candidate_z(ens_head, ens_bmd, tune_clin, hooks.extra, hooks.reference)
+        each = [candidate_z(z_head, bmd, tune_clin, hooks.extra, hooks.reference) for z_head, bmd in outputs]
         for name, z in ens.items():
             sd_ens = float(np.std(z, ddof=1))
             if sd_ens > 1e-9:
@@ -179,15 +181,14 @@ def assemble(members: list[tuple[FusionRegressor, np.ndarray, int | None]], prep
              z_from: str, z_spread: str, bmd_weight: float, model_name: str) -> PediatricTrainResult:
     """The members' mean as one artifact, with the Z source, stretch and residual SD fitted out of fold."""
     reference = shared.reference
-    modes = ["head", "reference", "mean"] if (z_from == "auto" and reference is not None) else (
-        ["head"] if z_from == "auto" else [z_from])
+    modes = z_modes(z_from, reference)
     spec = pediatric_spec(cfg, shared.standardizer, reference, modes)
     spec.extra["ensemble"] = {"members": folds, "how": f"cross-fitted: member k trained without fold k of the "
                               f"{preps['train'].frame['patient_id'].nunique()} training children"}
     ensemble = FusionEnsemble([net for net, _, _ in members]).eval()
     hooks = PediatricHooks(preps, spec, shared.standardizer, reference, modes, z_from, z_spread, bmd_weight,
                            model_name, dropped, cfg.eval_batch_size or 2 * cfg.batch_size)
-    hooks.oof, oof_table = out_of_fold(hooks, members, ensemble)
+    hooks.oof, oof_table = out_of_fold(hooks, members)
     out.mkdir(parents=True, exist_ok=True)
     oof_table.to_csv(out / "oof_predictions.csv", index=False)
     _, desc = resolve_pretrained(cfg)

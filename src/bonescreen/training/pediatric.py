@@ -173,6 +173,13 @@ def pediatric_splits(manifest: str | Path | pd.DataFrame, cache_root: str | Path
     return preps, dropped
 
 
+def z_modes(z_from: str, reference: ReferenceCurves | None) -> list[str]:
+    """The Z sources a run may choose among: all three for ``auto`` with a reference curve, else one."""
+    if z_from != "auto":
+        return [z_from]
+    return ["head", "reference", "mean"] if reference is not None else ["head"]
+
+
 def fit_reference(train_f: pd.DataFrame, z_from: str, seed: int) -> ReferenceCurves | None:
     """The scanner's reference, recovered from the training (BMD, Z) pairs (``None`` when it cannot be fitted)."""
     try:
@@ -526,8 +533,7 @@ def train_pediatric(
         st, reference = ((shared.standardizer, shared.reference) if shared is not None else
                          (Standardizer.fit(clinical_of(train_f), targets_of(train_f)),
                           fit_reference(train_f, z_from, cfg.seed)))
-        modes = ["head", "reference", "mean"] if (z_from == "auto" and reference is not None) else (
-            ["head"] if z_from == "auto" else [z_from])
+        modes = z_modes(z_from, reference)
         spec = pediatric_spec(cfg, st, reference, modes)
         seed_everything(cfg.seed)
         pretrained, pretrained_desc = resolve_pretrained(cfg)
