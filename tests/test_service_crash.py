@@ -73,7 +73,10 @@ def test_kill_9_while_processing_then_restart_finishes_every_image(tmp_path: Pat
             "--port", str(http_port), "--dicom-port", str(dicom_port), "--dicom-host", "127.0.0.1",
             "--allow-ae", "CRASHTEST", "--token-file", str(token_file), "--batch-size", "2", "--no-explain"]
     log = tmp_path / "serve.log"
-    proc = _start([*base, "--debug-worker-delay", "0.25"], log, http_port)
+    # 1 s per image keeps a claimed batch in "processing" for 2 s: the kill below must land while it is
+    # (at 0.25 s a loaded CI machine could finish the batch between the /metrics read and the kill,
+    # leaving nothing for the restart to re-queue: seen once in a clean-clone run)
+    proc = _start([*base, "--debug-worker-delay", "1.0"], log, http_port)
     try:
         ae = AE(ae_title="CRASHTEST")
         ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1")
