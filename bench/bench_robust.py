@@ -22,8 +22,9 @@ per test site r(Z), MAE, SD(predicted Z) / SD(DXA Z), AUC next to the oracle.
 ``transfer`` (``--variants transfer --init-from ADULT.pt``): the image branch starts from
 an adult bonescreen model of the same architecture; ``ensemble``: ImageNet start; both
 without site shift, ``z_spread=match``, and with ``--folds K`` the mean of K cross-fitted
-members (``pediatric train --folds K``). ``--train-seed S`` repeats a variant on the same
-phantom with another training seed (output folder ``<variant>_s<S>[_k<K>]``).
+members (``pediatric train --folds K``; ``--refit N``: screened with N full-data members).
+``--train-seed S`` repeats a variant on the same
+phantom with another training seed (output folder ``<variant>_s<S>[_k<K>][_r<N>]``).
 
 Results: ``bench/results/robust.json`` (or ``--json``).
 """
@@ -205,12 +206,15 @@ def pediatric(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, 
         cfg = load_config("pediatric-cpu-tiny", {"seed": seed, "progress": not args.quiet, **ov})
         spread = PED_SPREAD[name]
         folds = args.folds if name in ("transfer", "ensemble") else 1
-        print(f"\n# pediatric, variant {name}: overrides {ov}, z_spread={spread}, folds {folds}, training seed {seed}",
+        print(f"\n# pediatric, variant {name}: overrides {ov}, z_spread={spread}, folds {folds}, "
+              f"refit {args.refit if folds > 1 else 0}, training seed {seed}",
               flush=True)
         t0 = time.perf_counter()
-        vdir = work / (f"{name}_s{seed}" + ("" if folds == 1 else f"_k{folds}"))
+        refit = args.refit if folds > 1 else 0
+        vdir = work / (f"{name}_s{seed}" + ("" if folds == 1 else f"_k{folds}") + (f"_r{refit}" if refit else ""))
         if folds > 1:
-            r = train_pediatric_ensemble(cohort, vdir, cfg, cache_root=work / "cache", folds=folds, z_spread=spread)
+            r = train_pediatric_ensemble(cohort, vdir, cfg, cache_root=work / "cache", folds=folds, z_spread=spread,
+                                         refit=refit)
         else:
             r = train_pediatric(cohort, vdir, cfg, cache_root=work / "cache", z_spread=spread)
         wall = round(time.perf_counter() - t0, 1)
@@ -231,7 +235,7 @@ def pediatric(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, 
                 "sensitivity": round(float(low[y == 1].mean()), 3), "specificity": round(float((~low)[y == 0].mean()), 3),
             })
         out[name] = {"overrides": ov, "z_spread": spread, "z_from": r.z_from, "best_epoch": r.best_epoch,
-                     "folds": folds, "training_seed": seed, "wall_s": wall, "sites": rows}
+                     "folds": folds, "refit": refit, "training_seed": seed, "wall_s": wall, "sites": rows}
     return out
 
 
@@ -266,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="transfer, ensemble: pediatric only (transfer needs --init-from)")
     ap.add_argument("--folds", type=int, default=1,
                     help="pediatric transfer / ensemble variants: K cross-fitted members (pediatric train --folds K)")
+    ap.add_argument("--refit", type=int, default=0,
+                    help="with --folds: screen with N full-data members (pediatric train --folds K --refit N)")
     ap.add_argument("--n-dev", type=int, default=700)
     ap.add_argument("--n-external", type=int, default=180)
     ap.add_argument("--pool", type=int, default=600)

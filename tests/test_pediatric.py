@@ -722,7 +722,8 @@ def test_folds_ensemble_fits_spread_out_of_fold_and_screens_as_one_model(
     assert extra["ensemble"]["members"] == 2
     assert extra["z_spread"]["fitted_on"].startswith("out-of-fold") and extra["z_spread"]["b"] == 1.5
     card = json.loads((tmp_path / "cf" / "model_card.json").read_text())
-    assert card["model_selection"].startswith("each of the 2 members") and len(card["ensemble"]["member_best_epochs"]) == 2
+    assert card["model_selection"].startswith("each member's epoch: the last epoch")
+    assert card["ensemble"]["fold_best_epochs"] == [2, 2]  # members keep their last epoch, not the tuning pick
     # one model to every caller: the mean of the members; SHAP's embedding/fuse split gives the same output
     m0, m1 = net.members
     assert not torch.equal(m0.head[-1].weight, m1.head[-1].weight)
@@ -746,21 +747,68 @@ def test_folds_ensemble_fits_spread_out_of_fold_and_screens_as_one_model(
 
 
 def test_train_cli_folds_flag_and_refusals(tmp_path: Path) -> None:
-    """``pediatric train --folds K`` reaches the ensemble trainer; --resume cannot continue K members."""
+    """``pediatric train --folds K [--refit N]`` reaches the ensemble trainer; --resume cannot continue K
+    members; --refit without --folds has no out-of-fold fit to carry over."""
     from bonescreen.cli import build_parser, main
 
-    args = build_parser().parse_args(["pediatric", "train", "m.csv", "--out", "o", "--folds", "3"])
-    assert args.folds == 3 and args.z_spread == "match"
+    args = build_parser().parse_args(["pediatric", "train", "m.csv", "--out", "o", "--folds", "3", "--refit", "2"])
+    assert args.folds == 3 and args.refit == 2 and args.z_spread == "match"
     assert build_parser().parse_args(["pediatric", "train", "m.csv", "--out", "o"]).folds == 1
     # refused before any data is read
-    assert main(["pediatric", "train", str(tmp_path / "m.csv"), "--out", str(tmp_path / "o"), "--folds", "3",
-                 "--resume"]) != 0
+    for extra in (["--folds", "3", "--resume"], ["--refit", "2"], ["--folds", "3", "--refit", "-1"]):
+        assert main(["pediatric", "train", str(tmp_path / "m.csv"), "--out", str(tmp_path / "o"), *extra]) != 0
     assert not (tmp_path / "o").exists()
+
+
+def test_refit_screens_with_full_data_members_and_the_out_of_fold_spread(
+        run: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--folds 2 --refit 2``: the fold members only fit the stretch (on their out-of-fold pairs); the
+    artifact is the mean of 2 members trained on the whole training split with seeds seed and seed+1."""
+    import bonescreen.training.pediatric as tp
+    from bonescreen.artifact import load_artifact
+    from bonescreen.config import load_config
+    from bonescreen.pediatric.model import FusionEnsemble
+    from bonescreen.training.crossfit import train_pediatric_ensemble
+
+    cfg = load_config("pediatric-cpu-tiny", {
+        "arch": ARCH, "pretrained": None, "image_size": 48, "epochs": 1, "batch_size": 8,
+        "progress": False, "tensorboard": False, "device": "cpu", "seed": 7,
+    })
+    seen: list[np.ndarray] = []
+
+    def spy(z_true: np.ndarray, z_pred: np.ndarray, n_boot: int = 0) -> dict[str, Any]:
+        seen.append(np.asarray(z_true, float))
+        return {"method": "moment_match", "a": 0.0, "b": 1.25, "n": len(z_true), "r": 0.5, "sd_true": 1.25,
+                "sd_pred": 1.0, "b_ci95": [1.2, 1.3]}
+
+    monkeypatch.setattr(tp, "fit_spread", spy)
+    res = train_pediatric_ensemble(run["manifest"], tmp_path / "rf", cfg, cache_root=run["cache"], folds=2, refit=2)
+    manifest = pd.read_csv(run["manifest"], dtype={"patient_id": str, "image_id": str})
+    train = manifest[(manifest["split"] == "train") & manifest["z_lumbar_spine"].notna()]
+    members = tmp_path / "rf" / "members"
+    for i, seed in ((0, 7), (1, 8)):  # each full-data member saw every training pair, with its own seed
+        card = json.loads((members / f"full{i}" / "model_card.json").read_text())
+        assert card["config"]["seed"] == seed and card["training_data"]["train"]["n"] == len(train)
+        assert not (members / f"full{i}" / "model.pt").exists()
+    oof = pd.read_csv(tmp_path / "rf" / "oof_predictions.csv", dtype={"image_id": str})
+    assert sorted(oof["image_id"]) == sorted(train["image_id"])
+    np.testing.assert_allclose(seen[-1], oof["z_true"].to_numpy(float))  # the artifact's stretch: out of fold
+    loaded = load_artifact(res.artifact_path, expected_task="pediatric")
+    assert isinstance(loaded.model, FusionEnsemble) and len(loaded.model.members) == 2
+    extra = loaded.spec.extra
+    assert extra["ensemble"]["members"] == 2 and "all" in extra["ensemble"]["how"]
+    assert extra["z_spread"]["b"] == 1.25 and "2 folds, carried over to 2 full-data" in extra["z_spread"]["fitted_on"]
+    assert set(pd.read_csv(members / "metrics.csv")["member"]) == {"fold0", "fold1", "full0", "full1"}
+    # --refit 1: one network, no ensemble wrapper, the stretch still out of fold
+    one = train_pediatric_ensemble(run["manifest"], tmp_path / "r1", cfg, cache_root=run["cache"], folds=2, refit=1)
+    single = load_artifact(one.artifact_path, expected_task="pediatric")
+    assert not isinstance(single.model, FusionEnsemble) and "ensemble" not in single.spec.extra
+    assert single.spec.extra["z_spread"]["fitted_on"].startswith("out-of-fold")
 
 
 def test_folds_ensemble_without_a_tuning_split_fits_the_spread_out_of_fold(
         run: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No tuning split: members keep their lowest-training-loss epoch, and the stretch and residual SD still
+    """No tuning split: members keep their last epoch as always, and the stretch and residual SD still
     come from the out-of-fold pairs (a single model would get none)."""
     import bonescreen.training.pediatric as tp
     from bonescreen.artifact import load_artifact

@@ -74,6 +74,11 @@ def register(sub: Any) -> None:
                          "member k trains without fold k), and the Z source, spread and residual SD are fitted on "
                          "their out-of-fold predictions of every training pair: for small cohorts. Costs K "
                          "trainings and K forward passes per screened image (default 1: one model)")
+    tr.add_argument("--refit", type=int, default=0, metavar="N",
+                    help="with --folds: screen with N members trained on the whole training split (seeds "
+                         "seed..seed+N-1) instead of the fold members, which then only fit the Z source, spread "
+                         "and residual SD; no data is lost to the folds. Costs K+N trainings and N forward passes "
+                         "per image (default 0: screen with the fold members)")
     tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     tr.add_argument("--name", default="pediatric", help="model name in predictions.csv")
     tr.set_defaults(func=_train)
@@ -139,12 +144,15 @@ def _train(args: argparse.Namespace) -> int:
     from bonescreen.training.pediatric import train_pediatric
 
     cfg = config_from_args(args, {"pretrained": str(args.init_from) if args.init_from else None})
+    if args.refit and args.folds < 2:
+        raise ConfigError("--refit N needs --folds K >= 2: the folds fit the spread the full-data members are "
+                          "screened with")
     if args.folds > 1:
         if args.resume:
             raise ConfigError("--resume continues one model's checkpoint; it cannot resume --folds members")
         res = train_pediatric_ensemble(args.manifest, args.out, cfg, cache_root=args.cache, folds=args.folds,
                                        model_name=args.name, bmd_weight=args.bmd_weight, z_from=args.z_from,
-                                       z_spread=args.z_spread)
+                                       z_spread=args.z_spread, refit=args.refit)
     else:
         res = train_pediatric(args.manifest, args.out, cfg, cache_root=args.cache, resume=args.resume,
                               model_name=args.name, bmd_weight=args.bmd_weight, z_from=args.z_from,

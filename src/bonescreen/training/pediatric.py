@@ -75,7 +75,7 @@ from bonescreen.training.jobs import train_task
 from bonescreen.training.model import resolve_pretrained
 from bonescreen.training.outputs import write_frame
 from bonescreen.training.prepare import prepare_split
-from bonescreen.training.selection import CallbackEvaluation, TrainLossSelection
+from bonescreen.training.selection import CallbackEvaluation, LastEpochSelection, TrainLossSelection
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +246,7 @@ class SharedFit:
 
     standardizer: Standardizer
     reference: ReferenceCurves | None
+    last_epoch: bool = True  # members keep their last epoch (training.selection.LastEpochSelection)
 
 
 @dataclass
@@ -262,10 +263,12 @@ class OutOfFold:
     parts: dict[str, np.ndarray]
     averaging: dict[str, float]
     folds: int
+    refit: int = 0  # >0: the artifact is that many members trained on the whole split, not the fold members
 
     @property
     def described(self) -> str:
-        return f"out-of-fold predictions of the training split ({self.folds} folds)"
+        screened = f", carried over to {self.refit} full-data member(s)" if self.refit else ""
+        return f"out-of-fold predictions of the training split ({self.folds} folds{screened})"
 
     def scaled(self, source: str) -> np.ndarray:
         """A member's out-of-fold Z, narrowed as the ensemble's mean narrows it (about its mean)."""
@@ -294,6 +297,7 @@ class PediatricHooks:
     dropped: dict[str, int]
     eval_batch_size: int
     member: bool = False  # an ensemble member's run (training.crossfit): no OOD part
+    last_epoch: bool = False  # keep the last epoch instead of the best tuning MAE (ensemble members)
     # out-of-fold predictions of the training split (an ensemble, training.crossfit): the Z source,
     # spread and residual SD are fitted on these instead of the small tuning split
     oof: OutOfFold | None = None
@@ -324,6 +328,8 @@ class PediatricHooks:
         return get_task(self.task).loss(bmd_weight=self.bmd_weight)
 
     def evaluation(self, preps: dict[str, PreparedImages], cfg: TrainConfig) -> Evaluation:
+        if self.last_epoch:  # an ensemble member: the tuning Z MAE is logged, the last epoch kept
+            return LastEpochSelection(CallbackEvaluation(self.evaluate_tune) if len(self.tune_frame) >= 2 else None)
         if len(self.tune_frame) < 2:
             (log.info if self.member else log.warning)(
                 "fewer than 2 tuning images: the epoch with the lowest training loss is kept")
@@ -458,10 +464,11 @@ class PediatricHooks:
         card["z_from_selection"] = selection
         card["z_spread"] = self.extra.get("z_spread") or {"method": "none" if self.z_spread == "none" else "not fitted"}
         card["model_selection"] = (
+            "the last epoch (the end of the learning-rate schedule)" if self.last_epoch else
             ("tuning MAE of the predicted Z" + (" after the spread calibration" if self.sel_key == "mae_spread" else ""))
             if len(self.tune_frame) >= 2 else "lowest training loss (no tuning split)")
         if self.oof is not None:
-            card["model_selection"] = (f"each of the {self.oof.folds} members: {card['model_selection']}; the Z "
+            card["model_selection"] = (f"each member's epoch: {card['model_selection']}; the Z "
                                        f"source, spread and residual SD: {self.oof.described}")
         if self.reference is not None:
             card["z_reference_fit"] = {k: {"transform": c.transform, "n": c.n, "cv_rmse_z": c.rmse_z}
@@ -541,7 +548,8 @@ def train_pediatric(
             cfg.arch, pretrained=pretrained, drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate
         )
         hooks = PediatricHooks(preps, spec, st, reference, modes, z_from, z_spread, bmd_weight, model_name, dropped,
-                               cfg.eval_batch_size or 2 * cfg.batch_size, member=shared is not None)
+                               cfg.eval_batch_size or 2 * cfg.batch_size, member=shared is not None,
+                               last_epoch=shared is not None and shared.last_epoch)
         card = pediatric_card(cfg, model_name, pretrained_desc, preps, dropped, bmd_weight)
         return train_task(hooks, spec=spec, model=model, card=card, preps=preps, out=out, cfg=cfg, env=env,
                           resume=resume, model_name=model_name)

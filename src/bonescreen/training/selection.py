@@ -23,7 +23,7 @@ from bonescreen.config import TrainConfig
 from bonescreen.data import ManifestDataset
 from bonescreen.distributed import DistEnv
 from bonescreen.jsonable import plain
-from bonescreen.training.hooks import EpochScore, EvaluateFn
+from bonescreen.training.hooks import EpochScore, EvaluateFn, Evaluation
 from bonescreen.training.inference import (
     infer_logits_distributed,
     predictions_frame,
@@ -188,6 +188,32 @@ class CallbackEvaluation:
         if math.isnan(score):
             score = -math.inf
         return EpochScore(plain(dict(m)), score, None, f", selection score {score:.4f}")
+
+    def test(self, model: nn.Module, env: DistEnv, cfg: TrainConfig, progress: bool,
+             model_name: str) -> tuple[dict[str, Any] | None, pd.DataFrame | None]:
+        return None, None
+
+
+@dataclass
+class LastEpochSelection:
+    """Keep the last epoch (the end of the learning-rate schedule); ``inner`` still scores every epoch
+    for ``metrics.csv``; no test step.
+
+    For ensemble members (:mod:`bonescreen.training.crossfit`): their spread and Z source are fitted
+    out of fold, so a tuning split would only choose the epoch, and on a few dozen children that
+    choice is mostly noise (README "Domain-robust training": members picking epoch 5 of 12).
+    """
+
+    inner: Evaluation | None = None  # scores each epoch for metrics.csv; None: no tuning split
+    epochs_seen: int = 0
+
+    def epoch(self, model: nn.Module, env: DistEnv, cfg: TrainConfig, progress: bool,
+              train_loss: float) -> EpochScore:
+        self.epochs_seen += 1
+        if self.inner is None:
+            return EpochScore({}, float(self.epochs_seen))
+        s = self.inner.epoch(model, env, cfg, progress, train_loss)
+        return EpochScore(s.metrics, float(self.epochs_seen), s.histogram, s.message)
 
     def test(self, model: nn.Module, env: DistEnv, cfg: TrainConfig, progress: bool,
              model_name: str) -> tuple[dict[str, Any] | None, pd.DataFrame | None]:
