@@ -23,8 +23,8 @@ per test site r(Z), MAE, SD(predicted Z) / SD(DXA Z), AUC next to the oracle.
 an adult bonescreen model of the same architecture; ``ensemble``: ImageNet start; both
 without site shift, ``z_spread=match``, and with ``--folds K`` the mean of K cross-fitted
 members (``pediatric train --folds K``; ``--refit N``: screened with N full-data members).
-``--train-seed S`` repeats a variant on the same
-phantom with another training seed (output folder ``<variant>_s<S>[_k<K>][_r<N>]``).
+``--train-seed S`` repeats a variant on the same phantom with another training seed (output
+folder ``<variant>_s<S>[_k<K>][_r<N>]``).
 
 Results: ``bench/results/robust.json`` (or ``--json``).
 """
@@ -206,11 +206,10 @@ def pediatric(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, 
         cfg = load_config("pediatric-cpu-tiny", {"seed": seed, "progress": not args.quiet, **ov})
         spread = PED_SPREAD[name]
         folds = args.folds if name in ("transfer", "ensemble") else 1
-        print(f"\n# pediatric, variant {name}: overrides {ov}, z_spread={spread}, folds {folds}, "
-              f"refit {args.refit if folds > 1 else 0}, training seed {seed}",
-              flush=True)
-        t0 = time.perf_counter()
         refit = args.refit if folds > 1 else 0
+        print(f"\n# pediatric, variant {name}: overrides {ov}, z_spread={spread}, folds {folds}, refit {refit}, "
+              f"training seed {seed}", flush=True)
+        t0 = time.perf_counter()
         vdir = work / (f"{name}_s{seed}" + ("" if folds == 1 else f"_k{folds}") + (f"_r{refit}" if refit else ""))
         if folds > 1:
             r = train_pediatric_ensemble(cohort, vdir, cfg, cache_root=work / "cache", folds=folds, z_spread=spread,

@@ -230,8 +230,7 @@ def assemble(members: list[tuple[FusionRegressor, np.ndarray, int | None]],
         model = FusionEnsemble(screening)
     model.eval()
     hooks = PediatricHooks(preps, spec, shared.standardizer, reference, modes, z_from, z_spread, bmd_weight,
-                           model_name, dropped, cfg.eval_batch_size or 2 * cfg.batch_size,
-                           last_epoch=shared.last_epoch)
+                           model_name, dropped, cfg.eval_batch_size or 2 * cfg.batch_size)
     hooks.oof, oof_table = out_of_fold(hooks, members, screening, refit=len(full))
     out.mkdir(parents=True, exist_ok=True)
     oof_table.to_csv(out / "oof_predictions.csv", index=False)

@@ -246,7 +246,6 @@ class SharedFit:
 
     standardizer: Standardizer
     reference: ReferenceCurves | None
-    last_epoch: bool = True  # members keep their last epoch (training.selection.LastEpochSelection)
 
 
 @dataclass
@@ -296,8 +295,9 @@ class PediatricHooks:
     model_name: str
     dropped: dict[str, int]
     eval_batch_size: int
-    member: bool = False  # an ensemble member's run (training.crossfit): no OOD part
-    last_epoch: bool = False  # keep the last epoch instead of the best tuning MAE (ensemble members)
+    # an ensemble member's run (training.crossfit): no OOD part, and its last epoch is kept
+    # (training.selection.LastEpochSelection) instead of the best tuning MAE
+    member: bool = False
     # out-of-fold predictions of the training split (an ensemble, training.crossfit): the Z source,
     # spread and residual SD are fitted on these instead of the small tuning split
     oof: OutOfFold | None = None
@@ -328,11 +328,10 @@ class PediatricHooks:
         return get_task(self.task).loss(bmd_weight=self.bmd_weight)
 
     def evaluation(self, preps: dict[str, PreparedImages], cfg: TrainConfig) -> Evaluation:
-        if self.last_epoch:  # an ensemble member: the tuning Z MAE is logged, the last epoch kept
+        if self.member:  # the tuning Z MAE is logged, the last epoch kept
             return LastEpochSelection(CallbackEvaluation(self.evaluate_tune) if len(self.tune_frame) >= 2 else None)
         if len(self.tune_frame) < 2:
-            (log.info if self.member else log.warning)(
-                "fewer than 2 tuning images: the epoch with the lowest training loss is kept")
+            log.warning("fewer than 2 tuning images: the epoch with the lowest training loss is kept")
             return TrainLossSelection()
         return CallbackEvaluation(self.evaluate_tune)
 
@@ -464,7 +463,7 @@ class PediatricHooks:
         card["z_from_selection"] = selection
         card["z_spread"] = self.extra.get("z_spread") or {"method": "none" if self.z_spread == "none" else "not fitted"}
         card["model_selection"] = (
-            "the last epoch (the end of the learning-rate schedule)" if self.last_epoch else
+            "the last epoch (the end of the learning-rate schedule)" if self.member or self.oof is not None else
             ("tuning MAE of the predicted Z" + (" after the spread calibration" if self.sel_key == "mae_spread" else ""))
             if len(self.tune_frame) >= 2 else "lowest training loss (no tuning split)")
         if self.oof is not None:
@@ -548,8 +547,7 @@ def train_pediatric(
             cfg.arch, pretrained=pretrained, drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate
         )
         hooks = PediatricHooks(preps, spec, st, reference, modes, z_from, z_spread, bmd_weight, model_name, dropped,
-                               cfg.eval_batch_size or 2 * cfg.batch_size, member=shared is not None,
-                               last_epoch=shared is not None and shared.last_epoch)
+                               cfg.eval_batch_size or 2 * cfg.batch_size, member=shared is not None)
         card = pediatric_card(cfg, model_name, pretrained_desc, preps, dropped, bmd_weight)
         return train_task(hooks, spec=spec, model=model, card=card, preps=preps, out=out, cfg=cfg, env=env,
                           resume=resume, model_name=model_name)

@@ -201,7 +201,7 @@ class LastEpochSelection:
 
     For ensemble members (:mod:`bonescreen.training.crossfit`): their spread and Z source are fitted
     out of fold, so a tuning split would only choose the epoch, and on a few dozen children that
-    choice is mostly noise (README "Domain-robust training": members picking epoch 5 of 12).
+    choice is mostly noise (README, pediatric "Cross-fitted ensemble": a member picking epoch 5 of 12).
     """
 
     inner: Evaluation | None = None  # scores each epoch for metrics.csv; None: no tuning split
